@@ -1,0 +1,78 @@
+"""Make a dataset folder (``DIR/dataset.json`` + WebDataset shards) for the other jobs.
+
+    python jobs/prepare.py digits --out data/digits                # bundled corpus, no download
+    python jobs/prepare.py imagefolder SRC --out DIR --split labeled
+    python jobs/prepare.py register --labeled 'a/{000..009}.tar' --unlabeled 'u/*.tar' \
+        --test t.tar --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.dataset import (  # noqa: E402
+    SPLITS,
+    DatasetError,
+    prepare_digits,
+    prepare_imagefolder,
+    register_shards,
+)
+from pipeline.shards import ShardError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("digits", help="scikit-learn's bundled handwritten digits as 32x32 RGB PNGs")
+    d.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    d.add_argument("--labeled-fraction", type=float, default=0.1,
+                   help="share of all 1,797 images that keep their label (default 0.1)")
+    d.add_argument("--test-fraction", type=float, default=0.3,
+                   help="share of all images held out for testing (default 0.3)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    d.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
+
+    f = sub.add_parser("imagefolder", help="a class-per-subfolder tree (flat for unlabeled)")
+    f.add_argument("src", type=Path, help="folder of images")
+    f.add_argument("--out", required=True, type=Path, help="dataset folder (created or extended)")
+    f.add_argument("--split", choices=SPLITS, default="labeled", help="which split to write")
+    f.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+
+    r = sub.add_parser("register", help="describe existing shards without copying them")
+    for split in SPLITS:
+        r.add_argument(f"--{split}", required=True,
+                       help=f"{split} shards: paths, a glob or a brace pattern")
+    r.add_argument("--classes", help="comma-separated class names (default: 0..max label)")
+    r.add_argument("--out", required=True, type=Path, help="folder for dataset.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "digits":
+            info = prepare_digits(args.out, labeled_fraction=args.labeled_fraction,
+                                  test_fraction=args.test_fraction, seed=args.seed,
+                                  shard_size=args.shard_size)
+        elif args.command == "imagefolder":
+            info = prepare_imagefolder(args.src, args.out, split=args.split,
+                                       shard_size=args.shard_size)
+        else:
+            info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
+                                   test=args.test,
+                                   classes=args.classes.split(",") if args.classes else None)
+    except (DatasetError, ShardError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in info.counts().items())
+    print(f"prepare: wrote {info.path / 'dataset.json'} ({info.num_classes} classes; {counts})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

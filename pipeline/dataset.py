@@ -1,0 +1,358 @@
+"""Datasets: ``DIR/dataset.json`` describing the labeled, unlabeled and test shards.
+
+Three ways to make one (``jobs/prepare.py`` is the command line for them):
+
+* :func:`prepare_digits` converts scikit-learn's bundled handwritten digits (no download);
+* :func:`prepare_imagefolder` converts a class-per-subfolder tree (or a flat folder of unlabeled
+  images) into shards;
+* :func:`register_shards` describes existing shards in place, scanning them for counts.
+
+Shard paths inside ``DIR`` are stored relative to it, so a dataset folder can be moved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.manifest import atomic_write_json, sha256_file
+from pipeline.shards import (
+    IMAGE_SUFFIXES,
+    ShardError,
+    encode_png,
+    expand_shards,
+    iter_tar,
+    to_sample,
+    write_shards,
+)
+
+SPLITS = ("labeled", "unlabeled", "test")
+DATASET_FILE = "dataset.json"
+TRUTH_FILE = "unlabeled_truth.parquet"
+
+
+class DatasetError(ValueError):
+    """The dataset folder or its description cannot be used."""
+
+
+@dataclass
+class SplitInfo:
+    shards: list[str]  # absolute paths
+    count: int
+    class_counts: dict[str, int] | None = None  # None for unlabeled splits
+
+    @property
+    def labeled(self) -> bool:
+        return self.class_counts is not None
+
+
+@dataclass
+class DatasetInfo:
+    path: Path  # the dataset folder
+    name: str
+    classes: list[str]
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    unlabeled_truth: Path | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits or not self.splits[name].shards:
+            raise DatasetError(
+                f"dataset {self.path} has no {name!r} split; add it with "
+                f"`python jobs/prepare.py imagefolder SRC --out {self.path} --split {name}`"
+            )
+        return self.splits[name]
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.path / DATASET_FILE)
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.splits[s].count if s in self.splits else 0 for s in SPLITS}
+
+
+# ----------------------------------------------------------------------------- dataset.json
+
+
+def load_dataset(path: str | Path) -> DatasetInfo:
+    """Read ``path/dataset.json`` (``path`` may also be the file itself)."""
+    path = Path(path)
+    if path.name == DATASET_FILE:
+        path = path.parent
+    file = path / DATASET_FILE
+    if not file.exists():
+        raise DatasetError(
+            f"{path} has no {DATASET_FILE}; create one with `python jobs/prepare.py digits --out "
+            f"{path}` (bundled corpus), `imagefolder` or `register`"
+        )
+    try:
+        raw = json.loads(file.read_text())
+        classes = [str(c) for c in raw["classes"]]
+        splits = {
+            name: SplitInfo(
+                shards=[str((path / s) if not Path(s).is_absolute() else Path(s))
+                        for s in spec["shards"]],
+                count=int(spec["count"]),
+                class_counts=spec.get("class_counts"),
+            )
+            for name, spec in raw["splits"].items()
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{file} is not a valid dataset description ({e!r}); recreate it "
+                           "with jobs/prepare.py") from None
+    truth = raw.get("unlabeled_truth")
+    return DatasetInfo(path=path, name=raw.get("name", path.name), classes=classes,
+                       splits=splits, unlabeled_truth=(path / truth) if truth else None)
+
+
+def save_dataset(info: DatasetInfo) -> Path:
+    def rel(p: str) -> str:
+        try:
+            return str(Path(p).resolve().relative_to(info.path.resolve()))
+        except ValueError:
+            return str(Path(p).resolve())
+
+    doc: dict[str, Any] = {
+        "name": info.name,
+        "classes": info.classes,
+        "splits": {
+            name: {"shards": [rel(s) for s in split.shards], "count": split.count,
+                   **({"class_counts": split.class_counts} if split.labeled else {})}
+            for name, split in info.splits.items()
+        },
+    }
+    if info.unlabeled_truth is not None:
+        doc["unlabeled_truth"] = rel(str(info.unlabeled_truth))
+    out = info.path / DATASET_FILE
+    atomic_write_json(out, doc)
+    return out
+
+
+def _class_counts(labels: Iterable[int], classes: list[str]) -> dict[str, int]:
+    c = Counter(labels)
+    return {name: int(c.get(i, 0)) for i, name in enumerate(classes)}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as (N, 32, 32, 3) uint8 RGB images and int labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    small = (d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # values are 0..16
+    big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR))
+                    for im in small])
+    return np.repeat(big[..., None], 3, axis=-1), d.target.astype(np.int64)
+
+
+def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fraction: float = 0.3,
+                   seed: int = 0, shard_size: int = 100) -> DatasetInfo:
+    """Bundled digits -> stratified labeled / unlabeled / test shards under ``out``.
+
+    Fractions are of the whole corpus (1,797 images). The unlabeled shards carry no label; their
+    true labels go to ``unlabeled_truth.parquet``, which training never reads.
+    """
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    if not (0 < test_fraction < 1 and 0 < labeled_fraction < 1
+            and labeled_fraction + test_fraction < 1):
+        raise DatasetError("--labeled-fraction and --test-fraction must be in (0, 1) and sum to "
+                           f"less than 1, got {labeled_fraction} and {test_fraction}")
+    images, labels = digits_images()
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels,
+                                  random_state=seed)
+    lab_share = labeled_fraction / (1 - test_fraction)
+    unlab, lab = train_test_split(rest, test_size=lab_share, stratify=labels[rest],
+                                  random_state=seed)
+    out = Path(out)
+    classes = [str(i) for i in range(10)]
+    info = DatasetInfo(path=out, name="digits", classes=classes)
+    for split, ids in (("labeled", lab), ("unlabeled", unlab), ("test", test)):
+        ids = np.sort(ids)
+        keep_label = split != "unlabeled"
+        samples = ((f"digit{i:05d}", encode_png(images[i]),
+                    int(labels[i]) if keep_label else None) for i in ids)
+        written = write_shards(samples, out / split, prefix=split, maxcount=shard_size)
+        info.splits[split] = SplitInfo(
+            shards=[str(p) for p, _ in written], count=len(ids),
+            class_counts=_class_counts(labels[ids], classes) if keep_label else None)
+        _log(f"prepare: {split}: {len(ids)} images in {len(written)} shards under {out / split}")
+    truth = pd.DataFrame({"key": [f"digit{i:05d}" for i in np.sort(unlab)],
+                          "label": labels[np.sort(unlab)].astype(np.int32)})
+    truth.to_parquet(out / TRUTH_FILE, index=False)
+    info.unlabeled_truth = out / TRUTH_FILE
+    save_dataset(info)
+    return info
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _key_for(rel: Path, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", str(rel.with_suffix("")))
+    key, n = base, 1
+    while key in used:
+        key, n = f"{base}_{n}", n + 1
+    used.add(key)
+    return key
+
+
+def _read_image_file(path: Path) -> tuple[bytes, str]:
+    """Bytes ready for a shard: kept as they are for jpg/png/webp, re-encoded to PNG otherwise."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    with Image.open(path) as im:
+        im.load()  # fully decodes: truncated files fail here, not in training
+        fmt = (im.format or "").lower()
+        fmt = "jpg" if fmt == "jpeg" else fmt
+        if fmt in IMAGE_SUFFIXES:
+            return data, fmt
+        return encode_png(np.asarray(im.convert("RGB"))), "png"
+
+
+def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "labeled",
+                        shard_size: int = 1000) -> DatasetInfo:
+    """Image tree -> shards of one split, added to ``out/dataset.json`` (created if missing).
+
+    Labeled and test splits need one subfolder per class; an unlabeled split may be flat.
+    Unreadable files are reported by path and skipped.
+    """
+    from pipeline.shards import ShardWriter
+
+    if split not in SPLITS:
+        raise DatasetError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DatasetError(f"{src} is not a directory")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DatasetError(f"{src} contains no files; point it at a folder of images")
+    info = load_dataset(out) if (out / DATASET_FILE).exists() else DatasetInfo(
+        path=out, name=out.name, classes=[])
+    labeled = split != "unlabeled"
+    if labeled:
+        found = sorted({p.relative_to(src).parts[0] for p in files if p.parent != src})
+        if not found:
+            raise DatasetError(f"{src}: a {split} split needs one subfolder per class")
+        if info.classes and info.classes != found:
+            raise DatasetError(f"{src}: classes {found} differ from the dataset's {info.classes}")
+        info.classes = info.classes or found
+    index = {c: i for i, c in enumerate(info.classes)}
+    bad: list[str] = []
+    labels: list[int] = []
+    used: set[str] = set()
+    with ShardWriter(out / split, prefix=split, maxcount=shard_size) as w:
+        for n, p in enumerate(files, 1):
+            rel = p.relative_to(src)
+            label = index[rel.parts[0]] if labeled and len(rel.parts) > 1 else None
+            if labeled and label is None:
+                bad.append(f"{p} (not inside a class folder)")
+                continue
+            try:
+                data, fmt = _read_image_file(p)
+            except Exception as e:  # any decoder error means an unusable file
+                bad.append(f"{p} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                continue
+            w.write(_key_for(rel, used), data, label, fmt)
+            if label is not None:
+                labels.append(label)
+            if n % 5000 == 0:
+                _log(f"prepare: {n}/{len(files)} files read")
+    for line in bad:
+        _log(f"prepare: skipped unreadable file {line}")
+    count = sum(w.counts)
+    if count == 0:
+        raise DatasetError(f"{src}: none of the {len(files)} files is a readable image")
+    _log(f"prepare: {split}: {count} images in {len(w.paths)} shards, {len(bad)} files skipped")
+    info.splits[split] = SplitInfo(shards=[str(p) for p in w.paths], count=count,
+                                   class_counts=_class_counts(labels, info.classes)
+                                   if labeled else None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_dataset(info)
+    return info
+
+
+# ----------------------------------------------------------------------------- registering
+
+
+def scan_shards(paths: list[str]) -> tuple[int, Counter[int] | None]:
+    """Count samples (and labels, when every sample has one) in existing shards."""
+    total, labels, unlabeled = 0, Counter(), 0
+    for raw in _iter_raw(paths):
+        s = to_sample(raw)
+        total += 1
+        if s.label is None:
+            unlabeled += 1
+        else:
+            labels[s.label] += 1
+    if labels and unlabeled:
+        raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
+                           "labeled split needs a .cls or .json label on every sample")
+    return total, (labels if labels else None)
+
+
+def _iter_raw(paths: list[str]) -> Iterator[dict[str, Any]]:
+    for p in paths:
+        try:
+            yield from iter_tar(p)
+        except (OSError, EOFError) as e:
+            raise DatasetError(f"shard {p} cannot be read ({e}); check the path") from None
+
+
+def register_shards(out: str | Path, *, labeled: str, unlabeled: str, test: str,
+                    classes: list[str] | None = None) -> DatasetInfo:
+    """Describe existing shards (paths, globs or brace patterns) without copying them."""
+    out = Path(out)
+    info = DatasetInfo(path=out, name=out.name, classes=[])
+    seen: dict[str, Counter[int] | None] = {}
+    for split, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test)):
+        paths = [str(Path(p).resolve()) for p in expand_shards(spec)]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if not paths or missing:
+            raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
+                               "; check the path or pattern")
+        count, labels = scan_shards(paths)
+        if split != "unlabeled" and labels is None:
+            raise DatasetError(f"--{split} {spec!r}: samples carry no labels (.cls or .json)")
+        seen[split] = labels if split != "unlabeled" else None
+        info.splits[split] = SplitInfo(shards=paths, count=count)
+        _log(f"register: {split}: {count} samples in {len(paths)} shards")
+    top = max(max(c) for c in seen.values() if c) + 1
+    info.classes = classes or [str(i) for i in range(top)]
+    if len(info.classes) < top:
+        raise DatasetError(f"labels go up to {top - 1} but only {len(info.classes)} class names "
+                           "were given")
+    for split, labels in seen.items():
+        if labels is not None:
+            info.splits[split].class_counts = {name: int(labels.get(i, 0))
+                                               for i, name in enumerate(info.classes)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_dataset(info)
+    return info
+
+
+__all__ = [
+    "DATASET_FILE", "SPLITS", "DatasetError", "DatasetInfo", "ShardError", "SplitInfo",
+    "load_dataset", "prepare_digits", "prepare_imagefolder", "register_shards",
+]

@@ -1,0 +1,51 @@
+"""Image preprocessing shared by training, evaluation and pseudo-labeling.
+
+Everything works on decoded uint8 tensors (3, H, W) and returns float32 (3, R, R) normalised with
+the ImageNet statistics (what EfficientNet expects). Training noise (RandAugment) is applied on the
+uint8 image, as the official code does, before normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import v2
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _to_float() -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+
+
+def eval_transform(resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """No noise: resize the shorter side to ``resolution`` and center-crop a square.
+
+    The teacher labels with this at its own test resolution; evaluation and the FixRes fine-tune
+    use it too.
+    """
+    return v2.Compose([
+        v2.Resize(resolution, antialias=True),
+        v2.CenterCrop(resolution),
+        *_to_float(),
+    ])
+
+
+def train_transform(
+    resolution: int,
+    *,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
+    randaugment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Random-resized crop, optional horizontal flip, optional RandAugment, normalise."""
+    ops: list[Callable[[torch.Tensor], torch.Tensor]] = [
+        v2.RandomResizedCrop(resolution, scale=crop_scale, antialias=True)
+    ]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if randaugment is not None:
+        ops.append(randaugment)
+    return v2.Compose([*ops, *_to_float()])

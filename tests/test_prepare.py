@@ -1,0 +1,152 @@
+"""jobs/prepare.py and pipeline/dataset.py: the three ways to make a dataset folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs.prepare import main as prepare_main
+from pipeline.dataset import DatasetError, load_dataset
+from pipeline.shards import encode_png, read_samples, write_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_digits_splits_and_truth(digits_dir: Path) -> None:
+    info = load_dataset(digits_dir)
+    assert info.classes == [str(i) for i in range(10)]
+    assert info.counts() == {"labeled": 180, "unlabeled": 1077, "test": 540}
+    for split in ("labeled", "test"):
+        s = info.splits[split]
+        samples = list(read_samples(s.shards))
+        assert len(samples) == s.count
+        assert sum(s.class_counts.values()) == s.count
+        # stratified: every class present in proportion (digits has ~180 of each)
+        assert min(s.class_counts.values()) >= 0.8 * s.count / 10
+    unlab = list(read_samples(info.splits["unlabeled"].shards))
+    assert len(unlab) == 1077 and all(x.label is None for x in unlab)
+    truth = pd.read_parquet(info.unlabeled_truth)
+    assert sorted(truth.key) == sorted(x.key for x in unlab)
+    # no key appears in two splits (no label leaks into "unlabeled")
+    keys = {sp: {x.key for x in read_samples(info.splits[sp].shards)} for sp in info.splits}
+    assert not keys["labeled"] & keys["unlabeled"] and not keys["test"] & keys["unlabeled"]
+
+
+def test_digits_cli_is_deterministic(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert prepare_main(["digits", "--out", str(tmp_path / name), "--shard-size", "500"]) == 0
+    a = sorted((tmp_path / "a").rglob("*.tar"))
+    b = sorted((tmp_path / "b").rglob("*.tar"))
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_digits_bad_fractions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = prepare_main(["digits", "--out", str(tmp_path), "--labeled-fraction", "0.8",
+                       "--test-fraction", "0.3"])
+    assert rc == 2
+    assert "sum to less than 1" in capsys.readouterr().err
+
+
+def _image_tree(root: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(
+                root / cls / f"img.{i}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(
+        root / "cat" / "x.bmp")
+
+
+def test_imagefolder_labeled_and_unlabeled(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    _image_tree(src)
+    out = tmp_path / "ds"
+    assert prepare_main(["imagefolder", str(src), "--out", str(out), "--split", "labeled"]) == 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "1 files skipped" in err
+    info = load_dataset(out)
+    assert info.classes == ["cat", "dog"]
+    s = info.splits["labeled"]
+    assert s.count == 7 and s.class_counts == {"cat": 4, "dog": 3}
+    samples = list(read_samples(s.shards))
+    assert {x.key for x in samples} >= {"cat_img_0", "dog_img_2", "cat_x"}  # dots replaced
+    assert {x.image_format for x in samples} == {"png"}  # bmp re-encoded
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (src / "cat").glob("*.png"):
+        (flat / p.name).write_bytes(p.read_bytes())
+    assert prepare_main(["imagefolder", str(flat), "--out", str(out), "--split", "unlabeled"]) == 0
+    info = load_dataset(out)
+    assert info.splits["unlabeled"].count == 3 and info.splits["labeled"].count == 7
+    assert all(x.label is None for x in read_samples(info.splits["unlabeled"].shards))
+
+
+def test_imagefolder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_main(["imagefolder", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "contains no files" in capsys.readouterr().err
+    junk = tmp_path / "junk" / "a"
+    junk.mkdir(parents=True)
+    (junk / "x.png").write_bytes(b"nope")
+    assert prepare_main(["imagefolder", str(tmp_path / "junk"), "--out", str(tmp_path / "o")]) == 2
+    assert "none of the 1 files is a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "dataset.json").exists()
+
+
+def test_register_existing_shards(tmp_path: Path, digits_dir: Path) -> None:
+    info = load_dataset(digits_dir)
+    out = tmp_path / "reg"
+    rc = prepare_main([
+        "register", "--labeled", str(digits_dir / "labeled" / "labeled-{000000..000001}.tar"),
+        "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
+        "--test", str(digits_dir / "test" / "test-00000{0,1,2,3,4,5}.tar"), "--out", str(out)])
+    assert rc == 0
+    reg = load_dataset(out)
+    assert reg.counts() == info.counts()
+    assert reg.classes == info.classes
+    assert reg.splits["labeled"].class_counts == info.splits["labeled"].class_counts
+    assert reg.splits["unlabeled"].class_counts is None
+    assert not list(out.rglob("*.tar"))  # described in place, not copied
+
+
+def test_register_errors(tmp_path: Path, digits_dir: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    unl = str(digits_dir / "unlabeled" / "*.tar")
+    rc = prepare_main(["register", "--labeled", str(tmp_path / "nope-*.tar"), "--unlabeled", unl,
+                       "--test", unl, "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no such shard" in capsys.readouterr().err
+    rc = prepare_main(["register", "--labeled", unl, "--unlabeled", unl, "--test", unl,
+                       "--out", str(tmp_path / "o")])
+    assert rc == 2 and "carry no labels" in capsys.readouterr().err
+    mixed = tmp_path / "mixed"
+    write_shards([("a", encode_png(np.zeros((4, 4, 3), np.uint8)), 1),
+                  ("b", encode_png(np.zeros((4, 4, 3), np.uint8)), None)], mixed)
+    rc = prepare_main(["register", "--labeled", str(mixed / "*.tar"), "--unlabeled", unl,
+                       "--test", unl, "--out", str(tmp_path / "o")])
+    assert rc == 2 and "have no label" in capsys.readouterr().err
+
+
+def test_load_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="has no dataset.json; create one"):
+        load_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"classes": []}))
+    with pytest.raises(DatasetError, match="not a valid dataset description"):
+        load_dataset(tmp_path)
+
+
+def test_cli_help_runs() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "digits" in out.stdout and "register" in out.stdout

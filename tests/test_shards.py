@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.shards import (
+    ShardError,
+    ShardWriter,
+    decode_image,
+    encode_png,
+    expand_shards,
+    read_samples,
+    to_sample,
+    wds_samples,
+    write_shards,
+)
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (8, 6, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _write(tmp: Path, n: int = 7, maxcount: int = 3, labeled: bool = True) -> list[Path]:
+    imgs = _images(n)
+    samples = [(f"k{i:03d}", encode_png(im), i % 4 if labeled else None) for i, im in enumerate(imgs)]
+    return [p for p, _ in write_shards(samples, tmp, prefix="s", maxcount=maxcount)]
+
+
+def test_round_trip_own_reader(tmp_path: Path) -> None:
+    paths = _write(tmp_path)
+    assert [p.name for p in paths] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
+    got = list(read_samples(paths))
+    assert [s.key for s in got] == [f"k{i:03d}" for i in range(7)]
+    assert [s.label for s in got] == [i % 4 for i in range(7)]
+    img = decode_image(got[2].image)
+    assert img.shape == (3, 8, 6)
+    assert np.array_equal(img.permute(1, 2, 0).numpy(), _images(7)[2])
+
+
+def test_round_trip_webdataset(tmp_path: Path) -> None:
+    paths = [str(p) for p in _write(tmp_path)]
+    got = list(wds_samples(paths))
+    assert [s.key for s in got] == [f"k{i:03d}" for i in range(7)]
+    assert [s.label for s in got] == [i % 4 for i in range(7)]
+    assert got[0].shard == paths[0]
+
+
+@pytest.mark.slow
+def test_round_trip_ray_data(tmp_path: Path) -> None:
+    import ray
+
+    paths = [str(p) for p in _write(tmp_path)]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = ray.data.read_webdataset(paths, decoder=None).take_all()
+    finally:
+        if started:
+            ray.shutdown()
+    samples = sorted((to_sample(r) for r in rows), key=lambda s: s.key)
+    assert [s.key for s in samples] == [f"k{i:03d}" for i in range(7)]
+    assert [s.label for s in samples] == [i % 4 for i in range(7)]
+    assert decode_image(samples[3].image).shape == (3, 8, 6)
+
+
+def test_deterministic_bytes(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a")
+    b = _write(tmp_path / "b")
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_unlabeled_has_no_label(tmp_path: Path) -> None:
+    paths = _write(tmp_path, labeled=False)
+    assert all(s.label is None for s in read_samples(paths))
+
+
+def test_dotted_key_refused(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path) as w, pytest.raises(ShardError, match="no '.'"):
+        w.write("img.001", b"x")
+
+
+def test_duplicate_key_refused(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path) as w:
+        w.write("a", encode_png(_images(1)[0]))
+        with pytest.raises(ShardError, match="duplicate"):
+            w.write("a", encode_png(_images(1)[0]))
+
+
+def test_failed_write_leaves_no_shard(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, prefix="x") as w:
+        w.write("a", b"123")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tar_with(tmp: Path, members: dict[str, bytes]) -> Path:
+    path = tmp / "custom.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_reader_accepts_common_suffixes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_images(1)[0]).save(buf, format="JPEG")
+    png = encode_png(_images(1)[0])
+    path = _tar_with(tmp_path, {
+        "a.jpg": buf.getvalue(), "a.cls": b"3",
+        "b.jpeg": buf.getvalue(), "b.json": json.dumps({"label": 5}).encode(),
+        "c.png": png,
+    })
+    for samples in (list(read_samples([path])), list(wds_samples([str(path)]))):
+        assert [(s.key, s.label, s.image_format) for s in samples] == [
+            ("a", 3, "jpg"), ("b", 5, "jpeg"), ("c", None, "png")]
+        assert decode_image(samples[0].image).shape == (3, 8, 6)
+
+
+def test_sample_without_image_names_shard_and_key(tmp_path: Path) -> None:
+    path = _tar_with(tmp_path, {"lonely.cls": b"1"})
+    with pytest.raises(ShardError, match=r"custom\.tar, key lonely: sample has no image"):
+        list(read_samples([path]))
+
+
+def test_bad_label_text(tmp_path: Path) -> None:
+    path = _tar_with(tmp_path, {"a.png": encode_png(_images(1)[0]), "a.cls": b"cat"})
+    with pytest.raises(ShardError, match="not an integer"):
+        list(read_samples([path]))
+
+
+def test_undecodable_image_error_names_where() -> None:
+    with pytest.raises(ShardError, match="shard s.tar, key k: cannot decode"):
+        decode_image(b"not an image", where="shard s.tar, key k")
+
+
+def test_expand_shards(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"t-{i:03d}.tar").write_bytes(b"")
+    assert expand_shards(str(tmp_path / "t-{000..001}.tar")) == [
+        str(tmp_path / "t-000.tar"), str(tmp_path / "t-001.tar")]
+    assert len(expand_shards(str(tmp_path / "*.tar"))) == 3
+    assert expand_shards(str(tmp_path / "t-{000,002}.tar"))[1].endswith("t-002.tar")
