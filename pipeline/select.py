@@ -75,8 +75,8 @@ class ClassStats:
                 f"ClassStats needs hist of shape (C, bins) and total of shape (C,); "
                 f"got {self.hist.shape} and {self.total.shape}."
             )
-        _freeze(self.hist)
-        _freeze(self.total)
+        object.__setattr__(self, "hist", _readonly(self.hist))
+        object.__setattr__(self, "total", _readonly(self.total))
 
     @property
     def num_classes(self) -> int:
@@ -98,10 +98,7 @@ class ClassStats:
 
     def merge(self, other: ClassStats) -> ClassStats:
         """Sum of two statistics; they must share class count, threshold and bins."""
-        if (
-            self.hist.shape != other.hist.shape
-            or self.threshold != other.threshold
-        ):
+        if self.hist.shape != other.hist.shape or self.threshold != other.threshold:
             raise ValueError(
                 "Cannot merge ClassStats computed with different settings: "
                 f"(classes, bins, threshold) = {(*self.hist.shape, self.threshold)} vs "
@@ -179,8 +176,8 @@ class SelectionPlan:
     copy_factor: np.ndarray  # (C,) float64, K / count for a class with fewer than K rows, else 1
 
     def __post_init__(self) -> None:
-        for array in (self.counts, self.cut_bin, self.keep_frac, self.copy_factor):
-            _freeze(array)
+        for name in ("counts", "cut_bin", "keep_frac", "copy_factor"):
+            object.__setattr__(self, name, _readonly(getattr(self, name)))
 
     @property
     def num_classes(self) -> int:
@@ -239,8 +236,7 @@ def plan_selection(stats: ClassStats, k: int | None = None, seed: int = 0) -> Se
 
     cut_bin = np.where(over, boundary, 0)
     keep_frac = np.where(over, boundary_frac, 1.0)
-    with np.errstate(divide="ignore"):
-        copy_factor = np.where(over, 1.0, k / np.maximum(counts, 1))
+    copy_factor = np.where(over, 1.0, k / np.maximum(counts, 1))
     # A class with no rows keeps nothing; the cutoff above every bin says so even for stray rows.
     empty = counts == 0
     cut_bin = np.where(empty, num_bins, cut_bin)
@@ -307,9 +303,9 @@ def _row_uniforms(df: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
     h = _mix64(h.to_numpy(dtype=np.uint64))
     # The two 32-bit halves are independent draws: one for the boundary bin, one for rounding.
     scale = 1.0 / 2.0**32
-    return (h >> np.uint64(32)).astype(np.float64) * scale, (
-        h & np.uint64(0xFFFFFFFF)
-    ).astype(np.float64) * scale
+    high = (h >> np.uint64(32)).astype(np.float64) * scale
+    low = (h & np.uint64(0xFFFFFFFF)).astype(np.float64) * scale
+    return high, low
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -341,6 +337,9 @@ def _check_settings(num_classes: int, threshold: float, num_bins: int) -> None:
         raise ValueError(f"num_bins must be >= 1; got {num_bins}.")
 
 
-def _freeze(array: np.ndarray) -> None:
-    # Frozen dataclass fields should not be mutable through the back door of a shared array.
-    array.setflags(write=False)
+def _readonly(array: np.ndarray) -> np.ndarray:
+    # A frozen dataclass should not be mutable through its arrays. A read-only view (not a copy:
+    # a 1000-class x 4096-bin histogram is 32 MB) leaves the caller's own array writable.
+    view = np.asarray(array).view()
+    view.setflags(write=False)
+    return view

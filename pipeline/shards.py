@@ -18,10 +18,12 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 import numpy as np
-import torch
 
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 LABEL_SUFFIXES = ("cls", "json")
@@ -85,7 +87,8 @@ class ShardWriter:
         self._close_current()
         path = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
         self._tmp = path.with_suffix(".tar.tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 (closed in _close_current)
+            self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.paths.append(path)
         self.counts.append(0)
 
@@ -153,10 +156,7 @@ def write_shards(
 
 def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
     """Paths, globs and brace patterns (``data/train-{000000..000009}.tar``) -> sorted paths."""
-    if isinstance(spec, str | Path):
-        specs = [str(spec)]
-    else:
-        specs = [str(s) for s in spec]
+    specs = [str(spec)] if isinstance(spec, str | Path) else [str(s) for s in spec]
     out: list[str] = []
     for s in specs:
         for expanded in _expand_braces(s):
@@ -274,7 +274,9 @@ def wds_samples(urls: list[str], *, shuffle: int = 0, split: bool = False,
 
 def decode_image(data: bytes, where: str = "") -> torch.Tensor:
     """Encoded bytes -> uint8 tensor (3, H, W), RGB. Raises ShardError naming ``where``."""
-    from torchvision.io import ImageReadMode, decode_image as _decode
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as _decode
 
     try:
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)

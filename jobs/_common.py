@@ -1,0 +1,38 @@
+"""What every job entry point shares: import path, config parsing, one-line errors."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python jobs/x.py` and Ray jobs run from a copy of the repo
+    sys.path.insert(0, str(ROOT))
+
+
+def run_job(name: str, body: Callable[[], int]) -> int:
+    """Run ``body``; a known user error becomes one line on stderr and exit code 2."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
+    from pipeline.dataset import DatasetError
+    from pipeline.manifest import ManifestError
+    from pipeline.runner import RunError
+    from pipeline.shards import ShardError
+
+    known: tuple[type[BaseException], ...] = (
+        ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError)
+    try:
+        from pipeline.pseudo_label import PseudoLabelError
+
+        known += (PseudoLabelError,)
+    except ImportError:
+        pass
+    try:
+        return body()
+    except known as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130

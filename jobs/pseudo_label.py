@@ -1,0 +1,159 @@
+"""Stages 1-2 of a student round on their own: the teacher pseudo-labels the unlabeled shards, then
+threshold + class balancing. ``jobs/student.py`` runs the same stages before training; this job is
+for running (or re-running, or resuming) them alone.
+
+    python jobs/pseudo_label.py --run r1 --round 1                     # local Ray, or RAY_ADDRESS
+    ray job submit --working-dir . -- python jobs/pseudo_label.py --run r1 --round 1 --num-actors 4
+
+Writes ``<root>/artifacts/<run>/round-<N>/pseudo/<shard>.parquet`` and records stages
+``pseudo_label`` and ``select`` in ``<root>/manifests/<run>/round-<N>.json``. Killed and run again,
+it labels only the shards without a finished file. On the bundled digits (1,077 unlabeled
+images, 2 CPU cores) it takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import manifest as mf  # noqa: E402
+from pipeline.pseudo_label import (  # noqa: E402
+    PseudoLabelConfig,
+    PseudoLabelError,
+    TeacherRound,
+    load_teacher_round,
+    run_pseudo_label_stages,
+)
+
+
+@dataclass(frozen=True)
+class PseudoLabelJob:
+    """Pseudo-label the unlabeled shards with round N-1's model, then select (stages 1-2)."""
+
+    run: str = ""
+    """Name of the run (manifests/<run>/ under --root)."""
+    round: int = 1
+    """Student round whose pseudo-labels to make; its teacher is round - 1."""
+    root: str = "."
+    """Folder holding manifests/ and artifacts/ (shared storage on a multi-node cluster)."""
+    batch_size: int = 256
+    """Images per teacher forward pass."""
+    num_actors: int = 1
+    """Teacher replicas (one GPU each when the cluster has GPUs)."""
+    gpus_per_actor: float | None = None
+    """GPUs per teacher replica; default 1 when the cluster has GPUs, else 0."""
+    cpus_per_actor: float = 1.0
+    """CPUs per teacher replica; the other CPUs read and decode shards."""
+    topk: int = 10
+    """Soft-label entries kept per image (all classes when there are fewer)."""
+    threshold: float = 0.3
+    """Pseudo-labels below this confidence are not used."""
+    k: int | None = None
+    """Images per class after balancing; default: the median per-class count."""
+    seed: int = 0
+    """Seed of the selection's random decisions."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray started when no cluster is running (default: all)."""
+
+    def label_config(self) -> PseudoLabelConfig:
+        names = {f.name for f in dataclasses.fields(PseudoLabelConfig)}
+        return PseudoLabelConfig(**{n: getattr(self, n) for n in names})
+
+
+def parse_args(argv: list[str] | None) -> PseudoLabelJob:
+    import tyro
+
+    job = tyro.cli(PseudoLabelJob, args=argv, description=__doc__,
+                   config=(tyro.conf.FlagConversionOff,))
+    if not job.run:
+        raise PseudoLabelError("--run is required: name the run, e.g. --run r1")
+    job.label_config().validate()
+    return job
+
+
+def start_ray(num_cpus: int | None) -> bool:
+    """Join the addressed or running cluster, else start a local one; True when we connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")
+        return True
+    try:  # a cluster from `ray start` on this machine
+        ray.init(address="auto", logging_level="WARNING")
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def round_manifest(job: PseudoLabelJob, teacher: TeacherRound) -> dict[str, Any]:
+    """The round-N manifest: loaded when it exists, else created from round N-1's."""
+    existing = mf.load_round_if_exists(job.root, job.run, job.round)
+    if existing is not None:
+        return existing
+    import ray
+
+    cfg = job.label_config()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    m = mf.new_manifest(
+        run=job.run, round_=job.round, role="student", config=dataclasses.asdict(job),
+        model={}, data=teacher.manifest["data"],
+        cluster={"num_workers": cfg.num_actors, "use_gpu": gpus > 0,
+                 "resources": ray.cluster_resources()},
+        teacher={"round": job.round - 1, "manifest_sha256": teacher.manifest_sha256,
+                 "checkpoint_sha256": teacher.checkpoint_sha256})
+    mf.save_manifest(job.root, m)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.dataset import DatasetError
+
+    user_errors = (PseudoLabelError, mf.ManifestError, CheckpointError, DatasetError)
+    started = False
+    try:
+        job = parse_args(argv)
+        # Everything that can be checked without Ray is checked first: a mistake costs no start-up.
+        teacher = load_teacher_round(job.root, job.run, job.round)
+        if mf.sha256_file(teacher.checkpoint_path) != teacher.checkpoint_sha256:
+            raise CheckpointError(f"model file {teacher.checkpoint_path} changed after round "
+                                  f"{job.round - 1} recorded it (sha256 mismatch); restore it or "
+                                  f"rerun round {job.round - 1} with --force")
+        started = start_ray(job.num_cpus)
+        m = run_pseudo_label_stages(job.root, job.run, job.round, job.label_config(),
+                                    round_manifest(job, teacher))
+    except user_errors as e:
+        print(f"pseudo_label: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"pseudo_label: error: {e.filename}: no such file", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()  # stops a local Ray we started; only disconnects from a cluster
+    report(job, m)
+    return 0
+
+
+def report(job: PseudoLabelJob, m: dict[str, Any]) -> None:
+    pl = m["pseudo_labels"]
+    bad = m["stages"]["pseudo_label"].get("bad_samples", {})
+    print(f"pseudo_label: {pl['rows']} images labeled in {len(pl['files'])} files under "
+          f"{Path(job.root) / pl['uri']}; {bad.get('count', 0)} bad samples skipped")
+    print(f"pseudo_label: selected {pl['kept']} images ({pl['selected_with_copies']} with "
+          f"copies; threshold {pl['threshold']}, K {pl['k']}); manifest "
+          f"{mf.manifest_path(job.root, job.run, job.round)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

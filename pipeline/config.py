@@ -1,0 +1,258 @@
+"""Job configuration: frozen dataclasses with the real defaults, named presets, a typed CLI.
+
+Defaults follow the paper's official ImageNet settings (RECIPE.md). The ``demo`` preset shrinks a
+run to the bundled digits corpus on 2 CPU cores. Command-line flags override a preset's values;
+``tyro`` turns the dataclass (and these docstrings) into the ``--help`` text and checks types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Round 0: train the teacher on the labeled split."""
+
+    run: str = ""
+    """Name of the run: manifests/<run>/ and artifacts/<run>/ under --root."""
+    data: str = ""
+    """Dataset folder holding dataset.json (made by jobs/prepare.py)."""
+    root: str = "."
+    """Folder holding manifests/, artifacts/ and reports/ (shared storage on a multi-node cluster)."""
+    model: str = "efficientnet_b0"
+    """Registered model name (see models.list_models())."""
+    epochs: int = 350
+    """Training epochs (an epoch is one pass over the labeled split)."""
+    batch_size: int = 128
+    """Images per step on each worker."""
+    optimizer: Literal["rmsprop", "sgd", "adamw"] = "rmsprop"
+    """rmsprop (the paper: decay 0.9, momentum 0.9, eps 1e-3), sgd (momentum 0.9) or adamw."""
+    lr: float | None = None
+    """Peak learning rate; default lr_per_256 x global batch / 256."""
+    lr_per_256: float = 0.016
+    """Learning rate per 256 images of global batch, used when --lr is not given."""
+    schedule: Literal["exponential", "cosine"] = "exponential"
+    """Decay after warm-up: exponential (the paper: x decay_rate every decay_epochs) or cosine."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up from 0 to the peak learning rate."""
+    decay_rate: float = 0.97
+    """Exponential schedule: factor applied every decay_epochs."""
+    decay_epochs: float = 2.4
+    """Exponential schedule: epochs between decays."""
+    weight_decay: float = 1e-5
+    """L2 weight decay (decoupled for adamw)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the labeled cross-entropy."""
+    ema_decay: float = 0.9999
+    """Decay of the exponential moving average of weights; 0 turns EMA off. Evaluation and the
+    model handed to the next round use the EMA weights when it is on."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this value; 0 turns clipping off."""
+    dropout: float | None = None
+    """Dropout before the classifier; default: the model's own (RECIPE.md table)."""
+    drop_path: float = 0.2
+    """Stochastic-depth drop probability at the last block (scaled linearly by block index)."""
+    crop_scale_min: float = 0.08
+    """Smallest area fraction of the random-resized crop."""
+    flip: bool = True
+    """Random horizontal flips (turn off for data where left and right differ, e.g. digits)."""
+    finetune_epochs: float = 0.0
+    """FixRes: epochs of fine-tuning at the test resolution on un-augmented labeled data; 0 = off."""
+    finetune_lr_scale: float = 0.1
+    """FixRes fine-tune learning rate as a fraction of the peak learning rate."""
+    finetune_freeze: float = 0.5
+    """FixRes fine-tune: fraction of the network's stages (from the input side) kept frozen."""
+    num_workers: int = 1
+    """Ray Train workers (DDP processes)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each worker; also its torch thread count."""
+    use_gpu: bool | None = None
+    """One GPU per worker; default: yes when the cluster has GPUs."""
+    loader_workers: int = 0
+    """DataLoader processes per worker (0 decodes in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling in each data stream."""
+    eval_batch_size: int = 256
+    """Images per evaluation step on each worker."""
+    eval_every: int = 1
+    """Evaluate on the test split every this many epochs (and always after the last)."""
+    seed: int = 0
+    """Seed of initialisation, data order and augmentation."""
+    force: bool = False
+    """Start the round again even if it is complete (its old checkpoints are removed)."""
+    preflight_limit: int = 50000
+    """Decode every labeled and test image before starting when the splits have at most this many
+    samples, so a bad image is reported before anything is written."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work."""
+        from models import list_models
+
+        if not self.run:
+            raise ConfigError("--run is required: name the run, e.g. --run r1")
+        if not self.run.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"--run {self.run!r}: use letters, digits, '-' and '_' only")
+        if not self.data:
+            raise ConfigError("--data is required: a folder with dataset.json "
+                              "(python jobs/prepare.py digits --out data/digits)")
+        if self.model not in list_models():
+            raise ConfigError(f"--model {self.model!r} is unknown; valid: "
+                              f"{', '.join(list_models())}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "num_workers": self.num_workers, "eval_batch_size": self.eval_batch_size,
+                    "eval_every": self.eval_every,
+                    "cpus_per_worker": self.cpus_per_worker, "lr_per_256": self.lr_per_256}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        fractions = {"drop_path": self.drop_path, "finetune_freeze": self.finetune_freeze,
+                     "label_smoothing": self.label_smoothing}
+        if self.dropout is not None:
+            fractions["dropout"] = self.dropout
+        for name, value in fractions.items():
+            if not 0 <= value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ConfigError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
+        if self.warmup_epochs < 0 or self.finetune_epochs < 0 or self.loader_workers < 0:
+            raise ConfigError("--warmup-epochs, --finetune-epochs and --loader-workers must be >= 0")
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else \
+            self.lr_per_256 * self.batch_size * self.num_workers / 256
+
+
+@dataclass(frozen=True)
+class StudentConfig(TrainConfig):
+    """Round N >= 1: pseudo-label with round N-1's model, select, train a noised student."""
+
+    round: int = 1
+    """Round to run (its teacher is round - 1)."""
+    model: str = ""
+    """Student model; default: the teacher's model (equal size). Name a bigger one to grow."""
+    unlabel_ratio: float = 3.0
+    """Pseudo-labeled images per labeled image in each step (the paper: 1 for B0, 3 above)."""
+    soft_labels: bool = True
+    """Train on the teacher's probabilities (soft) rather than its argmax (hard)."""
+    temperature: float = 1.0
+    """Soft labels are sharpened as p^(1/T), renormalised."""
+    randaugment: bool = True
+    """RandAugment noise on the student's inputs (the paper's op table)."""
+    randaugment_n: int = 2
+    """RandAugment: ops per image."""
+    randaugment_m: float | None = None
+    """RandAugment magnitude on the paper's 0..10+ scale; default by student size (RECIPE.md)."""
+    dropout: float | None = 0.5
+    """Dropout before the classifier (the paper's student: 0.5)."""
+    drop_path: float = 0.2
+    """Stochastic depth at the last block (the paper's student: 0.2, survival 0.8)."""
+    threshold: float = 0.3
+    """Pseudo-labels below this teacher confidence are dropped."""
+    k: int | None = None
+    """Images per class after balancing; default: the median per-class count after threshold."""
+    topk: int = 10
+    """Soft labels kept per image (all classes when there are fewer)."""
+    label_batch_size: int = 512
+    """Pseudo-labeling: images per inference batch."""
+    label_actors: int = 1
+    """Pseudo-labeling: inference actors (each on a GPU when the cluster has them)."""
+    finetune_epochs: float = 1.5
+    """FixRes: epochs of fine-tuning at the test resolution (the paper: about 1.5); 0 = off."""
+    data: str = ""
+    """Dataset folder; default: the one the teacher used."""
+
+    def validate(self) -> None:
+        if self.round < 1:
+            raise ConfigError(f"--round must be >= 1 for a student, got {self.round}; round 0 is "
+                              "the teacher (jobs/teacher.py)")
+        if self.unlabel_ratio < 0 or self.temperature <= 0 or self.randaugment_n < 0:
+            raise ConfigError("--unlabel-ratio and --randaugment-n must be >= 0 and "
+                              "--temperature > 0")
+        if not 0 <= self.threshold < 1:
+            raise ConfigError(f"--threshold must be in [0, 1), got {self.threshold}")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"--k must be >= 1, got {self.k}")
+        super().validate()
+
+
+# --------------------------------------------------------------------------- presets
+
+# A small model trained briefly on 180 labeled 32 px digits; tuned for 2 CPU cores.
+_DEMO_COMMON: dict[str, Any] = dict(
+    model="efficientnet_t0", epochs=60, batch_size=32, optimizer="adamw", lr=3e-3,
+    schedule="cosine", warmup_epochs=3, weight_decay=0.05, ema_decay=0.99, flip=False,
+    crop_scale_min=0.5, eval_batch_size=256, cpus_per_worker=2.0, shuffle_buffer=500,
+)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "teacher": {"demo": dict(_DEMO_COMMON)},
+    "student": {"demo": dict(_DEMO_COMMON, model="next", epochs=40, unlabel_ratio=3.0,
+                             dropout=0.3, drop_path=0.1, randaugment_m=5, finetune_epochs=2)},
+}
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def field_names(cls: type[TrainConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_unknown(cls: type[TrainConfig], args: Sequence[str]) -> None:
+    """tyro rejects unknown flags too; this says which ones exist in one line."""
+    allowed = {f"--{n.replace('_', '-')}" for n in field_names(cls)}
+    allowed |= {f"--no-{n.replace('_', '-')}" for n in field_names(cls)}
+    allowed |= {"--help", "-h", "--preset"}
+    for a in args:
+        flag = a.split("=", 1)[0]
+        if flag.startswith("-") and not _is_number(flag) and flag not in allowed:
+            names = ", ".join(f"--{n.replace('_', '-')}" for n in field_names(cls))
+            raise ConfigError(f"unknown option {flag}; allowed: --preset, {names}")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_config(cls: type[C], role: str, argv: Sequence[str] | None = None,
+                 description: str | None = None) -> C:
+    """``--preset NAME`` picks a preset's defaults; every other flag overrides them."""
+    import tyro
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    preset = None
+    if "--preset" in args:
+        i = args.index("--preset")
+        if i + 1 >= len(args):
+            raise ConfigError(f"--preset needs a name; available: {', '.join(PRESETS[role])}")
+        preset = args[i + 1]
+        del args[i : i + 2]
+    if preset is not None and preset not in PRESETS[role]:
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS[role])}")
+    _check_unknown(cls, args)
+    default = cls(**PRESETS[role].get(preset, {})) if preset else cls()
+    cfg = tyro.cli(cls, default=default, args=args, description=description,
+                   config=(tyro.conf.FlagConversionOff,))
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,184 @@
+"""Data streams for training workers: WebDataset shards -> (image, target) batches.
+
+Why streams look the way they do:
+
+* DDP hangs when ranks run different numbers of steps. Training streams are endless (they cycle
+  through their shards, reshuffled each pass) and the loop takes exactly ``steps_per_epoch``
+  batches from each, so every rank steps the same number of times however shards divide.
+* Every rank and every DataLoader worker gets a non-empty share of the shards
+  (:func:`assign_shards`); with fewer shards than readers, shares wrap around rather than leaving
+  a reader with nothing (which would block forever on an endless stream).
+* Evaluation streams are finite and disjoint (each sample is seen exactly once across ranks);
+  metrics are summed across ranks afterwards.
+* Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
+  shard's labels in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.shards import Sample, decode_image, to_sample
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def assign_shards(shards: list[str], reader: int, num_readers: int, *,
+                  exhaustive: bool) -> list[str]:
+    """Shards of reader ``reader`` out of ``num_readers`` (rank x loader worker).
+
+    ``exhaustive`` (evaluation): a strict partition; a reader may get nothing. Otherwise
+    (training): round-robin, wrapping so that no reader is left without a shard.
+    """
+    if not shards:
+        raise ValueError("no shards to read")
+    mine = shards[reader::num_readers]
+    if mine or exhaustive:
+        return mine
+    return [shards[reader % len(shards)]]
+
+
+def _reader_index(rank: int, world_size: int) -> tuple[int, int]:
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return rank * workers + worker, world_size * workers
+
+
+def _wds_samples(urls: list[str]) -> Iterator[Sample]:
+    """Samples of ``urls`` in order, read with webdataset's tar reader."""
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    for raw in pipeline:
+        yield to_sample(raw)
+
+
+def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle buffer (bounded memory)."""
+    if buffer <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.randrange(len(buf))
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class LabeledStream(IterableDataset):
+    """Endless (train) or single-pass (eval) stream of ``(image, label, key)`` from shards."""
+
+    def __init__(self, shards: list[str], transform: Transform, *, rank: int = 0,
+                 world_size: int = 1, train: bool = True, shuffle_buffer: int = 1000,
+                 seed: int = 0) -> None:
+        self.shards, self.transform = list(shards), transform
+        self.rank, self.world_size, self.train = rank, world_size, train
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def _samples(self, mine: list[str], rng: random.Random) -> Iterator[Sample]:
+        if not self.train:
+            yield from _wds_samples(mine)
+            return
+        while True:  # endless: the training loop decides where an epoch ends
+            order = mine[:]
+            rng.shuffle(order)
+            yield from _shuffled(_wds_samples(order), self.shuffle_buffer, rng)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+        reader, readers = _reader_index(self.rank, self.world_size)
+        mine = assign_shards(self.shards, reader, readers, exhaustive=not self.train)
+        rng = random.Random(self.seed * 1_000_003 + reader)
+        torch.manual_seed(self.seed * 1_000_003 + reader)  # augmentation randomness
+        for s in self._samples(mine, rng):
+            where = f"shard {s.shard}, key {s.key}"
+            if s.label is None:
+                raise ValueError(f"{where}: labeled split has a sample without a label")
+            yield self.transform(decode_image(s.image, where)), s.label, s.key
+
+
+class PseudoStream(IterableDataset):
+    """Endless stream of ``(image, soft target)`` from unlabeled shards and their pseudo-labels.
+
+    Each unlabeled shard ``<stem>.tar`` has ``<pseudo_dir>/<stem>.parquet`` with a ``copies``
+    column; a sample appears ``copies`` times per pass (0 = not selected), each time freshly
+    augmented, and its target is built from the stored top-k probabilities.
+    """
+
+    def __init__(self, shards: list[str], pseudo_dir: str, transform: Transform, *,
+                 num_classes: int, temperature: float, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 1000, seed: int = 0) -> None:
+        self.shards, self.pseudo_dir, self.transform = list(shards), pseudo_dir, transform
+        self.num_classes, self.temperature = num_classes, temperature
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+        import pyarrow.parquet as pq
+
+        path = Path(self.pseudo_dir) / (Path(shard).name.split(".")[0] + ".parquet")
+        table = pq.read_table(path, columns=["key", "copies", "topk_index", "topk_prob"])
+        keep = table.column("copies").to_numpy() > 0
+        table = table.filter(keep)
+        keys = table.column("key").to_pylist()
+        copies = table.column("copies").to_numpy()
+        idx = table.column("topk_index").to_pylist()
+        prob = table.column("topk_prob").to_pylist()
+        return {k: (int(c), np.asarray(i, np.int64), np.asarray(p, np.float32))
+                for k, c, i, p in zip(keys, copies, idx, prob, strict=True)}
+
+    def _repeated(self, shards: list[str]) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+        for shard in shards:
+            labels = self._labels_of(shard)
+            for s in _wds_samples([shard]):
+                hit = labels.get(s.key)  # by key, never by position
+                if hit is not None:
+                    for _ in range(hit[0]):
+                        yield s, hit[1], hit[2]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from pipeline.losses import dense_targets
+
+        reader, readers = _reader_index(self.rank, self.world_size)
+        mine = assign_shards(self.shards, reader, readers, exhaustive=False)
+        rng = random.Random(self.seed * 1_000_003 + 7919 + reader)
+        torch.manual_seed(self.seed * 1_000_003 + 7919 + reader)
+        while True:
+            order = mine[:]
+            rng.shuffle(order)
+            produced = 0
+            for s, idx, prob in _shuffled(self._repeated(order), self.shuffle_buffer, rng):
+                target = dense_targets(torch.from_numpy(idx)[None], torch.from_numpy(prob)[None],
+                                       self.num_classes, self.temperature)[0]
+                yield self.transform(decode_image(s.image, f"shard {s.shard}, key {s.key}")), \
+                    target
+                produced += 1
+            if produced == 0:
+                raise ValueError(f"no selected pseudo-labels in shards {mine[:3]}...; rerun the "
+                                 "select stage or lower --threshold")
+
+
+def make_loader(dataset: IterableDataset, batch_size: int, loader_workers: int) -> DataLoader:
+    kwargs: dict[str, Any] = {}
+    if loader_workers > 0:
+        # fork inside Ray actors can deadlock (RAY_NOTES.md)
+        kwargs = dict(multiprocessing_context="forkserver", persistent_workers=True,
+                      prefetch_factor=4)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers, **kwargs)
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
+    """Steps for every rank to see the split about once per epoch together (at least 1)."""
+    return max(1, math.ceil(samples / (batch_size * world_size)))

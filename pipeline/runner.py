@@ -1,0 +1,173 @@
+"""Ray at the edge: starting or joining a cluster, checking it can run the job, TorchTrainer.
+
+The worker function is :func:`pipeline.train.train_worker`; this module only adapts Ray Train's
+context and checkpoint API to it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.train import STATE_FILE, Job, WorkerContext, train_worker
+
+TRAIN_DIR = "train"  # Ray Train's run folder inside artifacts/<run>/round-<N>/
+
+
+class RunError(RuntimeError):
+    """A job cannot start or failed; the message is the one line to show the user."""
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+def in_job_working_dir(path: Path | None = None) -> bool:
+    """True inside ``ray job submit --working-dir``'s temporary copy of the project."""
+    here = str((path or Path.cwd()).resolve())
+    return "runtime_resources" in here and "working_dir_files" in here
+
+
+def resolve_root(root: str) -> Path:
+    """The absolute root; refuses a relative one inside a Ray job's temporary working dir,
+    where results would vanish with the job."""
+    if not Path(root).is_absolute() and in_job_working_dir():
+        raise RunError(
+            f"--root {root!r} is relative, and this job runs in Ray's temporary copy of the "
+            "working dir, which is deleted after the job: pass an absolute --root that outlives "
+            "it (shared storage on a multi-node cluster), e.g. --root $PWD"
+        )
+    return Path(root).resolve()
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[bool]:
+    """Join the cluster of this job (RAY_ADDRESS / a running ``ray start``) or start a local one
+    with explicit CPUs; shuts down only a cluster it started. Yields whether it started one."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    started = False
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        started = True
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool | None) -> bool:
+    """Fail at once, rather than wait forever, when the cluster cannot place the workers.
+    Returns whether to use GPUs."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if use_gpu is None:
+        use_gpu = gpus >= 1
+    if use_gpu and gpus < num_workers:
+        raise RunError(f"{num_workers} worker(s) need {num_workers} GPU(s) but the cluster has "
+                       f"{gpus:g}; lower --num-workers or pass --no-use-gpu")
+    need = num_workers * cpus_per_worker
+    if need > cpus:
+        raise RunError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPU need {need:g} CPUs but "
+                       f"the cluster has {cpus:g}; lower --num-workers or --cpus-per-worker")
+    return use_gpu
+
+
+def cluster_summary(num_workers: int, use_gpu: bool) -> dict[str, Any]:
+    import ray
+
+    res = ray.cluster_resources()
+    return {"num_workers": num_workers, "use_gpu": use_gpu,
+            "resources": {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")},
+            "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+class RayReporter:
+    def __init__(self) -> None:
+        import ray.train
+
+        self._checkpoint = ray.train.get_checkpoint()
+        self._tmp: str | None = None
+
+    def resume_dir(self) -> str | None:
+        if self._checkpoint is None:
+            return None
+        return self._checkpoint.to_directory()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _ray_entry(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    wctx = WorkerContext(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                         device=ray.train.torch.get_device())
+    train_worker(Job(**config), wctx, RayReporter())
+
+
+def has_checkpoint(storage: Path) -> bool:
+    return any((storage / TRAIN_DIR).glob("checkpoint_*/" + STATE_FILE))
+
+
+def fit(job: Job, storage: Path, *, use_gpu: bool) -> Path:
+    """Run (or resume) the round's TorchTrainer; returns the final checkpoint folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = job.config
+    trainer = TorchTrainer(
+        _ray_entry,
+        train_loop_config=job.__dict__,
+        scaling_config=ScalingConfig(num_workers=cfg["num_workers"], use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg["cpus_per_worker"]}),
+        run_config=RunConfig(
+            name=TRAIN_DIR, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; show its last line
+        raise RunError(f"training failed: {_root_cause(e)}") from e
+    if result.checkpoint is None:
+        raise RunError("training finished without a checkpoint; see the log above")
+    return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="ns-final-")))
+
+
+_USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError")
+
+
+def _root_cause(e: BaseException) -> str:
+    """The most useful single line of a (possibly Ray-wrapped) worker exception."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        e = next(iter(failures.values()))
+    text = str(e)
+    for name in _USER_ERRORS:
+        m = re.findall(rf"{name}: (.+)", text)
+        if m:
+            return m[-1].strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
