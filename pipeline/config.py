@@ -196,7 +196,8 @@ class StudentConfig(TrainConfig):
 _DEMO_COMMON: dict[str, Any] = dict(
     model="efficientnet_t0", epochs=60, batch_size=32, optimizer="adamw", lr=3e-3,
     schedule="cosine", warmup_epochs=3, weight_decay=0.05, ema_decay=0.99, flip=False,
-    crop_scale_min=0.5, eval_batch_size=256, cpus_per_worker=2.0, shuffle_buffer=500,
+    crop_scale_min=0.5, eval_batch_size=256, cpus_per_worker=1.0, loader_workers=1,
+    shuffle_buffer=500,
 )
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "teacher": {"demo": dict(_DEMO_COMMON)},

@@ -175,7 +175,8 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _channels_last(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    # channels_last on CPU too: the depthwise-conv backward is about 2x faster in that layout.
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -212,8 +213,7 @@ class _Trainer:
         self.model = create_model(job.model["name"], job.num_classes,
                                   dropout=job.model["dropout"],
                                   drop_path=job.model["drop_path"]).to(ctx.device)
-        if ctx.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, self.cfg["ema_decay"]) if self.cfg["ema_decay"] > 0 else None
         self.steps = steps_per_epoch(
             job.pseudo["count"] if job.pseudo else job.labeled["count"],
@@ -340,14 +340,14 @@ class _Trainer:
             with _autocast(dev):
                 logits = model(_channels_last(images, dev)).float()
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg["label_smoothing"])
-            parts = {"labeled_loss": float(loss)}
+            parts = {"labeled_loss": loss.item()}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.optimizer.step()
         correct = topk_correct(logits[: len(images)].detach(), labels, 1)
-        return {"loss": float(loss), "correct": correct, "n": len(images),
+        return {"loss": loss.item(), "correct": correct, "n": len(images),
                 "images": len(logits), **parts}
 
     def train(self) -> None:
@@ -434,7 +434,7 @@ class _Trainer:
             images, labels, _ = next(loader)
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
-            logits = model(images.to(ctx.device))
+            logits = model(_channels_last(images.to(ctx.device), ctx.device))
             loss = F.cross_entropy(logits, labels.to(ctx.device),
                                    label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
