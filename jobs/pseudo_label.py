@@ -14,19 +14,19 @@ images, 2 CPU cores) it takes well under a minute.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import run_job  # puts the repository on sys.path
 
 from pipeline import manifest as mf  # noqa: E402
 from pipeline.pseudo_label import (  # noqa: E402
     PseudoLabelConfig,
     PseudoLabelError,
     TeacherRound,
+    check_teacher_file,
     load_teacher_round,
     run_pseudo_label_stages,
 )
@@ -77,22 +77,6 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     return job
 
 
-def start_ray(num_cpus: int | None) -> bool:
-    """Join the addressed or running cluster, else start a local one; True when we connected."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-        return True
-    try:  # a cluster from `ray start` on this machine
-        ray.init(address="auto", logging_level="WARNING")
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
-    return True
-
-
 def round_manifest(job: PseudoLabelJob, teacher: TeacherRound) -> dict[str, Any]:
     """The round-N manifest: loaded when it exists, else created from round N-1's."""
     existing = mf.load_round_if_exists(job.root, job.run, job.round)
@@ -101,12 +85,13 @@ def round_manifest(job: PseudoLabelJob, teacher: TeacherRound) -> dict[str, Any]
     import ray
 
     cfg = job.label_config()
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = {k: v for k, v in ray.cluster_resources().items()
+                 if k in ("CPU", "GPU", "memory", "object_store_memory")}
     m = mf.new_manifest(
         run=job.run, round_=job.round, role="student", config=dataclasses.asdict(job),
         model={}, data=teacher.manifest["data"],
-        cluster={"num_workers": cfg.num_actors, "use_gpu": gpus > 0,
-                 "resources": ray.cluster_resources()},
+        cluster={"num_workers": cfg.num_actors, "use_gpu": resources.get("GPU", 0) > 0,
+                 "resources": resources},
         teacher={"round": job.round - 1, "manifest_sha256": teacher.manifest_sha256,
                  "checkpoint_sha256": teacher.checkpoint_sha256})
     mf.save_manifest(job.root, m)
@@ -114,35 +99,21 @@ def round_manifest(job: PseudoLabelJob, teacher: TeacherRound) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.dataset import DatasetError
+    def body() -> int:
+        from pipeline.runner import ray_session, resolve_root
 
-    user_errors = (PseudoLabelError, mf.ManifestError, CheckpointError, DatasetError)
-    started = False
-    try:
         job = parse_args(argv)
-        # Everything that can be checked without Ray is checked first: a mistake costs no start-up.
+        job = dataclasses.replace(job, root=str(resolve_root(job.root)))
+        # What can be checked without Ray is checked first: a mistake costs no start-up.
         teacher = load_teacher_round(job.root, job.run, job.round)
-        if mf.sha256_file(teacher.checkpoint_path) != teacher.checkpoint_sha256:
-            raise CheckpointError(f"model file {teacher.checkpoint_path} changed after round "
-                                  f"{job.round - 1} recorded it (sha256 mismatch); restore it or "
-                                  f"rerun round {job.round - 1} with --force")
-        started = start_ray(job.num_cpus)
-        m = run_pseudo_label_stages(job.root, job.run, job.round, job.label_config(),
-                                    round_manifest(job, teacher))
-    except user_errors as e:
-        print(f"pseudo_label: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"pseudo_label: error: {e.filename}: no such file", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            import ray
+        check_teacher_file(teacher)
+        with ray_session(job.num_cpus):
+            m = run_pseudo_label_stages(job.root, job.run, job.round, job.label_config(),
+                                        round_manifest(job, teacher))
+        report(job, m)
+        return 0
 
-            ray.shutdown()  # stops a local Ray we started; only disconnects from a cluster
-    report(job, m)
-    return 0
+    return run_job("pseudo_label", body)
 
 
 def report(job: PseudoLabelJob, m: dict[str, Any]) -> None:

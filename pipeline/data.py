@@ -124,11 +124,14 @@ class PseudoStream(IterableDataset):
         self.num_classes, self.temperature = num_classes, temperature
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        from pipeline.pseudo_label import pseudo_file_names
+
+        self._names = pseudo_file_names(self.shards)
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
         import pyarrow.parquet as pq
 
-        path = Path(self.pseudo_dir) / (Path(shard).name.split(".")[0] + ".parquet")
+        path = Path(self.pseudo_dir) / self._names[shard]
         table = pq.read_table(path, columns=["key", "copies", "topk_index", "topk_prob"])
         keep = table.column("copies").to_numpy() > 0
         table = table.filter(keep)

@@ -4,15 +4,26 @@ Stage ``pseudo_label`` (Ray Data batch inference)::
 
     from_items(pending shards, one block each)
       -> map_batches(read_decode_shard)            CPU tasks: read the tar, decode, eval transform
+      -> repartition(batch_size rows, strict)      full batches for the teacher
       -> map_batches(TeacherPredictor, ActorPool)  the teacher, loaded once per actor
       -> driver: iter_batches -> ShardAssembler    one Parquet file per shard, written atomically
 
 Why the shards are read by our own task rather than ``ray.data.read_webdataset``: a damaged shard
-must be skipped and counted, never fatal. ``read_webdataset`` raises on a truncated tar (the task is
-retried, then the whole dataset fails) and, like Python's ``tarfile``, silently stops at a
-truncated header, losing the tail without a word. :func:`read_shard` reads the tar itself, checks
-the end-of-archive marker, and turns every problem into a "bad sample" row that flows through the
-pipeline like any other, so bad data is reported by shard and key.
+must be skipped and counted, never fatal. ``read_webdataset`` raises on a truncated tar and the
+whole dataset fails (checked with Ray 2.60); ``DataContext.max_errored_blocks`` would drop the
+block instead, silently, with no record of which samples were lost. Python's ``tarfile`` in its
+random-access mode, for its part, ends quietly at a truncated header. :func:`read_shard` reads the
+tar itself, checks the end-of-archive marker, and turns every problem into a "bad sample" row that
+flows through the pipeline like any other, so bad data is reported by shard and key and the
+readable samples of a damaged shard are still labeled.
+
+Why the teacher always runs full batches: CPU (and GPU) kernels take other code paths for other
+batch sizes, so an image's probabilities can differ in the last bits depending on how many rows
+share its batch, and which rows do depends on scheduling. The teacher pads every forward pass to
+``batch_size`` rows, which makes each row's output a function of the image alone: a resumed run
+reproduces an uninterrupted one bit for bit. The strict repartition keeps the padding to the last
+batch (and the few end-of-shard rows); it also keeps the readers a stage of their own, where Ray
+Data would otherwise fuse them into the actors and make decoding and inference take turns.
 
 Why the driver writes the files, and how it knows a shard is finished: each reader task ends its
 shard with an end-of-shard row carrying the number of rows it emitted. The driver keeps the (small)
@@ -61,6 +72,8 @@ __all__ = [
     "PseudoLabelConfig",
     "PseudoLabelError",
     "TeacherPredictor",
+    "TeacherRound",
+    "check_teacher_file",
     "label_shards",
     "load_teacher_round",
     "pseudo_file_names",
@@ -168,8 +181,9 @@ def read_shard(path: str) -> Iterator[tuple[int, int, str, bytes | str]]:
             _check_end_marker(tar)
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         lost = current["__key__"] if current else ""
-        yield KIND_BAD, index, lost, f"damaged shard ({type(e).__name__}: {e}); the samples " \
-            f"after the first {index} could not be read"
+        detail = " ".join(str(e).split())  # tarfile's messages span lines
+        yield KIND_BAD, index, lost, f"damaged shard ({type(e).__name__}: {detail}); the " \
+            f"samples after the first {index} could not be read"
         return
     if current is not None:
         yield emit(current)
@@ -313,7 +327,10 @@ class TeacherPredictor:
         self.batch_size = batch_size
         model, payload = load_model(model_path, model_sha256)  # refuses a changed file
         self.k = min(topk, int(payload["num_classes"]))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("the teacher actor was given a GPU but CUDA is not available in it;"
+                               " check the node's drivers or set gpus_per_actor=0")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         if self.device.type == "cuda":  # channels_last + bf16 pay off on tensor cores only
             model = model.to(self.device, memory_format=torch.channels_last)
         self.model = model.eval()
@@ -374,11 +391,8 @@ def pseudo_file_names(shards: list[str]) -> dict[str, str]:
 
 
 def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+    # Up to the first dot, as WebDataset splits names (and as the student's reader looks files up).
+    return os.path.basename(path).split(".", 1)[0]
 
 
 def _file_meta(path: Path) -> dict[str, Any] | None:
@@ -532,38 +546,56 @@ def _pending_shards(out_dir: Path, names: dict[str, str], meta: dict[str, Any],
 def _run_inference(model_path: str, model_sha256: str, pending: list[str], out_dir: Path,
                    names: dict[str, str], meta: dict[str, Any], resolution: int,
                    cfg: PseudoLabelConfig, progress: Progress) -> None:
-    import ray
-
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    chunk_rows = max(1, min(cfg.batch_size, CHUNK_BYTES // (3 * resolution * resolution * 4)))
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-    ds = ds.map_batches(read_decode_shard, batch_size=1, num_cpus=1,
-                        fn_kwargs={"resolution": resolution, "chunk_rows": chunk_rows})
-    # Blocks of exactly batch_size rows (the last excepted): with the teacher padding every
-    # forward to batch_size, an image's outputs do not depend on which rows share its batch
-    # (kernels pick other code paths for other batch sizes), so a resumed run reproduces an
-    # uninterrupted one bit for bit. It also keeps the readers a stage of their own instead of
-    # fused into the actors, where decoding and inference would take turns on one CPU.
-    if os.environ.get("PL_NOREPART") is None:
-        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
-    ds = ds.map_batches(
-        TeacherPredictor, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
-        fn_constructor_kwargs={"model_path": model_path, "model_sha256": model_sha256,
-                               "topk": cfg.topk, "batch_size": cfg.batch_size,
-                               "use_gpu": gpus > 0,
-                               "threads": max(1, int(cfg.cpus_per_actor))})
     meter = _Meter(len(pending), progress)
     assembler = ShardAssembler(out_dir, names, meta, meter.shard_done)
     with _quiet_ray_data():
+        ds = inference_dataset(model_path, model_sha256, pending, resolution, cfg)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
             meter.rows(int((batch["kind"] != KIND_END).sum()))
     if assembler.in_flight:  # every reader ends its shard, so this is a bug, not bad data
         raise RuntimeError(f"pseudo-label: shards left incomplete: {assembler.in_flight[:5]}")
     meter.final()
+
+
+def inference_dataset(model_path: str, model_sha256: str, shards: list[str], resolution: int,
+                      cfg: PseudoLabelConfig) -> Any:
+    """The lazy Ray Data pipeline: shards -> read + decode (tasks) -> teacher (actor pool)."""
+    import ray
+
+    gpus = _check_resources(cfg, ray.cluster_resources())
+    chunk_rows = max(1, min(cfg.batch_size, CHUNK_BYTES // (3 * resolution * resolution * 4)))
+    ds = ray.data.from_items(shards, override_num_blocks=len(shards))  # a block per shard
+    ds = ds.map_batches(read_decode_shard, batch_size=1, num_cpus=1,
+                        fn_kwargs={"resolution": resolution, "chunk_rows": chunk_rows})
+    # Blocks of exactly batch_size rows (the last excepted), so the teacher's padding to full
+    # batches costs almost nothing; also stops Ray Data fusing the readers into the actors.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
+    return ds.map_batches(
+        TeacherPredictor, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
+        fn_constructor_kwargs={"model_path": model_path, "model_sha256": model_sha256,
+                               "topk": cfg.topk, "batch_size": cfg.batch_size,
+                               "use_gpu": gpus > 0,
+                               "threads": max(1, int(cfg.cpus_per_actor))})
+
+
+def _check_resources(cfg: PseudoLabelConfig, cluster: dict[str, float]) -> float:
+    """GPUs per actor; refuses requests that would leave Ray Data waiting forever."""
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if gpus * cfg.num_actors > cluster.get("GPU", 0):
+        raise PseudoLabelError(
+            f"{cfg.num_actors} teacher actors x {gpus} GPUs do not fit the cluster's "
+            f"{cluster.get('GPU', 0):g} GPUs; lower --num-actors or --gpus-per-actor")
+    # Readers need CPUs of their own, or the actors wait for input that is never decoded.
+    if cluster.get("CPU", 0) - cfg.cpus_per_actor * cfg.num_actors < 1:
+        raise PseudoLabelError(
+            f"{cfg.num_actors} teacher actors x {cfg.cpus_per_actor:g} CPUs leave less than one of "
+            f"the cluster's {cluster.get('CPU', 0):g} CPUs to read and decode shards; lower "
+            "--num-actors or --cpus-per-actor")
+    return gpus
 
 
 @contextlib.contextmanager
@@ -631,54 +663,75 @@ def summarize_files(out_dir: Path, names: list[str]) -> dict[str, Any]:
 
 
 def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabelConfig, *,
-                         classes: list[str] | None = None,
+                         classes: list[str] | None = None, names: list[str] | None = None,
                          progress: Progress = print) -> dict[str, Any]:
     """Threshold + per-class balancing over all files in ``out_dir``; rewrites ``copies``.
 
     Pass 1 reads only label and confidence; pass 2 rewrites one file at a time (atomically), so
     memory is one shard's table. Idempotent: running it again gives the same files, and a file
     already written with the same plan is not rewritten (resume after a kill).
+    ``names`` limits it to these files (default: every pseudo-label file in ``out_dir``).
     Returns the manifest's ``pseudo_labels`` dict, with per-class counts taken from the files.
     """
-    from pipeline.select import apply_selection, class_stats, merge_stats, plan_selection
+    from pipeline.select import class_stats, merge_stats, plan_selection
 
     cfg.validate()
     out_dir = Path(out_dir)
     classes = classes or [str(i) for i in range(num_classes)]
-    paths = sorted(p for p in out_dir.glob("*.parquet") if _file_meta(p) is not None)
-    if not paths:
-        raise PseudoLabelError(f"no pseudo-label files in {out_dir}; run the pseudo_label stage")
-    stats = merge_stats(
+    paths = _selection_files(out_dir, names)
+    stats = merge_stats(  # pass 1
         class_stats(pq.read_table(p, columns=["label", "confidence"]).to_pandas(), num_classes,
                     cfg.threshold) for p in paths)
     plan = plan_selection(stats, k=cfg.k, seed=cfg.seed)
-    fingerprint = _plan_fingerprint(plan)
     kept = np.zeros(num_classes, np.int64)
-    copies_per_class = np.zeros(num_classes, np.int64)
+    copies = np.zeros(num_classes, np.int64)
     files = []
-    for path in paths:
-        table, meta = pq.read_table(path), _file_meta(path)
-        if meta.get("selection") != fingerprint:
-            copies = apply_selection(
-                table.select(["key", "shard", "label", "confidence"]).to_pandas(), plan)
-            table = table.set_column(table.schema.get_field_index("copies"), "copies",
-                                     pa.array(copies, pa.int32()))
-            _write_table(path, table, {**meta, "selection": fingerprint})
-        labels = table["label"].to_numpy()
-        copies = table["copies"].to_numpy()
-        kept += np.bincount(labels[copies > 0], minlength=num_classes)
-        copies_per_class += np.bincount(labels, weights=copies, minlength=num_classes).astype(
-            np.int64)
-        files.append({"name": path.name, "rows": table.num_rows, "sha256": mf.sha256_file(path)})
+    for path in paths:  # pass 2
+        labels, file_copies = _apply_plan(path, plan)
+        kept += np.bincount(labels[file_copies > 0], minlength=num_classes)
+        copies += np.bincount(labels, weights=file_copies, minlength=num_classes).astype(np.int64)
+        files.append({"name": path.name, "rows": len(labels), "sha256": mf.sha256_file(path)})
     progress(f"select: threshold {cfg.threshold}, K {plan.k}: {int(kept.sum())} of "
-             f"{stats.rows} images kept, {int(copies_per_class.sum())} with copies")
+             f"{stats.rows} images kept, {int(copies.sum())} with copies")
     return {
         "uri": str(out_dir), "files": files, "rows": stats.rows, "kept": int(kept.sum()),
-        "selected_with_copies": int(copies_per_class.sum()), "threshold": cfg.threshold,
+        "selected_with_copies": int(copies.sum()), "threshold": cfg.threshold,
         "k": plan.k, "seed": cfg.seed, "rows_above_threshold": int(stats.counts.sum()),
-        "per_class": {classes[c]: {"kept": int(kept[c]), "copies": int(copies_per_class[c])}
+        "per_class": {classes[c]: {"kept": int(kept[c]), "copies": int(copies[c])}
                       for c in range(num_classes)},
     }
+
+
+def _selection_files(out_dir: Path, names: list[str] | None) -> list[Path]:
+    if names is None:
+        paths = sorted(p for p in out_dir.glob("*.parquet") if _file_meta(p) is not None)
+    else:
+        paths = sorted(out_dir / n for n in names)
+        missing = [p for p in paths if _file_meta(p) is None]
+        if missing:
+            raise PseudoLabelError(f"{missing[0]} is missing or not a pseudo-label file; run the "
+                                   "pseudo_label stage again")
+    if not paths:
+        raise PseudoLabelError(f"no pseudo-label files in {out_dir}; run the pseudo_label stage")
+    return paths
+
+
+def _apply_plan(path: Path, plan: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Rewrite one file's ``copies`` (unless it already holds this plan's); (labels, copies)."""
+    from pipeline.select import apply_selection
+
+    fingerprint = _plan_fingerprint(plan)
+    meta = _file_meta(path)
+    if meta.get("selection") == fingerprint:
+        done = pq.read_table(path, columns=["label", "copies"])
+        return done["label"].to_numpy(), done["copies"].to_numpy()
+    table = pq.read_table(path)
+    copies = apply_selection(table.select(["key", "shard", "label", "confidence"]).to_pandas(),
+                             plan)
+    table = table.set_column(table.schema.get_field_index("copies"), "copies",
+                             pa.array(copies, pa.int32()))
+    _write_table(path, table, {**meta, "selection": fingerprint})
+    return table["label"].to_numpy(), copies
 
 
 def _plan_fingerprint(plan: Any) -> str:
@@ -728,6 +781,20 @@ def load_teacher_round(root: str | Path, run: str, round_: int) -> TeacherRound:
                         checkpoint_sha256=ckpt["sha256"], dataset_path=_under_root(root, dataset))
 
 
+def check_teacher_file(teacher: TeacherRound) -> None:
+    """Refuse a missing or changed teacher checkpoint before anything starts (cheap: one hash)."""
+    from pipeline.checkpoint import CheckpointError
+
+    path = teacher.checkpoint_path
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} of round {teacher.manifest['round']} does not "
+                              "exist; restore it or rerun that round with --force")
+    if mf.sha256_file(path) != teacher.checkpoint_sha256:
+        raise CheckpointError(f"model file {path} changed after round {teacher.manifest['round']}"
+                              " recorded it (sha256 mismatch); restore it or rerun that round "
+                              "with --force")
+
+
 def _under_root(root: str | Path, uri: str) -> Path:
     p = Path(uri)
     return p if p.is_absolute() else Path(root) / p
@@ -764,16 +831,20 @@ def run_pseudo_label_stages(root: str | Path, run: str, round_: int, cfg: Pseudo
             f"the teacher has {payload['num_classes']} classes but dataset {info.path} has "
             f"{info.num_classes}; pseudo-label with the dataset the teacher was trained on")
     out_dir = mf.artifact_dir(root, run, round_) / "pseudo"
+    shards = info.split("unlabeled").shards
     if not mf.stage_complete(manifest, "pseudo_label"):
-        _label_stage(root, manifest, teacher, info.split("unlabeled").shards, out_dir, cfg,
-                     progress)
+        _label_stage(root, manifest, teacher, shards, out_dir, cfg, progress)
     if not mf.stage_complete(manifest, "select"):
-        _select_stage(root, manifest, out_dir, info.classes, cfg, progress)
+        names = sorted(pseudo_file_names(shards).values())
+        _select_stage(root, manifest, out_dir, info.classes, names, cfg, progress)
     return manifest
 
 
 def _label_stage(root: str | Path, m: dict[str, Any], teacher: TeacherRound, shards: list[str],
                  out_dir: Path, cfg: PseudoLabelConfig, progress: Progress) -> None:
+    if "pseudo_label" in m["stages"]:  # killed or failed before: finished shards are kept
+        mf.add_event(m, "resume", stage="pseudo_label",
+                     previous=m["stages"]["pseudo_label"].get("status"))
     mf.set_stage(m, "pseudo_label", "running", config=dataclasses.asdict(cfg))
     mf.save_manifest(root, m)
     with _fail_stage(root, m, "pseudo_label"):
@@ -786,12 +857,12 @@ def _label_stage(root: str | Path, m: dict[str, Any], teacher: TeacherRound, sha
 
 
 def _select_stage(root: str | Path, m: dict[str, Any], out_dir: Path, classes: list[str],
-                  cfg: PseudoLabelConfig, progress: Progress) -> None:
+                  names: list[str], cfg: PseudoLabelConfig, progress: Progress) -> None:
     start = time.perf_counter()
     mf.set_stage(m, "select", "running")
     mf.save_manifest(root, m)
     with _fail_stage(root, m, "select"):
-        result = select_pseudo_labels(out_dir, len(classes), cfg, classes=classes,
+        result = select_pseudo_labels(out_dir, len(classes), cfg, classes=classes, names=names,
                                       progress=progress)
     result["uri"] = _relative_to_root(root, out_dir)
     m["pseudo_labels"] = result

@@ -166,6 +166,7 @@ def _start_manifest(p: Plan, use_gpu: bool) -> dict[str, Any]:
     if p.existing is not None:
         m = p.existing
         m["status"], m["finished_at"], m["config"] = "running", None, to_dict(cfg)
+        m["model"] = _model_record(cfg)  # empty when jobs/pseudo_label.py made the manifest
         m.pop("error", None)
         mf.add_event(m, "restart", resumes_training=has_checkpoint(
             mf.artifact_dir(p.root, cfg.run, p.round_)))

@@ -46,19 +46,20 @@ def resolve_root(root: str) -> Path:
 
 @contextmanager
 def ray_session(num_cpus: int | None = None) -> Iterator[bool]:
-    """Join the cluster of this job (RAY_ADDRESS / a running ``ray start``) or start a local one
-    with explicit CPUs; shuts down only a cluster it started. Yields whether it started one."""
+    """Join the cluster named by RAY_ADDRESS (set for ``ray job submit`` drivers; set it to
+    ``auto`` to use a cluster from ``ray start``), else start a local one with explicit CPUs.
+    Shuts down only a cluster it started. Yields whether it started one."""
     import ray
 
     if ray.is_initialized():
         yield False
         return
-    started = False
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
-        started = True
+    started = not os.environ.get("RAY_ADDRESS")
+    if started:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level="warning")
+    else:
+        ray.init(logging_level="warning")
     try:
         yield started
     finally:

@@ -270,6 +270,17 @@ def test_select_writes_copies_consistent_with_plan_and_counts(tmp_path: Path) ->
     assert again == result  # idempotent: same plan, files untouched
 
 
+def test_actor_requests_that_would_starve_or_never_schedule_are_refused() -> None:
+    from pipeline.pseudo_label import _check_resources
+
+    assert _check_resources(PseudoLabelConfig(), {"CPU": 2.0}) == 0.0
+    assert _check_resources(PseudoLabelConfig(num_actors=2), {"CPU": 16.0, "GPU": 2.0}) == 1.0
+    with pytest.raises(PseudoLabelError, match="to read and decode shards"):
+        _check_resources(PseudoLabelConfig(num_actors=2), {"CPU": 2.0})
+    with pytest.raises(PseudoLabelError, match="GPUs"):
+        _check_resources(PseudoLabelConfig(gpus_per_actor=1), {"CPU": 8.0})
+
+
 def test_missing_or_unfinished_teacher_round_says_what_to_run(tmp_path: Path,
                                                               digits_dir: Path) -> None:
     cfg = PseudoLabelConfig()
@@ -445,3 +456,4 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(ray_address: str, tmp_path: 
     assert m["pseudo_labels"]["files"] == mf.load_manifest(tmp_path, "whole", 1)[
         "pseudo_labels"]["files"]  # same names, rows and sha256
     assert m["teacher"]["checkpoint_sha256"] == mf.sha256_file(teacher_model)
+    assert [e["stage"] for e in m["events"] if e["event"] == "resume"] == ["pseudo_label"]

@@ -1,0 +1,252 @@
+"""Benchmark of the pseudo-label stage (Ray Data batch inference) on the bundled digits.
+
+    python bench/pseudo_label.py                 # about 2-4 minutes on 2 CPU cores
+    python bench/pseudo_label.py --repeat 3      # a smaller "10x" corpus, faster
+
+(a) Throughput: images/s of ``label_shards`` (read tar -> decode -> teacher -> Parquet, through
+    Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
+    batch size and thread count as the actor, measured in the same run (before and after the
+    stage, averaged, since other load on the machine moves both). Reported end to end (the
+    call's wall time: actor start-up included) and steady state (from the first finished shard
+    to the last, which is what a corpus of millions of images sees).
+(b) Memory: peak proportional set size (PSS: shared pages such as the object store counted once)
+    of the driver and of the whole Ray process tree, sampled every 0.5 s, while labeling the
+    digits unlabeled split (1x) and the same images repeated with new keys into 10x as many
+    shards. Flat memory means the pipeline streams: nothing scales with the corpus.
+
+The teacher is an untrained ``efficientnet_t0`` (throughput does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipeline.checkpoint import save_model_file  # noqa: E402
+from pipeline.dataset import prepare_digits  # noqa: E402
+from pipeline.pseudo_label import PseudoLabelConfig, label_shards  # noqa: E402
+from pipeline.shards import ShardWriter, decode_image, read_samples  # noqa: E402
+from pipeline.transforms import eval_transform  # noqa: E402
+
+MODEL = "efficientnet_t0"
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])  # the name may contain spaces
+        tree.setdefault(ppid, []).append(int(stat.parent.name))
+    return tree
+
+
+def _descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(tree.get(p, []))
+    return out
+
+
+def _pss(pid: int) -> int:
+    """Bytes of proportional set size (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class MemorySampler:
+    """Peak PSS of this process and of its whole process tree (Ray's processes included)."""
+
+    every: float = 0.5
+    driver_peak: int = 0
+    tree_peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def sample(self) -> tuple[int, int]:
+        import os
+
+        me = os.getpid()
+        driver = _pss(me)
+        total = sum(_pss(p) for p in _descendants(me))
+        return driver, total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            driver, total = self.sample()
+            self.driver_peak = max(self.driver_peak, driver)
+            self.tree_peak = max(self.tree_peak, total)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_corpus(work: Path, repeat: int) -> tuple[list[str], list[str]]:
+    """Digits (1x unlabeled shards) and ``repeat`` copies of its images under new keys."""
+    info = prepare_digits(work / "digits", shard_size=100)
+    one = info.split("unlabeled").shards
+    samples = list(read_samples(one))
+    with ShardWriter(work / f"x{repeat}", prefix=f"x{repeat}", maxcount=100) as w:
+        for r in range(repeat):
+            for s in samples:
+                w.write(f"{s.key}_r{r}", s.image)
+    return one, [str(p) for p in w.paths]
+
+
+def make_model(work: Path) -> tuple[Path, str, torch.nn.Module]:
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, 10).eval()
+    path = work / "model.pt"
+    sha = save_model_file(path, model.state_dict(), model_name=MODEL,
+                          classes=[str(i) for i in range(10)], train_resolution=32,
+                          test_resolution=32)
+    return path, sha, model
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def forward_rate(model: torch.nn.Module, images: torch.Tensor, batch_size: int, threads: int,
+                 seconds: float) -> float:
+    """Images/s of the bare forward pass on decoded tensors, full batches only."""
+    torch.set_num_threads(threads)
+    reps = -(-batch_size // len(images)) + 1
+    pool = images.repeat(reps, 1, 1, 1)
+    with torch.inference_mode():
+        model(pool[:batch_size])  # warm-up: first call plans the kernels
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            offset = (n // batch_size * 7) % (len(pool) - batch_size)
+            model(pool[offset : offset + batch_size])
+            n += batch_size
+    return n / (time.perf_counter() - start)
+
+
+def stage_run(name: str, model_path: Path, sha: str, shards: list[str], out: Path,
+              cfg: PseudoLabelConfig, sampler: MemorySampler | None = None) -> dict:
+    """label_shards, optionally under a memory sampler; end-to-end and steady-state images/s."""
+    done: list[tuple[float, int]] = []
+
+    def progress(line: str) -> None:
+        if " done (" in line:
+            done.append((time.perf_counter(), int(line.split(" done (")[1].split()[0])))
+
+    shutil.rmtree(out, ignore_errors=True)
+    with sampler or contextlib.nullcontext():
+        start = time.perf_counter()
+        result = label_shards(model_path, sha, shards, out, cfg, progress=progress)
+        wall = time.perf_counter() - start
+    # Steady state: after the first shard is out the actor is warm and is the bottleneck.
+    steady_rows = sum(rows for _, rows in done[1:])
+    steady_s = done[-1][0] - done[0][0] if len(done) > 1 else float("nan")
+    return {"name": name, "rows": result["rows"], "wall": wall,
+            "e2e_rate": result["rows"] / wall, "steady_rate": steady_rows / steady_s,
+            "driver_peak": sampler.driver_peak if sampler else 0,
+            "tree_peak": sampler.tree_peak if sampler else 0}
+
+
+def mib(b: int) -> str:
+    return f"{b / 2**20:,.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=10, help="size of the big corpus, x digits")
+    p.add_argument("--forward-seconds", type=float, default=8.0)
+    p.add_argument("--work", type=Path, help="keep the corpus here (default: a temp dir)")
+    args = p.parse_args(argv)
+
+    import ray
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-pseudo-label-"))
+    work.mkdir(parents=True, exist_ok=True)
+    one, big = make_corpus(work, args.repeat)
+    model_path, sha, model = make_model(work)
+    tf = eval_transform(32)
+    images = torch.stack([tf(decode_image(s.image)) for s in read_samples(one)])
+    cfg = PseudoLabelConfig(batch_size=args.batch_size, num_actors=1, cpus_per_actor=1)
+    threads = int(cfg.cpus_per_actor)
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        idle_driver, idle_tree = MemorySampler().sample()
+        fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds)]
+        # Throughput without the sampler (reading smaps costs CPU), then memory with it.
+        runs = [stage_run("1x", model_path, sha, one, work / "out1", cfg),
+                stage_run(f"{args.repeat}x", model_path, sha, big, work / "outN", cfg)]
+        fwd.append(forward_rate(model, images, args.batch_size, threads, args.forward_seconds))
+        mem = [stage_run(r["name"], model_path, sha, shards, work / "out", cfg,
+                         MemorySampler(every=0.5))
+               for r, shards in zip(runs, (one, big), strict=True)]
+    finally:
+        ray.shutdown()
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    for r, m in zip(runs, mem, strict=True):
+        r.update(driver_peak=m["driver_peak"], tree_peak=m["tree_peak"])
+    report(args, fwd, runs, idle_driver, idle_tree)
+    return 0
+
+
+def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_driver: int,
+           idle_tree: int) -> None:
+    base = sum(fwd) / len(fwd)
+    print(f"\npseudo-label benchmark: {MODEL}, 32 px, batch {args.batch_size}, 1 actor x 1 CPU, "
+          f"Ray with {args.num_cpus} CPUs")
+    print(f"  teacher forward only (decoded tensors, 1 thread): {base:,.0f} images/s "
+          f"(before {fwd[0]:,.0f}, after {fwd[1]:,.0f})")
+    for r in runs:
+        print(f"  stage {r['name']:>4}: {r['rows']:>6} images in {r['wall']:6.1f} s | end to end "
+              f"{r['e2e_rate']:6,.0f} images/s = {r['e2e_rate'] / base:.2f} x forward | steady "
+              f"{r['steady_rate']:6,.0f} images/s = {r['steady_rate'] / base:.2f} x forward")
+    print("  (steady state = first to last finished shard; with 11 shards the readers are done "
+          "before the actor starts, so 1x measures the actor alone)")
+    print(f"  memory, idle Ray: driver {mib(idle_driver)}, process tree {mib(idle_tree)}")
+    for r in runs:
+        print(f"  memory peak {r['name']:>4}: driver {mib(r['driver_peak'])}, process tree "
+              f"{mib(r['tree_peak'])} (above idle: {mib(r['tree_peak'] - idle_tree)})")
+    small, large = runs
+    print(f"  memory {large['name']} / 1x: driver {large['driver_peak'] / small['driver_peak']:.2f}"
+          f", process tree {large['tree_peak'] / small['tree_peak']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

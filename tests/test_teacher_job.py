@@ -1,0 +1,254 @@
+"""jobs/teacher.py end to end: Ray Train with 2 CPU workers, kill -9 and resume, `ray job submit`
+against a real local cluster, and every bad input the issue lists (one line, nothing written)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.dataset import prepare_digits
+from pipeline.manifest import load_manifest, manifest_path, sha256_file
+from pipeline.shards import write_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# Small and quick: few epochs, evaluation only at the end.
+FAST = ["--preset", "demo", "--epochs", "3", "--eval-every", "3", "--loader-workers", "0"]
+
+
+def teacher(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS")
+    return subprocess.run([PY, str(ROOT / "jobs" / "teacher.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=kw.get("cwd", ROOT), env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits with 60 shards' worth of small shards so 2 workers split them unevenly."""
+    out = tmp_path_factory.mktemp("tiny")
+    prepare_digits(out, shard_size=70)  # labeled: 180 -> 3 shards (uneven over 2 ranks)
+    return out
+
+
+def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("teacher: error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- bad input (fast)
+
+
+def test_data_without_dataset_json(tmp_path: Path) -> None:
+    p = teacher("--run", "x", "--data", str(tmp_path), "--root", str(tmp_path), *FAST)
+    assert "has no dataset.json; create one with `python jobs/prepare.py digits" in \
+        _error_line(p)
+    assert not (tmp_path / "manifests").exists()
+
+
+def test_dataset_without_labeled_samples(tmp_path: Path, tiny: Path) -> None:
+    info = json.loads((tiny / "dataset.json").read_text())
+    info["splits"]["labeled"] = {"shards": [], "count": 0, "class_counts": {}}
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny, ds)
+    (ds / "dataset.json").write_text(json.dumps(info))
+    p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST)
+    assert "has no 'labeled' split" in _error_line(p)
+    assert not (tmp_path / "manifests").exists()
+
+
+def test_unknown_model_lists_valid_ones(tmp_path: Path, tiny: Path) -> None:
+    p = teacher("--run", "x", "--data", str(tiny), "--root", str(tmp_path), *FAST,
+                "--model", "resnet50")
+    line = _error_line(p)
+    assert "--model 'resnet50' is unknown; valid:" in line and "efficientnet_b0" in line
+
+
+def test_unknown_option_lists_allowed(tmp_path: Path, tiny: Path) -> None:
+    p = teacher("--run", "x", "--data", str(tiny), "--learning-rate", "0.1")
+    line = _error_line(p)
+    assert "unknown option --learning-rate; allowed:" in line and "--lr" in line
+
+
+def test_bad_value_is_rejected(tmp_path: Path, tiny: Path) -> None:
+    p = teacher("--run", "x", "--data", str(tiny), "--root", str(tmp_path), "--epochs", "0")
+    assert "--epochs must be > 0" in _error_line(p)
+
+
+def test_undecodable_labeled_sample_named(tmp_path: Path, tiny: Path) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny, ds)
+    bad = ds / "labeled" / "labeled-000001.tar"
+    write_shards([("broken_img", b"\x89PNG not really", 3)], tmp_path / "w", prefix="b")
+    shutil.copy(tmp_path / "w" / "b-000000.tar", bad)
+    p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST)
+    line = _error_line(p)
+    assert "labeled-000001.tar, key broken_img: cannot decode image" in line
+    assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_help_explains_options() -> None:
+    p = subprocess.run([PY, str(ROOT / "jobs" / "teacher.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0
+    for text in ("--ema-decay", "exponential moving average", "--num-workers", "--preset"):
+        assert text in p.stdout
+
+
+# ----------------------------------------------------------------------------- with Ray (slow)
+
+
+@pytest.mark.slow
+def test_more_workers_than_cluster_fails_up_front(tmp_path: Path, tiny: Path) -> None:
+    t0 = time.time()
+    p = teacher("--run", "x", "--data", str(tiny), "--root", str(tmp_path), *FAST,
+                "--num-workers", "8")
+    assert "8 worker(s) x 1 CPU need 8 CPUs but the cluster has" in _error_line(p)
+    assert time.time() - t0 < 120
+    assert not (tmp_path / "manifests").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_complete_manifest_and_refuse_rerun(tmp_path: Path, tiny: Path) -> None:
+    p = teacher("--run", "two", "--data", str(tiny), "--root", str(tmp_path), *FAST,
+                "--num-workers", "2", "--cpus-per-worker", "1", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = load_manifest(tmp_path, "two", 0)
+    assert m["status"] == "complete" and m["role"] == "teacher"
+    assert m["cluster"]["num_workers"] == 2
+    ckpt = tmp_path / m["checkpoint"]["uri"]
+    assert sha256_file(ckpt) == m["checkpoint"]["sha256"]
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    assert m["metrics"]["n"] == 540  # every test image once, summed over both ranks
+    assert 0 <= m["metrics"]["top1"] <= 1 and m["metrics"]["top5"] >= m["metrics"]["top1"]
+    assert {"train", "evaluate"} <= set(m["stages"])
+    import pandas as pd
+
+    preds = pd.read_parquet(tmp_path / m["stages"]["evaluate"]["predictions"])
+    assert len(preds) == 540 and preds.key.is_unique
+    assert (preds.pred == preds.label).mean() == pytest.approx(m["metrics"]["top1"])
+    # a complete round is not overwritten without --force
+    before = manifest_path(tmp_path, "two", 0).read_bytes()
+    again = teacher("--run", "two", "--data", str(tiny), "--root", str(tmp_path), *FAST)
+    assert "already has a complete round 0" in _error_line(again)
+    assert "--force" in _error_line(again)
+    assert manifest_path(tmp_path, "two", 0).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_from_checkpoint(tmp_path: Path, tiny: Path) -> None:
+    args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "kr", "--data", str(tiny),
+            "--root", str(tmp_path), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
+            "--loader-workers", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    train_dir = tmp_path / "artifacts" / "kr" / "round-0" / "train"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(train_dir.glob("checkpoint_*/state.pt"))) < 2:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers: everything it started
+    proc.wait()
+    m = load_manifest(tmp_path, "kr", 0)
+    assert m["status"] == "running"
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = load_manifest(tmp_path, "kr", 0)
+    assert m["status"] == "complete"
+    assert [e["event"] for e in m["events"]] == ["start", "restart"]
+    assert m["events"][1]["resumes_training"] is True
+    (resumed,) = m["resumed_from"]
+    assert resumed["phase"] == "train" and 1 <= resumed["epoch"] < 8  # not from scratch
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop the processes of the cluster whose session lives under ``temp`` (not `ray stop`,
+    which stops every Ray on the machine)."""
+    import psutil
+
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid in me:
+            continue
+        try:
+            if any(str(temp) in part for part in proc.info["cmdline"] or []):
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_local_cluster(tmp_path: Path, tiny: Path) -> None:
+    """`ray start --head` on free ports, `ray job submit --working-dir .`, results under --root."""
+    ray_bin = str(Path(PY).parent / "ray")
+    port, dash, agent, grpc, metrics, renv, client = (_free_port() for _ in range(7))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # This cluster's session files live in a folder of its own (short: socket paths are
+    # limited), so stopping it touches no other Ray on the machine.
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env["RAY_TMPDIR"] = str(temp)
+    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python`
+    # Ray 2.60 turns token authentication on for `ray start`; the CLI sends the token only
+    # when told the mode.
+    env["RAY_AUTH_MODE"] = "token"
+    # Every port chosen free, so another Ray on this machine cannot collide with this one.
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--dashboard-agent-listen-port={agent}",
+                    f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={metrics}",
+                    f"--runtime-env-agent-port={renv}", f"--ray-client-server-port={client}",
+                    "--include-dashboard=true", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env,
+                   timeout=180)
+    root = tmp_path / "results"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        # a relative --root would land in the job's temporary copy: refused with a hint
+        bad = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "jobs/teacher.py", "--run", "sub", "--data", str(tiny), *FAST],
+            capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert bad.returncode != 0
+        assert "pass an absolute --root" in bad.stdout + bad.stderr
+        ok = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "jobs/teacher.py", "--run", "sub", "--data", str(tiny), "--root",
+             str(root), *FAST], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+        assert "round 0 of 'sub' complete" in ok.stdout + ok.stderr
+    finally:
+        _stop_cluster(temp)
+    m = load_manifest(root, "sub", 0)
+    assert m["status"] == "complete"
+    assert sha256_file(root / m["checkpoint"]["uri"]) == m["checkpoint"]["sha256"]
