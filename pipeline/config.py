@@ -249,10 +249,9 @@ def parse_config(cls: type[C], role: str, argv: Sequence[str] | None = None,
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS[role])}")
     _check_unknown(cls, args)
     default = cls(**PRESETS[role].get(preset, {})) if preset else cls()
-    cfg = tyro.cli(cls, default=default, args=args, description=description,
-                   config=(tyro.conf.FlagConversionOff,))
-    cfg.validate()
-    return cfg
+    # Checked by the caller once values that come from the parent round are filled in.
+    return tyro.cli(cls, default=default, args=args, description=description,
+                    config=(tyro.conf.FlagConversionOff,))
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

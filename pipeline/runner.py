@@ -118,8 +118,16 @@ class RayReporter:
 
 
 def _ray_entry(config: dict[str, Any]) -> None:
+    import logging
+
     import ray.train
     import ray.train.torch
+
+    # Ray Train logs every report and checkpoint at INFO; our own epoch lines say it better.
+    # (Some of its loggers are named by file path, hence the search.)
+    for name in ["ray.train", *logging.root.manager.loggerDict]:
+        if name.startswith("ray.train") or "ray/train" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     ctx = ray.train.get_context()
     wctx = WorkerContext(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -59,7 +60,9 @@ class WorkerContext:
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
-            print(msg, flush=True)
+            # Not print(): Ray Train patches print in workers and the line would appear twice.
+            sys.stdout.write(msg + "\n")
+            sys.stdout.flush()
 
 
 class Reporter(Protocol):

@@ -1,0 +1,87 @@
+"""The whole Noisy Student loop on the bundled digits corpus (what `make demo` runs).
+
+    prepare -> teacher (round 0) -> student round 1 -> student round 2 -> report
+
+Each step is the same command a user would run (jobs/prepare.py, teacher.py, student.py,
+report.py) in a subprocess, so the demo exercises exactly what the README shows. Steps already
+complete are skipped, so running it again after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import ROOT
+
+PY = sys.executable
+
+
+def step(title: str, args: list[str]) -> None:
+    print(f"\n=== {title}: python {' '.join(args)}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run([PY, *args], cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: {title} failed (exit {proc.returncode}); fix the error above "
+                         "and run `make demo` again to continue")
+    print(f"=== {title}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+def summary_table(root: Path, run: str) -> str:
+    """round, model, parameters, test top-1, pseudo-labels kept, precision vs held-out truth."""
+    from pipeline.report import load_run
+
+    rep = load_run(root, run)
+    df = rep.rounds
+    cols = {"round": "round", "model": "model", "params": "parameters", "top1": "test top-1",
+            "kept": "pseudo-labels kept", "precision": "precision (all)",
+            "precision_copies": "precision (selected)"}
+    present = [c for c in cols if c in df.columns]
+    table = df[present].rename(columns=cols)
+    return table.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=".", help="where data/, manifests/, artifacts/ go")
+    ap.add_argument("--run", default="demo", help="run name")
+    ap.add_argument("--rounds", type=int, default=2, help="student rounds after the teacher")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
+    data = root / "data" / "digits"
+    t0 = time.time()
+    if not (data / "dataset.json").exists():
+        step("prepare", ["jobs/prepare.py", "digits", "--out", str(data)])
+    else:
+        print(f"=== prepare: {data} exists, reusing it")
+    from pipeline.manifest import load_round_if_exists
+
+    common = ["--run", args.run, "--root", str(root), "--preset", "demo", "--seed",
+              str(args.seed)]
+    if _complete(load_round_if_exists(root, args.run, 0)):
+        print("=== teacher: round 0 is complete, skipping")
+    else:
+        step("teacher", ["jobs/teacher.py", *common, "--data", str(data)])
+    for n in range(1, args.rounds + 1):
+        if _complete(load_round_if_exists(root, args.run, n)):
+            print(f"=== student round {n}: complete, skipping")
+            continue
+        step(f"student round {n}", ["jobs/student.py", *common, "--round", str(n)])
+    step("report", ["jobs/report.py", "--run", args.run, "--root", str(root)])
+    print(f"\nNoisy Student on digits ({time.time() - t0:.0f}s in all):\n")
+    print(summary_table(root, args.run))
+    print(f"\nreport: {root / 'reports' / args.run / 'report.md'}")
+    return 0
+
+
+def _complete(m: dict | None) -> bool:
+    return m is not None and m["status"] == "complete"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
