@@ -147,6 +147,9 @@ class StudentConfig(TrainConfig):
     """Student model; default: the teacher's model (equal size). Name a bigger one to grow."""
     unlabel_ratio: float = 3.0
     """Pseudo-labeled images per labeled image in each step (the paper: 1 for B0, 3 above)."""
+    pseudo_loss_weight: float | None = None
+    """Weight of the pseudo-labeled cross-entropy; default unlabel_ratio (RECIPE.md: labeled CE +
+    unlabel_ratio x pseudo-labeled CE, each a mean over its own batch)."""
     soft_labels: bool = True
     """Train on the teacher's probabilities (soft) rather than its argmax (hard)."""
     temperature: float = 1.0
@@ -175,6 +178,9 @@ class StudentConfig(TrainConfig):
     """FixRes: epochs of fine-tuning at the test resolution (the paper: about 1.5); 0 = off."""
     data: str = ""
     """Dataset folder; default: the one the teacher used."""
+    truth_labels: bool = False
+    """Ablation ceiling: train on the unlabeled split's held-out true labels (the dataset's
+    unlabeled_truth.parquet) instead of the teacher's pseudo-labels, one copy each."""
 
     def validate(self) -> None:
         if self.round < 1:
@@ -183,6 +189,8 @@ class StudentConfig(TrainConfig):
         if self.unlabel_ratio < 0 or self.temperature <= 0 or self.randaugment_n < 0:
             raise ConfigError("--unlabel-ratio and --randaugment-n must be >= 0 and "
                               "--temperature > 0")
+        if self.pseudo_loss_weight is not None and self.pseudo_loss_weight < 0:
+            raise ConfigError(f"--pseudo-loss-weight must be >= 0, got {self.pseudo_loss_weight}")
         if not 0 <= self.threshold < 1:
             raise ConfigError(f"--threshold must be in [0, 1), got {self.threshold}")
         if self.k is not None and self.k < 1:
@@ -250,8 +258,7 @@ def parse_config(cls: type[C], role: str, argv: Sequence[str] | None = None,
     _check_unknown(cls, args)
     default = cls(**PRESETS[role].get(preset, {})) if preset else cls()
     # Checked by the caller once values that come from the parent round are filled in.
-    return tyro.cli(cls, default=default, args=args, description=description,
-                    config=(tyro.conf.FlagConversionOff,))
+    return tyro.cli(cls, default=default, args=args, description=description)
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -235,6 +235,9 @@ def _job(p: Plan, art: Path, m: dict[str, Any]) -> Job:
         uri = Path(pl["uri"]) if Path(pl["uri"]).is_absolute() else p.root / pl["uri"]
         pseudo = {"shards": info.split("unlabeled").shards, "dir": str(uri),
                   "count": pl["selected_with_copies"]}
+        if cfg.truth_labels:
+            pseudo.update(dir=str(art / "truth"),
+                          count=_truth_tables(info, art / "truth", pl["uri"], p.root))
         if pseudo["count"] == 0:
             raise RunError("selection kept no pseudo-labels; lower --threshold or check the "
                            "teacher")
@@ -286,3 +289,36 @@ def _train(p: Plan, m: dict[str, Any], art: Path, use_gpu: bool) -> None:
     m["history"] = state["history"]
     m["resumed_from"] = state["resumed_from"]
     m["checkpoint"] = {"uri": _rel(model_path, p.root), "sha256": sha}
+
+
+def _truth_tables(info: DatasetInfo, out: Path, pseudo_uri: str, root: Path) -> int:
+    """The ceiling of an ablation: pseudo-label files whose labels are the held-out truth.
+
+    Same file names and keys as the real pseudo-labels, one copy of every image, a one-hot soft
+    label. Returns the number of rows."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if info.unlabeled_truth is None or not Path(info.unlabeled_truth).exists():
+        raise RunError(f"--truth-labels needs {info.path}/unlabeled_truth.parquet (the held-out "
+                       "labels of the unlabeled split), which this dataset does not have")
+    truth = pd.read_parquet(info.unlabeled_truth).set_index("key")["label"]
+    src = Path(pseudo_uri) if Path(pseudo_uri).is_absolute() else root / pseudo_uri
+    out.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    for f in sorted(src.glob("*.parquet")):
+        keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        labels = truth.reindex(keys)
+        if labels.isna().any():
+            raise RunError(f"{f.name}: {int(labels.isna().sum())} keys have no held-out label")
+        table = pa.table({
+            "key": pa.array(keys, pa.string()),
+            "copies": pa.array([1] * len(keys), pa.int32()),
+            "topk_index": pa.array([[int(x)] for x in labels], pa.list_(pa.int32())),
+            "topk_prob": pa.array([[1.0] for _ in keys], pa.list_(pa.float16())),
+        })
+        pq.write_table(table, out / f.name)
+        rows += len(keys)
+    log(f"truth labels: {rows} unlabeled images with their held-out labels ({out})")
+    return rows

@@ -56,8 +56,10 @@ def ray_session(num_cpus: int | None = None) -> Iterator[bool]:
         return
     started = not os.environ.get("RAY_ADDRESS")
     if started:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 logging_level="warning")
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner polls
+        # (without it, it logs a warning every few seconds).
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", logging_level="warning")
     else:
         ray.init(logging_level="warning")
     try:

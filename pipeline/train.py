@@ -236,6 +236,10 @@ class _Trainer:
     def _pseudo_batch(self) -> int:
         return max(1, round(self.cfg["batch_size"] * self.cfg["unlabel_ratio"]))
 
+    def _pseudo_weight(self) -> float:
+        w = self.cfg.get("pseudo_loss_weight")
+        return float(self.cfg["unlabel_ratio"] if w is None else w)
+
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.ctx.world_size == 1:
             return model
@@ -338,7 +342,7 @@ class _Trainer:
                 logits = model(_channels_last(batch, dev)).float()
             loss, parts = noisy_student_loss(
                 logits[: len(images)], labels, logits[len(images):], p_targets,
-                unlabel_ratio=1.0, label_smoothing=self.cfg["label_smoothing"])
+                unlabel_ratio=self._pseudo_weight(), label_smoothing=self.cfg["label_smoothing"])
         else:
             with _autocast(dev):
                 logits = model(_channels_last(images, dev)).float()

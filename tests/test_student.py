@@ -1,0 +1,237 @@
+"""The student round: model growth, noise defaults, the pseudo-labeled stream and its mixing,
+resuming at each phase, the refusal without round N-1, and a tiny end-to-end teacher -> students
+-> report run (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import PRESETS, StudentConfig, parse_config
+from pipeline.data import PseudoStream
+from pipeline.manifest import load_manifest, sha256_file
+from pipeline.rounds import default_magnitude, next_model, parent_round
+from pipeline.runner import RunError
+from pipeline.shards import encode_png, write_shards
+from pipeline.train import LocalReporter, WorkerContext, read_state, train_worker
+from tests.test_train import tiny_job
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def test_students_grow_through_the_family() -> None:
+    assert next_model("efficientnet_t0") == "efficientnet_t1"
+    assert next_model("efficientnet_b3") == "efficientnet_b4"
+    assert next_model("efficientnet_t3") == "efficientnet_t3"  # the largest stays
+
+
+def test_randaugment_magnitude_by_student_size() -> None:
+    assert default_magnitude("efficientnet_b0") == 0  # the paper: none for B0-B1
+    assert default_magnitude("efficientnet_b4") == 15
+    assert default_magnitude("efficientnet_b7") == 27
+    assert default_magnitude("efficientnet_l2") == 27
+    assert default_magnitude("efficientnet_t2") == 6
+
+
+def test_student_defaults_follow_the_paper() -> None:
+    cfg = parse_config(StudentConfig, "student", ["--run", "r"])
+    assert (cfg.dropout, cfg.drop_path, cfg.threshold, cfg.randaugment_n) == (0.5, 0.2, 0.3, 2)
+    assert cfg.soft_labels and cfg.temperature == 1.0 and cfg.unlabel_ratio == 3.0
+    demo = parse_config(StudentConfig, "student", ["--run", "r", "--preset", "demo",
+                                                   "--no-randaugment", "--dropout", "0"])
+    assert demo.model == "next" and not demo.randaugment and demo.dropout == 0.0
+
+
+def _pseudo_fixture(tmp: Path) -> tuple[list[str], Path]:
+    """One shard of 4 images and its pseudo-label file with copies 0, 1, 2, 3."""
+    img = np.zeros((8, 8, 3), np.uint8)
+    ((shard, _),) = write_shards([(f"k{i}", encode_png(img + i), None) for i in range(4)],
+                                 tmp / "unl", prefix="unl")
+    out = tmp / "pseudo"
+    out.mkdir()
+    pq.write_table(pa.table({
+        "key": ["k3", "k1", "k0", "k2"],  # not in shard order: matched by key
+        "copies": pa.array([3, 1, 0, 2], pa.int32()),
+        "topk_index": pa.array([[3, 0], [1, 2], [0, 1], [2, 3]], pa.list_(pa.int32())),
+        "topk_prob": pa.array([[0.6, 0.2], [0.9, 0.1], [0.5, 0.5], [0.7, 0.3]],
+                              pa.list_(pa.float16())),
+    }), out / "unl-000000.parquet")
+    return [str(shard)], out
+
+
+def test_pseudo_stream_repeats_by_copies_and_builds_targets(tmp_path: Path) -> None:
+    shards, out = _pseudo_fixture(tmp_path)
+    mean = lambda img: float(img.float().mean())  # noqa: E731 - image i has value i
+    ds = PseudoStream(shards, str(out), lambda x: x, num_classes=4, temperature=1.0,
+                      shuffle_buffer=0)
+    it = iter(ds)
+    one_pass = [next(it) for _ in range(6)]  # 3 + 1 + 0 + 2 copies
+    seen = sorted(round(mean(img)) for img, _ in one_pass)
+    assert seen == [1, 2, 2, 3, 3, 3]
+    for img, target in one_pass:
+        assert target.shape == (4,) and float(target.sum()) == pytest.approx(1.0, abs=1e-3)
+        if round(mean(img)) == 3:  # top-2 of k3 renormalised: 0.6/0.8, 0.2/0.8
+            assert target.tolist() == pytest.approx([0.25, 0, 0, 0.75], abs=1e-3)
+    hard = PseudoStream(shards, str(out), lambda x: x, num_classes=4, temperature=-1.0,
+                        shuffle_buffer=0)
+    img, target = next(iter(hard))
+    assert target.tolist() == [0, 1, 0, 0] or target.tolist() == [0, 0, 1, 0] or \
+        target.tolist() == [0, 0, 0, 1]
+    assert float(target.max()) == 1.0
+
+
+def test_step_mixes_batches_with_the_unlabel_ratio(digits_info, tmp_path: Path) -> None:
+    """A student step sees B labeled + ratio x B pseudo images, and its loss is labeled CE +
+    weight x pseudo CE (RECIPE.md)."""
+    from pipeline.losses import soft_cross_entropy
+    from pipeline.train import _Trainer
+
+    job = tiny_job(digits_info, tmp_path, batch_size=4)
+    job.config.update(unlabel_ratio=3.0, pseudo_loss_weight=None, soft_labels=True,
+                      temperature=1.0, label_smoothing=0.0)
+    job.role = "student"
+    tr = _Trainer(job, WorkerContext(), LocalReporter(tmp_path / "ck"))
+    assert tr._pseudo_batch() == 12 and tr._pseudo_weight() == 3.0
+    torch.manual_seed(0)
+    x_l, y_l = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    x_u = torch.randn(12, 3, 32, 32)
+    t_u = torch.softmax(torch.randn(12, 10), dim=1)
+    model = tr.model.eval()  # no dropout: the same forward twice
+    with torch.no_grad():
+        logits = model(torch.cat([x_l, x_u]))
+        expected = torch.nn.functional.cross_entropy(logits[:4], y_l) + \
+            3.0 * soft_cross_entropy(logits[4:], t_u)
+    tr.optimizer.param_groups[0]["lr"] = 0.0  # measure, do not move
+    out = tr._step(model, (x_l, y_l), (x_u, t_u))
+    assert out["images"] == 16 and out["n"] == 4
+    assert out["loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("phase", ["finetune", "evaluate"])
+def test_resume_at_each_phase_runs_only_what_is_left(digits_info, tmp_path: Path,
+                                                     phase: str) -> None:
+    job = tiny_job(digits_info, tmp_path, epochs=1, finetune_epochs=0.5, eval_every=5)
+    train_worker(job, WorkerContext(), LocalReporter(tmp_path / "ck"))
+    saved = torch.load(tmp_path / "ck" / "state.pt", weights_only=True)
+    saved["state"]["phase"] = phase
+    torch.save(saved, tmp_path / "ck" / "state.pt")
+    rep = LocalReporter(tmp_path / "ck")
+    train_worker(job, WorkerContext(), rep)
+    expected = ["finetune", "evaluate"] if phase == "finetune" else ["evaluate"]
+    assert [r["phase"] for r in rep.reports] == expected
+    assert read_state(tmp_path / "ck")["phase"] == "done"
+
+
+def test_student_refused_without_previous_round(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match=r"needs round 0 .* run `python jobs/teacher.py"):
+        parent_round(tmp_path, "r", 1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([PY, str(ROOT / "jobs" / "student.py"), "--run", "r", "--round", "2",
+                        "--root", str(tmp_path), "--preset", "demo"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 2
+    assert "student: error: round 2 needs round 1 of run 'r'" in p.stderr
+    assert "python jobs/student.py --run r --round 1" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "manifests").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+QUICK = ["--preset", "demo", "--loader-workers", "0", "--eval-every", "10"]
+
+
+def _job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([PY, str(ROOT / "jobs" / script), *args], capture_output=True,
+                          text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepare -> teacher (4 epochs) -> pseudo_label job -> student 1 -> student 2 (3 epochs)."""
+    from pipeline.dataset import prepare_digits
+
+    root = tmp_path_factory.mktemp("e2e")
+    prepare_digits(root / "data", shard_size=150)
+    p = _job("teacher.py", "--run", "e2e", "--data", str(root / "data"), "--root", str(root),
+             *QUICK, "--epochs", "4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    # the pseudo-label stages alone first: the student must pick up from them
+    p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(root))
+    assert p.returncode == 0, p.stderr[-3000:]
+    for n in (1, 2):
+        p = _job("student.py", "--run", "e2e", "--round", str(n), "--root", str(root), *QUICK,
+                 "--epochs", "3", "--finetune-epochs", "1")
+        assert p.returncode == 0, p.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_end_to_end_student_manifests(tiny_run: Path) -> None:
+    root = tiny_run
+    t = load_manifest(root, "e2e", 0)
+    s1, s2 = load_manifest(root, "e2e", 1), load_manifest(root, "e2e", 2)
+    assert [m["model"]["name"] for m in (t, s1, s2)] == [
+        "efficientnet_t0", "efficientnet_t1", "efficientnet_t2"]
+    assert s1["role"] == "student" and s1["status"] == "complete"
+    assert s1["teacher"]["round"] == 0
+    assert s1["teacher"]["checkpoint_sha256"] == t["checkpoint"]["sha256"]
+    assert s2["teacher"]["checkpoint_sha256"] == s1["checkpoint"]["sha256"]
+    assert s1["metrics"]["teacher_top1"] == t["metrics"]["top1"]
+    for m in (s1, s2):
+        assert sha256_file(root / m["checkpoint"]["uri"]) == m["checkpoint"]["sha256"]
+        assert list(m["stages"]) == ["pseudo_label", "select", "train", "finetune", "evaluate"]
+        assert all(st["status"] == "complete" for st in m["stages"].values())
+        ft = m["stages"]["finetune"]
+        assert 0 <= ft["top1_before"] <= 1 and 0 <= ft["top1_after"] <= 1
+        assert m["pseudo_labels"]["rows"] == 1077
+        assert m["pseudo_labels"]["selected_with_copies"] > 0
+        assert len(m["history"]) == 3 and "pseudo_loss" in m["history"][0]
+        assert m["config"]["randaugment_m"] == 5 and m["config"]["dropout"] == 0.3
+    # round 1's pseudo-label stages were done by jobs/pseudo_label.py and not redone
+    assert [e["event"] for e in s1["events"]][-1] == "restart"
+    assert "resumes_training" in s1["events"][-1]
+
+
+@pytest.mark.slow
+def test_complete_student_round_needs_force(tiny_run: Path) -> None:
+    p = _job("student.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run), *QUICK)
+    assert p.returncode == 2 and "already has a complete round 1" in p.stderr
+
+
+@pytest.mark.slow
+def test_report_on_the_run(tiny_run: Path) -> None:
+    from pipeline.report import load_run
+
+    rep = load_run(tiny_run, "e2e")
+    assert list(rep.rounds["round"]) == [0, 1, 2]
+    assert rep.rounds.loc[rep.rounds["round"] == 1, "pseudo_labels"].item() == 1077
+    per1 = rep.per_class[rep.per_class["round"] == 1]
+    assert len(per1) == 10 and per1["pseudo_labeled"].sum() == 1077
+    assert rep.flips is not None and len(rep.flips) >= 1
+    p = _job("report.py", "--run", "e2e", "--root", str(tiny_run))
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tiny_run / "reports" / "e2e"
+    assert (out / "report.md").stat().st_size > 0
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) >= 4 and all(x.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in pngs)
+
+
+def test_presets_build_valid_configs() -> None:
+    from pipeline.config import TrainConfig
+
+    for role, cls in (("teacher", TrainConfig), ("student", StudentConfig)):
+        for values in PRESETS[role].values():
+            cfg = cls(**values)
+            assert cfg.epochs > 0 and cfg.batch_size > 0
