@@ -4,7 +4,6 @@ resuming at each phase, the refusal without round N-1, and a tiny end-to-end tea
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
