@@ -167,11 +167,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
              *QUICK, "--epochs", "4")
     assert p.returncode == 0, p.stderr[-3000:]
     # the pseudo-label stages alone first: the student must pick up from them
-    p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(root))
+    # a 4-epoch teacher is unsure of everything: keep every pseudo-label (threshold 0)
+    p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(root),
+             "--threshold", "0")
     assert p.returncode == 0, p.stderr[-3000:]
     for n in (1, 2):
         p = _job("student.py", "--run", "e2e", "--round", str(n), "--root", str(root), *QUICK,
-                 "--epochs", "3", "--finetune-epochs", "1")
+                 "--epochs", "3", "--finetune-epochs", "1", "--threshold", "0")
         assert p.returncode == 0, p.stderr[-3000:]
     return root
 
