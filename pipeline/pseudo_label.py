@@ -834,6 +834,12 @@ def run_pseudo_label_stages(root: str | Path, run: str, round_: int, cfg: Pseudo
     shards = info.split("unlabeled").shards
     if not mf.stage_complete(manifest, "pseudo_label"):
         _label_stage(root, manifest, teacher, shards, out_dir, cfg, progress)
+    if mf.stage_complete(manifest, "select") and _selection_changed(manifest, cfg):
+        progress("select: --threshold, --k or --seed differ from the completed selection; "
+                 "selecting again")
+        mf.add_event(manifest, "reselect", previous={
+            k: manifest["stages"]["select"].get(k) for k in ("threshold", "k_requested", "seed")})
+        manifest["stages"]["select"]["status"] = "running"
     if not mf.stage_complete(manifest, "select"):
         names = sorted(pseudo_file_names(shards).values())
         _select_stage(root, manifest, out_dir, info.classes, names, cfg, progress)
@@ -869,8 +875,18 @@ def _select_stage(root: str | Path, m: dict[str, Any], out_dir: Path, classes: l
     mf.set_stage(m, "select", "complete", seconds=round(time.perf_counter() - start, 3),
                  rows=result["rows"], kept=result["kept"],
                  selected_with_copies=result["selected_with_copies"], k=result["k"],
-                 threshold=result["threshold"])
+                 threshold=result["threshold"], k_requested=cfg.k, seed=cfg.seed)
     mf.save_manifest(root, m)
+
+
+def _selection_changed(m: dict[str, Any], cfg: PseudoLabelConfig) -> bool:
+    """Whether the complete select stage used other settings than ``cfg`` (it is cheap to redo,
+    and a user who changes --threshold expects it to take effect)."""
+    sel = m["stages"]["select"]
+    if "k_requested" not in sel:  # recorded by an older version: trust it
+        return False
+    return (sel.get("threshold") != cfg.threshold or sel.get("k_requested") != cfg.k
+            or sel.get("seed") != cfg.seed)
 
 
 @contextlib.contextmanager

@@ -365,6 +365,14 @@ def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
     again = run_pseudo_label_stages(tmp_path, "r", 1, PseudoLabelConfig(), saved,
                                     progress=lambda _: None)
     assert again["stages"] == saved["stages"]  # complete stages are skipped
+    # a different threshold is not silently ignored: selection (cheap) runs again, labels stay
+    stricter = run_pseudo_label_stages(tmp_path, "r", 1, PseudoLabelConfig(threshold=0.9),
+                                       again, progress=lambda _: None)
+    assert stricter["pseudo_labels"]["threshold"] == 0.9
+    assert stricter["stages"]["pseudo_label"] == saved["stages"]["pseudo_label"]
+    assert stricter["events"][-1]["event"] == "reselect"
+    kept_09 = int((pd.concat(read_all(out).values())["confidence"] >= 0.9).sum())
+    assert stricter["pseudo_labels"]["kept"] <= kept_09
 
 
 @pytest.fixture(scope="module")
