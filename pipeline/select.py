@@ -296,10 +296,15 @@ def _labels(df: pd.DataFrame, num_classes: int) -> np.ndarray:
 
 
 def _row_uniforms(df: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent uniforms on [0, 1) per row, a pure function of (seed, shard, key)."""
+    """Two independent uniforms on [0, 1) per row, a pure function of (seed, shard name, key).
+
+    The shard's file name, not its path: the same corpus moved or mounted elsewhere selects the
+    same rows."""
     # pandas needs a 16-byte hash key; derive it from the seed so every seed gives other draws.
     hash_key = hashlib.blake2b(f"noisy-student-select:{seed}".encode(), digest_size=8).hexdigest()
-    h = pd.util.hash_pandas_object(df[["shard", "key"]], index=False, hash_key=hash_key)
+    ids = pd.DataFrame({"shard": df["shard"].astype(str).str.rsplit("/", n=1).str[-1],
+                        "key": df["key"].to_numpy()})
+    h = pd.util.hash_pandas_object(ids, index=False, hash_key=hash_key)
     h = _mix64(h.to_numpy(dtype=np.uint64))
     # The two 32-bit halves are independent draws: one for the boundary bin, one for rounding.
     scale = 1.0 / 2.0**32

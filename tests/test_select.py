@@ -336,3 +336,16 @@ def test_copies_dtype_and_alignment():
 
 def test_class_stats_is_a_dataclass_type():
     assert isinstance(class_stats(table([0], [0.9]), 1), ClassStats)
+
+
+def test_selection_does_not_depend_on_where_the_shards_live() -> None:
+    rng = np.random.default_rng(5)
+    n = 400
+    df = pd.DataFrame({"key": [f"k{i}" for i in range(n)], "label": rng.integers(0, 4, n),
+                       "confidence": rng.uniform(0.3, 1.0, n).astype(np.float32)})
+    plan = plan_selection(class_stats(df.assign(shard="a/s-0.tar"), 4), k=150, seed=1)
+    here = apply_selection(df.assign(shard="/data/v1/s-0.tar"), plan)
+    there = apply_selection(df.assign(shard="/mnt/other/s-0.tar"), plan)
+    other_shard = apply_selection(df.assign(shard="/data/v1/s-1.tar"), plan)
+    np.testing.assert_array_equal(here, there)
+    assert not np.array_equal(here, other_shard)  # the shard name still counts
