@@ -436,6 +436,7 @@ class _Trainer:
             cfg["batch_size"], cfg["loader_workers"]))
         per_epoch = steps_per_epoch(job.labeled["count"], cfg["batch_size"], ctx.world_size)
         total = max(1, round(cfg["finetune_epochs"] * per_epoch))
+        norms = _recalibrate_batchnorm(self.model)
         model.train()
         for i in range(total):
             images, labels, _ = next(loader)
@@ -449,6 +450,8 @@ class _Trainer:
             opt.step()
         for p in self.model.parameters():
             p.requires_grad_(True)
+        for norm, momentum in norms:
+            norm.momentum = momentum
         after, _ = evaluate(self.model, test_loader, ctx)
         self.state["finetune"] = {"top1_before": before["top1"], "top1_after": after["top1"],
                                   "steps": total, "frozen_params": frozen,
@@ -477,6 +480,21 @@ class _Trainer:
         self.ctx.log(f"[{self.job.role}] test top-1 {metrics['top1']:.4f} top-5 "
                      f"{metrics['top5']:.4f} loss {metrics['loss']:.4f} ({metrics['n']} images)")
         self._checkpoint({"phase": "evaluate", **metrics})
+
+
+def _recalibrate_batchnorm(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+    """Restart the running statistics of the trainable BatchNorms as a plain average over the
+    fine-tune batches (momentum None). The statistics of noisy training do not describe clean
+    test-resolution images; with an exponential average over a dozen short steps the result
+    depended on the last few batches (measured: +-1.5 points of top-1 on the digits demo).
+    Returns (norm, old momentum) pairs to restore afterwards."""
+    changed = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.weight is not None and m.weight.requires_grad:
+            changed.append((m, m.momentum))
+            m.reset_running_stats()
+            m.momentum = None
+    return changed
 
 
 def train_worker(job: Job, ctx: WorkerContext, reporter: Reporter) -> None:
