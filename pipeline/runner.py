@@ -105,7 +105,6 @@ class RayReporter:
         import ray.train
 
         self._checkpoint = ray.train.get_checkpoint()
-        self._tmp: str | None = None
 
     def resume_dir(self) -> str | None:
         if self._checkpoint is None:
