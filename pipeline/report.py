@@ -719,20 +719,23 @@ def _truth_path(dataset: Any, notes: list[str]) -> Path | None:
     return Path(dataset.unlabeled_truth)
 
 
-def _threshold(m: dict[str, Any]) -> float | None:
+def _selection_setting(m: dict[str, Any], name: str) -> Any:
+    """A selection setting as recorded: pseudo_labels first, then the select stage, then config."""
     for source in (m.get("pseudo_labels") or {}, m.get("stages", {}).get("select", {}),
                    m.get("config", {})):
-        if source.get("threshold") is not None:
-            return float(source["threshold"])
+        if source.get(name) is not None:
+            return source[name]
     return None
+
+
+def _threshold(m: dict[str, Any]) -> float | None:
+    value = _selection_setting(m, "threshold")
+    return None if value is None else float(value)
 
 
 def _k(m: dict[str, Any]) -> int | None:
-    for source in (m.get("pseudo_labels") or {}, m.get("stages", {}).get("select", {}),
-                   m.get("config", {})):
-        if source.get("k") is not None:
-            return int(source["k"])
-    return None
+    value = _selection_setting(m, "k")
+    return None if value is None else int(value)
 
 
 def _pseudo_label_files(root: Path, m: dict[str, Any], notes: list[str]) -> dict[str, str]:
