@@ -417,7 +417,15 @@ class _Trainer:
         self.state["phase"] = "finetune" if self.cfg["finetune_epochs"] > 0 else "evaluate"
 
     def finetune(self) -> None:
-        """FixRes: adapt to the test resolution's apparent object size, shallow stages frozen."""
+        """FixRes: adapt to the test resolution's apparent object size, shallow stages frozen.
+
+        Un-augmented labeled images at the test resolution, dropout and stochastic depth off.
+        BatchNorm statistics are re-estimated only when the test resolution differs from the
+        training one (FixRes's point: the apparent object size changes the activations). At equal
+        resolutions they are kept: re-estimating them on the clean labeled images cost 2-4 points
+        of top-1 on the digits demo (measured on one student: 97.2% before the fine-tune, 93.3-94.8%
+        after with re-estimation, 97.4-97.6% with the statistics kept).
+        """
         from models import freeze_shallow
 
         cfg, ctx, job = self.cfg, self.ctx, self.job
@@ -436,8 +444,10 @@ class _Trainer:
             cfg["batch_size"], cfg["loader_workers"]))
         per_epoch = steps_per_epoch(job.labeled["count"], cfg["batch_size"], ctx.world_size)
         total = max(1, round(cfg["finetune_epochs"] * per_epoch))
-        norms = _recalibrate_batchnorm(self.model)
+        recalibrate = job.model["test_resolution"] != job.model["train_resolution"]
+        norms = _recalibrate_batchnorm(self.model) if recalibrate else []
         model.train()
+        _quiet_for_finetune(self.model, keep_norm_statistics=not recalibrate)
         for i in range(total):
             images, labels, _ = next(loader)
             for g in opt.param_groups:
@@ -455,7 +465,8 @@ class _Trainer:
         after, _ = evaluate(self.model, test_loader, ctx)
         self.state["finetune"] = {"top1_before": before["top1"], "top1_after": after["top1"],
                                   "steps": total, "frozen_params": frozen,
-                                  "resolution": job.model["test_resolution"]}
+                                  "resolution": job.model["test_resolution"],
+                                  "batchnorm": "re-estimated" if recalibrate else "kept"}
         self.state["seconds"]["finetune"] = time.time() - t0
         ctx.log(f"[{job.role}] FixRes fine-tune at {job.model['test_resolution']} px, {total} "
                 f"steps: test top-1 {before['top1']:.4f} -> {after['top1']:.4f}")
@@ -480,6 +491,20 @@ class _Trainer:
         self.ctx.log(f"[{self.job.role}] test top-1 {metrics['top1']:.4f} top-5 "
                      f"{metrics['top5']:.4f} loss {metrics['loss']:.4f} ({metrics['n']} images)")
         self._checkpoint({"phase": "evaluate", **metrics})
+
+
+def _quiet_for_finetune(model: torch.nn.Module, *, keep_norm_statistics: bool) -> None:
+    """After ``model.train()``: dropout and stochastic depth off (the fine-tune is un-noised),
+    and, when asked, every BatchNorm in eval mode so that its running statistics stay as they are
+    (its affine weights still train)."""
+    from torchvision.ops import StochasticDepth
+
+    quiet: tuple[type[torch.nn.Module], ...] = (torch.nn.Dropout, StochasticDepth)
+    if keep_norm_statistics:
+        quiet += (torch.nn.BatchNorm2d,)
+    for m in model.modules():
+        if isinstance(m, quiet):
+            m.eval()
 
 
 def _recalibrate_batchnorm(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:

@@ -107,6 +107,7 @@ def test_train_worker_runs_all_phases_and_learns(digits_info: DatasetInfo,
     assert state["final_metrics"]["n"] == 540
     assert state["final_metrics"]["top1"] > 0.3  # well above chance (0.1) after 12 short epochs
     assert set(state["finetune"]) >= {"top1_before", "top1_after", "frozen_params"}
+    assert state["finetune"]["batchnorm"] == "kept"  # t0 trains and tests at 32 px
     import pandas as pd
 
     preds = pd.read_parquet(tmp_path / "pred" / "rank-00000.parquet")
@@ -132,3 +133,30 @@ def test_train_worker_resumes_from_checkpoint(digits_info: DatasetInfo, tmp_path
     assert [r.get("epoch") for r in rep2.reports if r["phase"] == "train"] == [3]
     assert state["resumed_from"] == [{"phase": "train", "epoch": 2}]
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+
+def test_finetune_is_unnoised_and_keeps_norm_statistics_at_equal_resolution() -> None:
+    from torchvision.ops import StochasticDepth
+
+    from models import create_model
+    from pipeline.train import _quiet_for_finetune
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_t0", 10, dropout=0.5, drop_path=0.5).train()
+    _quiet_for_finetune(model, keep_norm_statistics=True)
+    noise = [m for m in model.modules() if isinstance(m, torch.nn.Dropout | StochasticDepth)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert noise and not any(m.training for m in noise)
+    assert norms and not any(m.training for m in norms)
+    before = [n.running_mean.clone() for n in norms]
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    assert all(torch.equal(a, n.running_mean) for a, n in zip(before, norms, strict=True))
+    assert torch.equal(out, model(x))  # deterministic: no dropout, no dropped blocks
+    out.sum().backward()  # BatchNorm's affine weights still learn
+    assert norms[-1].weight.grad is not None
+
+    # re-estimating: the norms train (batch statistics), the noise stays off
+    model.train()
+    _quiet_for_finetune(model, keep_norm_statistics=False)
+    assert all(m.training for m in norms) and not any(m.training for m in noise)
