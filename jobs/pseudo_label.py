@@ -7,7 +7,7 @@ for running (or re-running, or resuming) them alone.
 
 Writes ``<root>/artifacts/<run>/round-<N>/pseudo/<shard>.parquet`` and records stages
 ``pseudo_label`` and ``select`` in ``<root>/manifests/<run>/round-<N>.json``. Killed and run again,
-it labels only the shards without a finished file. On the bundled digits (1,077 unlabeled
+it labels only the shards without a finished file. On the bundled digits (about 1,100 unlabeled
 images, 2 CPU cores) it takes well under a minute.
 """
 
@@ -33,8 +33,11 @@ from pipeline.pseudo_label import (  # noqa: E402
 
 
 @dataclass(frozen=True)
-class PseudoLabelJob:
-    """Pseudo-label the unlabeled shards with round N-1's model, then select (stages 1-2)."""
+class PseudoLabelJob(PseudoLabelConfig):
+    """Pseudo-label the unlabeled shards with round N-1's model, then select (stages 1-2).
+
+    The labeling and selection options are PseudoLabelConfig's; this adds where and which round.
+    """
 
     run: str = ""
     """Name of the run (manifests/<run>/ under --root)."""
@@ -42,22 +45,6 @@ class PseudoLabelJob:
     """Student round whose pseudo-labels to make; its teacher is round - 1."""
     root: str = "."
     """Folder holding manifests/ and artifacts/ (shared storage on a multi-node cluster)."""
-    batch_size: int = 256
-    """Images per teacher forward pass."""
-    num_actors: int = 1
-    """Teacher replicas (one GPU each when the cluster has GPUs)."""
-    gpus_per_actor: float | None = None
-    """GPUs per teacher replica; default 1 when the cluster has GPUs, else 0."""
-    cpus_per_actor: float = 1.0
-    """CPUs per teacher replica; the other CPUs read and decode shards."""
-    topk: int = 10
-    """Soft-label entries kept per image (all classes when there are fewer)."""
-    threshold: float = 0.3
-    """Pseudo-labels below this confidence are not used."""
-    k: int | None = None
-    """Images per class after balancing; default: the median per-class count."""
-    seed: int = 0
-    """Seed of the selection's random decisions."""
     num_cpus: int | None = None
     """CPUs of the local Ray started when no cluster is running (default: all)."""
 
@@ -73,7 +60,7 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
                    config=(tyro.conf.FlagConversionOff,))
     if not job.run:
         raise PseudoLabelError("--run is required: name the run, e.g. --run r1")
-    job.label_config().validate()
+    job.validate()
     return job
 
 
