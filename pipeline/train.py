@@ -408,7 +408,8 @@ class _Trainer:
                     f"({images / seconds:.0f} img/s, {seconds:.1f}s, ~{left / 60:.1f} min left)")
             if last:
                 self._finish_train(metrics)
-            self._checkpoint({"phase": "train", **row})
+            if last or (epoch + 1) % cfg["checkpoint_every"] == 0:
+                self._checkpoint({"phase": "train", **row})
 
     def _finish_train(self, metrics: dict[str, float]) -> None:
         if self.ema is not None:  # from here on the EMA weights are the model

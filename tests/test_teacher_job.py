@@ -153,7 +153,7 @@ def test_two_workers_complete_manifest_and_refuse_rerun(tmp_path: Path, tiny: Pa
 def test_kill_and_resume_continues_from_checkpoint(tmp_path: Path, tiny: Path) -> None:
     args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "kr", "--data", str(tiny),
             "--root", str(tmp_path), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
-            "--loader-workers", "0"]
+            "--loader-workers", "0", "--checkpoint-every", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)

@@ -80,7 +80,8 @@ def tiny_job(info: DatasetInfo, tmp: Path, **overrides) -> Job:
     from models import get_model_spec
 
     cfg = dataclasses.replace(TrainConfig(**PRESETS["teacher"]["demo"]), run="t", data="x",
-                              cpus_per_worker=1, **{"loader_workers": 0, **overrides})
+                              cpus_per_worker=1,
+                              **{"loader_workers": 0, "checkpoint_every": 1, **overrides})
     spec = get_model_spec(cfg.model)
     split = {s: {"shards": info.splits[s].shards, "count": info.splits[s].count}
              for s in ("labeled", "test")}
@@ -115,6 +116,16 @@ def test_train_worker_runs_all_phases_and_learns(digits_info: DatasetInfo,
     assert (preds.pred == preds.label).mean() == pytest.approx(state["final_metrics"]["top1"])
     # one report per epoch, one after the fine-tune, one after evaluation
     assert [r["phase"] for r in rep.reports] == ["train"] * 12 + ["finetune", "evaluate"]
+
+
+def test_checkpoint_every_n_epochs_and_after_the_last(digits_info: DatasetInfo,
+                                                      tmp_path: Path) -> None:
+    job = tiny_job(digits_info, tmp_path, epochs=5, checkpoint_every=2, eval_every=10)
+    rep = LocalReporter(tmp_path / "ck")
+    train_worker(job, WorkerContext(), rep)
+    assert [(r["phase"], r.get("epoch")) for r in rep.reports] == [
+        ("train", 2), ("train", 4), ("train", 5), ("evaluate", None)]
+    assert len(read_state(tmp_path / "ck")["history"]) == 5  # every epoch is still recorded
 
 
 def test_train_worker_resumes_from_checkpoint(digits_info: DatasetInfo, tmp_path: Path) -> None:
