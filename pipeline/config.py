@@ -89,7 +89,7 @@ class TrainConfig:
     """Evaluate on the test split every this many epochs (and always after the last)."""
     checkpoint_every: int = 1
     """Checkpoint through Ray Train every this many epochs (and always after the last); a killed
-    job resumes from the latest one. Each costs about a second with Ray Train, so short epochs
+    job resumes from the latest one. Each cost 1-2 s with Ray Train on 2 cores, so short epochs
     want a larger value."""
     seed: int = 0
     """Seed of initialisation, data order and augmentation."""
