@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    for r, m in zip(runs, mem, strict=False):  # memory: 1x and --repeat only
+    for r, m in zip(runs[:2], mem, strict=True):  # memory: 1x and --repeat only
         r.update(driver_peak=m["driver_peak"], tree_peak=m["tree_peak"])
     report(args, fwd, runs, idle_driver, idle_tree)
     return 0
