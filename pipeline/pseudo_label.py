@@ -2,9 +2,9 @@
 
 Stage ``pseudo_label`` (Ray Data batch inference)::
 
-    from_items(pending shards, one block each)
-      -> map_batches(read_decode_shard)            CPU tasks: read the tar, decode, eval transform
-      -> repartition(batch_size rows, strict)      full batches for the teacher
+    from_items(pending shards, a run of consecutive shards per block)
+      -> map_batches(read_decode_shards)           CPU tasks: read the tars, decode, eval transform
+         -> repartition(batch_size rows)           fused into the read tasks: full batches
       -> map_batches(TeacherPredictor, ActorPool)  the teacher, loaded once per actor
       -> driver: iter_batches -> ShardAssembler    one Parquet file per shard, written atomically
 
@@ -21,14 +21,19 @@ Why the teacher always runs full batches: CPU (and GPU) kernels take other code 
 batch sizes, so an image's probabilities can differ in the last bits depending on how many rows
 share its batch, and which rows do depends on scheduling. The teacher pads every forward pass to
 ``batch_size`` rows, which makes each row's output a function of the image alone: a resumed run
-reproduces an uninterrupted one bit for bit. The strict repartition keeps the padding to the last
-batch (and the few end-of-shard rows); it also keeps the readers a stage of their own, where Ray
-Data would otherwise fuse them into the actors and make decoding and inference take turns.
+reproduces an uninterrupted one bit for bit. Padding costs compute, so the readers hand over full
+batches: a read task takes a run of consecutive shards and cuts their samples into blocks of
+exactly ``batch_size`` rows across shard boundaries, which leaves one partial batch per read task
+(:func:`read_tasks` keeps the tasks few), whatever the size of the shards. No separate repartition
+stage: Ray Data fuses the non-strict repartition into the read tasks, and it keeps the readers a
+stage of their own, where Ray Data would otherwise fuse them into the actors and make decoding and
+inference take turns. (An earlier design read one shard per task and used a strict repartition,
+which runs as tasks of its own: on 2 CPUs the teacher then waited 50-100 ms for every batch.)
 
-Why the driver writes the files, and how it knows a shard is finished: each reader task ends its
-shard with an end-of-shard row carrying the number of rows it emitted. The driver keeps the (small)
-label rows of the shards in flight and writes a shard's file when it holds all of them, sorted by
-position in the tar. Ray Data may interleave and reorder rows of different shards (it does with
+Why the driver writes the files, and how it knows a shard is finished: a reader follows each
+shard's last sample with an end-of-shard row carrying the number of rows it emitted. The driver
+keeps the (small) label rows of the shards in flight and writes a shard's file when it holds all
+of them, sorted by position in the tar. Ray Data may interleave and reorder rows of different shards (it does with
 several actors, and ``preserve_order`` would stall the pool behind the slowest block), so neither
 order nor ``__url__`` changes are relied on: completeness is counted, and order is restored by the
 row's index. Only label rows (about 100 bytes each) reach the driver, never images, and only for
@@ -47,6 +52,7 @@ Stage ``select`` runs :mod:`pipeline.select` in two passes over the files: per-c
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -96,7 +102,9 @@ PSEUDO_SCHEMA = pa.schema([
 META_KEY = b"noisy_student.pseudo_label"
 FILE_FORMAT = 1
 MAX_BAD_EXAMPLES = 20  # per file and per summary: enough to find the problem, bounded in size
-CHUNK_BYTES = 32 << 20  # reader output granularity: keeps blocks small whatever the resolution
+READ_TASKS_PER_CPU = 4  # read tasks per reader CPU, so the readers' load stays balanced ...
+MAX_SHARDS_PER_TASK = 64  # ... and no one task holds much of a large corpus
+READ_AHEAD_BATCHES = 8  # decoded batches buffered per reader and per actor (the memory bound)
 
 # Row kinds in the stream between the stages.
 KIND_OK, KIND_BAD, KIND_END = 0, 1, 2
@@ -246,54 +254,62 @@ def decode_images(images: list[bytes], resolution: int,
     return out, reasons
 
 
-def read_decode_shard(batch: dict[str, np.ndarray], resolution: int,
-                      chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data stage (CPU task): one shard path in, its decoded samples out, then an end row.
+def read_decode_shards(batch: dict[str, np.ndarray], resolution: int,
+                       rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage (CPU task): a group of shard paths in, decoded blocks of ``rows`` rows out.
 
-    The end row (KIND_END) carries in ``n`` the number of sample rows emitted before it, which is
-    how the driver knows the shard is complete whatever order rows arrive in.
+    The shards' samples are read in order and cut into blocks of exactly ``rows`` rows (the last
+    one excepted), crossing shard boundaries, so the teacher's batches come out full whatever the
+    shard size. After a shard's last sample comes its end row (KIND_END), which carries in ``n``
+    the number of sample rows of that shard: how the driver knows a shard is complete whatever
+    order rows arrive in.
     """
     torch.set_num_threads(1)  # one task per CPU slot; torch's own threads would oversubscribe
+    pending: list[_Row] = []
     for path in batch["item"]:
-        path = str(path)
-        emitted, pending = 0, []
-        for row in read_shard(path):
-            pending.append(row)
-            if len(pending) >= chunk_rows:
-                yield _decode_chunk(path, pending, resolution)
-                emitted, pending = emitted + len(pending), []
-        if pending:
-            yield _decode_chunk(path, pending, resolution)
-            emitted += len(pending)
-        yield _chunk(path, [KIND_END], [-1], [""], [""], np.zeros((1, 3, resolution, resolution),
-                     np.float32), n=emitted)
+        path, emitted = str(path), 0
+        for kind, index, key, payload in read_shard(path):
+            pending.append(_Row(path, kind, index, key, payload))
+            emitted += 1
+            if len(pending) == rows:
+                yield _decode_rows(pending, resolution)
+                pending = []
+        pending.append(_Row(path, KIND_END, -1, "", "", emitted))
+        if len(pending) == rows:
+            yield _decode_rows(pending, resolution)
+            pending = []
+    if pending:
+        yield _decode_rows(pending, resolution)
 
 
-def _decode_chunk(path: str, rows: list[tuple[int, int, str, bytes | str]],
-                  resolution: int) -> dict[str, np.ndarray]:
-    kinds = [kind for kind, *_ in rows]
-    keys = [key for _, _, key, _ in rows]
+@dataclass(frozen=True)
+class _Row:
+    shard: str
+    kind: int
+    index: int
+    key: str
+    payload: bytes | str  # image bytes (KIND_OK) or the reason (KIND_BAD)
+    n: int = 0  # KIND_END: sample rows of the shard
+
+
+def _decode_rows(rows: list[_Row], resolution: int) -> dict[str, np.ndarray]:
+    kinds = [r.kind for r in rows]
+    errors = [r.payload if r.kind == KIND_BAD else "" for r in rows]
     ok = [i for i, k in enumerate(kinds) if k == KIND_OK]
     images = np.zeros((len(rows), 3, resolution, resolution), dtype=np.float32)
-    errors = [payload if kind == KIND_BAD else "" for kind, _, _, payload in rows]
-    decoded, reasons = decode_images([rows[i][3] for i in ok], resolution,
-                                     [f"shard {path}, key {keys[i]}" for i in ok])
+    decoded, reasons = decode_images([rows[i].payload for i in ok], resolution,
+                                     [f"shard {rows[i].shard}, key {rows[i].key}" for i in ok])
     images[ok] = decoded
     for i, reason in zip(ok, reasons, strict=True):
         if reason:
             kinds[i], errors[i] = KIND_BAD, reason
-    return _chunk(path, kinds, [index for _, index, _, _ in rows], keys, errors, images)
-
-
-def _chunk(path: str, kinds: list[int], indices: list[int], keys: list[str], errors: list[str],
-           images: np.ndarray, n: int = 0) -> dict[str, np.ndarray]:
     return {
-        "shard": np.array([path] * len(kinds), dtype=object),
-        "index": np.asarray(indices, dtype=np.int64),
-        "key": np.asarray(keys, dtype=object),
-        "kind": np.asarray(kinds, dtype=np.int8),
-        "error": np.asarray(errors, dtype=object),
-        "n": np.full(len(kinds), n, dtype=np.int64),
+        "shard": np.array([r.shard for r in rows], dtype=object),
+        "index": np.array([r.index for r in rows], dtype=np.int64),
+        "key": np.array([r.key for r in rows], dtype=object),
+        "kind": np.array(kinds, dtype=np.int8),
+        "error": np.array(errors, dtype=object),
+        "n": np.array([r.n for r in rows], dtype=np.int64),
         "image": images,  # (N, 3, R, R) float32, zeros where kind != KIND_OK
     }
 
@@ -548,7 +564,7 @@ def _run_inference(model_path: str, model_sha256: str, pending: list[str], out_d
                    cfg: PseudoLabelConfig, progress: Progress) -> None:
     meter = _Meter(len(pending), progress)
     assembler = ShardAssembler(out_dir, names, meta, meter.shard_done)
-    with _quiet_ray_data():
+    with _data_context(**_data_settings(resolution, cfg)):
         ds = inference_dataset(model_path, model_sha256, pending, resolution, cfg)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
@@ -558,19 +574,68 @@ def _run_inference(model_path: str, model_sha256: str, pending: list[str], out_d
     meter.final()
 
 
+def _data_settings(resolution: int, cfg: PseudoLabelConfig) -> dict[str, Any]:
+    """DataContext settings of the inference dataset.
+
+    A reader's output becomes a block per batch rather than per 128 MiB (Ray Data's default), so
+    the teacher starts on the first batch. The object store budget holds READ_AHEAD_BATCHES
+    batches per process of the pipeline: enough that the teacher never waits, and a bound that
+    does not grow with the corpus (by default Ray Data lets fast readers run ahead until its
+    share of the object store, 30% of RAM, is full).
+    """
+    import ray
+    from ray.data import DataContext
+
+    batch_bytes = cfg.batch_size * 3 * resolution * resolution * 4  # float32 images
+    processes = cfg.num_actors + _reader_cpus(cfg, ray.cluster_resources())
+    budget = READ_AHEAD_BATCHES * processes * batch_bytes
+    options = copy.copy(DataContext.get_current().execution_options)
+    limits = options.resource_limits  # a smaller limit set by the user is kept
+    options.resource_limits = limits.copy(object_store_memory=min(limits.object_store_memory,
+                                                                  budget))
+    # Our own progress lines replace Ray Data's bars, which flood job logs.
+    return {"enable_progress_bars": False, "target_max_block_size": batch_bytes,
+            "execution_options": options}
+
+
+def _reader_cpus(cfg: PseudoLabelConfig, cluster: dict[str, float]) -> int:
+    return max(1, int(cluster.get("CPU", 0) - cfg.cpus_per_actor * cfg.num_actors))
+
+
+def read_tasks(num_shards: int, reader_cpus: int) -> int:
+    """How many read tasks share ``num_shards`` shards (consecutive runs of them).
+
+    Few and long: each task ends with at most one partial batch (which the teacher pads), so the
+    waste is bounded by the number of tasks, not by the number or size of shards. Enough of them
+    for every reader CPU to have several, and none with more than MAX_SHARDS_PER_TASK shards.
+    """
+    wanted = max(READ_TASKS_PER_CPU * max(1, reader_cpus), -(-num_shards // MAX_SHARDS_PER_TASK))
+    return max(1, min(num_shards, wanted))
+
+
+def decoded_dataset(shards: list[str], resolution: int, cfg: PseudoLabelConfig,
+                    reader_cpus: int) -> Any:
+    """The readers' half: shards -> blocks of ``cfg.batch_size`` decoded rows (Ray Data tasks)."""
+    import ray
+
+    tasks = read_tasks(len(shards), reader_cpus)
+    ds = ray.data.from_items(shards, override_num_blocks=tasks)  # consecutive shards per block
+    ds = ds.map_batches(read_decode_shards, batch_size=None, num_cpus=1,
+                        fn_kwargs={"resolution": resolution, "rows": cfg.batch_size})
+    # Blocks of exactly batch_size rows. A non-strict repartition right after a map is fused into
+    # the read tasks (no tasks of its own, no copy) and is not fused further, so the readers stay
+    # a stage of their own instead of taking turns with the teacher inside its actor.
+    return ds.repartition(target_num_rows_per_block=cfg.batch_size)
+
+
 def inference_dataset(model_path: str, model_sha256: str, shards: list[str], resolution: int,
                       cfg: PseudoLabelConfig) -> Any:
     """The lazy Ray Data pipeline: shards -> read + decode (tasks) -> teacher (actor pool)."""
     import ray
 
-    gpus = _check_resources(cfg, ray.cluster_resources())
-    chunk_rows = max(1, min(cfg.batch_size, CHUNK_BYTES // (3 * resolution * resolution * 4)))
-    ds = ray.data.from_items(shards, override_num_blocks=len(shards))  # a block per shard
-    ds = ds.map_batches(read_decode_shard, batch_size=1, num_cpus=1,
-                        fn_kwargs={"resolution": resolution, "chunk_rows": chunk_rows})
-    # Blocks of exactly batch_size rows (the last excepted), so the teacher's padding to full
-    # batches costs almost nothing; also stops Ray Data fusing the readers into the actors.
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
+    cluster = ray.cluster_resources()
+    gpus = _check_resources(cfg, cluster)
+    ds = decoded_dataset(shards, resolution, cfg, _reader_cpus(cfg, cluster))
     return ds.map_batches(
         TeacherPredictor, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size, num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
@@ -599,17 +664,19 @@ def _check_resources(cfg: PseudoLabelConfig, cluster: dict[str, float]) -> float
 
 
 @contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """Our own progress lines replace Ray Data's bars (which flood job logs)."""
+def _data_context(**settings: Any) -> Iterator[None]:
+    """Ray Data settings for the datasets made inside (each copies the context it starts with)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    old = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
+    old = {name: getattr(ctx, name) for name in settings}
+    for name, value in settings.items():
+        setattr(ctx, name, value)
     try:
         yield
     finally:
-        ctx.enable_progress_bars = old
+        for name, value in old.items():
+            setattr(ctx, name, value)
 
 
 class _Meter:

@@ -34,9 +34,15 @@ from pipeline.pseudo_label import (
     PseudoLabelError,
     ShardAssembler,
     TeacherPredictor,
+    _data_context,
+    _data_settings,
+    decoded_dataset,
+    inference_dataset,
     label_shards,
     pseudo_file_names,
+    read_decode_shards,
     read_shard,
+    read_tasks,
     run_pseudo_label_stages,
     select_pseudo_labels,
     soft_labels,
@@ -198,6 +204,37 @@ def test_read_shard_counts_damage_instead_of_raising(tmp_path: Path) -> None:
 
     missing = list(read_shard(str(tmp_path / "nope.tar")))
     assert len(missing) == 1 and missing[0][0] == KIND_BAD
+
+
+def test_readers_cut_consecutive_shards_into_full_batches_with_end_rows(
+        digits_dir: Path) -> None:
+    from pipeline.shards import decode_image
+
+    shards = load_dataset(digits_dir).split("unlabeled").shards[:3]
+    blocks = list(read_decode_shards({"item": np.array(shards, dtype=object)}, 32, 64))
+    sizes = [len(b["kind"]) for b in blocks]
+    samples = {s: list(read_samples([s])) for s in shards}
+    assert sum(sizes) == sum(len(v) for v in samples.values()) + len(shards)  # + an end row each
+    assert set(sizes[:-1]) == {64} and 0 < sizes[-1] <= 64  # full batches across shard ends
+    rows = {c: np.concatenate([b[c] for b in blocks]) for c in blocks[0]}
+    position = np.array([shards.index(s) for s in rows["shard"]])
+    assert (np.diff(position) >= 0).all()  # shard after shard, as given
+    for shard in shards:
+        mine = rows["shard"] == shard
+        assert rows["kind"][mine].tolist() == [KIND_OK] * len(samples[shard]) + [KIND_END]
+        assert rows["n"][mine][-1] == len(samples[shard])
+        assert rows["key"][mine][:-1].tolist() == [s.key for s in samples[shard]]
+        assert rows["index"][mine][:-1].tolist() == list(range(len(samples[shard])))
+    first = samples[shards[0]][0]
+    np.testing.assert_allclose(rows["image"][0], eval_transform(32)(decode_image(first.image)),
+                               atol=1e-5)
+
+
+def test_read_tasks_are_few_and_bounded() -> None:
+    assert read_tasks(11, 1) == 4  # several per reader CPU, so the load balances
+    assert read_tasks(3, 8) == 3  # never more tasks than shards
+    assert read_tasks(431, 1) == 7  # at most 64 shards each
+    assert read_tasks(10_000, 14) == 157
 
 
 def test_pseudo_file_names_disambiguate_equal_stems() -> None:
@@ -373,6 +410,31 @@ def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
     assert stricter["events"][-1]["event"] == "reselect"
     kept_09 = int((pd.concat(read_all(out).values())["confidence"] >= 0.9).sum())
     assert stricter["pseudo_labels"]["kept"] <= kept_09
+
+
+@pytest.mark.slow
+def test_readers_hand_the_teacher_full_batches_from_a_stage_of_their_own(
+        ray_address: str, digits_dir: Path, teacher_model: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    shards = load_dataset(digits_dir).split("unlabeled").shards
+    cfg = PseudoLabelConfig(batch_size=64)
+    settings = _data_settings(32, cfg)
+    processes = int(ray.cluster_resources()["CPU"])  # one actor x 1 CPU, the rest read
+    assert settings["execution_options"].resource_limits.object_store_memory == \
+        8 * processes * 64 * 3 * 32 * 32 * 4  # read-ahead bounded, whatever the corpus
+    with _data_context(**settings):
+        ds = decoded_dataset(shards, 32, cfg, reader_cpus=1)
+        sizes = [len(b["kind"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        capsys.readouterr()
+        inference_dataset(str(teacher_model), mf.sha256_file(teacher_model), shards, 32,
+                          cfg).explain()
+    assert sum(sizes) == load_dataset(digits_dir).split("unlabeled").count + len(shards)
+    assert max(sizes) == 64 and sum(n != 64 for n in sizes) <= read_tasks(len(shards), 1)
+    plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(read_decode_shards)->StreamingRepartition" in plan
+    assert "ActorPoolMapOperator[MapBatches(TeacherPredictor)]" in plan  # not fused with them
 
 
 @pytest.fixture(scope="module")
