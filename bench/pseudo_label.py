@@ -1,21 +1,22 @@
 """Benchmark of the pseudo-label stage (Ray Data batch inference) on the bundled digits.
 
-    python bench/pseudo_label.py                 # about 3-5 minutes on 2 CPU cores
+    python bench/pseudo_label.py                 # about 3-4 minutes on 2 CPU cores
     python bench/pseudo_label.py --repeat 3 --throughput-repeat 3   # smaller corpora, faster
 
 (a) Throughput: images/s of ``label_shards`` (read tar -> decode -> teacher -> Parquet, through
     Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
-    batch size and thread count as the actor, measured in the same run (before and after the
-    stage, averaged, since other load on the machine moves both). Reported end to end (the
-    call's wall time: actor start-up included) and steady state (from the first finished shard
-    to the last), at 1x, 10x and 40x the digits, and the fixed cost (wall time minus images /
-    steady rate: Ray Data start-up, the actor's start and model load). At 10x the readers still
-    run ahead of the actor from the start; 40x (~43,000 images) shows the rate the whole
-    pipeline sustains once that buffer is gone.
+    batch size and thread count as the actor, measured in the same run (just before and just
+    after each stage run, averaged: the speed of a shared machine drifts over minutes).
+    Reported end to end (the call's wall time: actor start-up included) and steady state (from
+    the first finished shard to the last), at 1x, 10x and 40x the digits, and the fixed cost
+    (wall time minus images / steady rate: Ray Data start-up, the actor's process start and
+    model load). The readers decode ahead of the teacher within an object-store budget of 16
+    batches here (~4,000 images), so at 1x they finish before the teacher starts; 40x (~43,000
+    images) is dominated by the rate the whole pipeline sustains.
 (b) Memory: peak proportional set size (PSS: shared pages such as the object store counted once)
     of the driver and of the whole Ray process tree, sampled every 0.5 s, while labeling the
-    digits unlabeled split (1x) and the same images repeated with new keys into 10x as many
-    shards. Flat memory means the pipeline streams: nothing scales with the corpus.
+    digits unlabeled split (1x) and the same images repeated with new keys into 10x and 40x as
+    many shards. Flat memory means the pipeline streams: nothing scales with the corpus.
 
 The teacher is an untrained ``efficientnet_t0`` (throughput does not depend on the weights).
 """
@@ -78,6 +79,24 @@ def _pss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def wait_for_actors_to_exit(timeout: float = 30.0) -> None:
+    """Ray Data ends a run's actors ~1.5 s after the run returns; let them go before the next run
+    so that one run's memory and CPU are not counted in the next."""
+    import os
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for pid in _descendants(os.getpid()):
+            try:
+                alive = alive or b"MapWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+        if not alive:
+            return
+        time.sleep(0.2)
 
 
 @dataclass
@@ -173,6 +192,7 @@ def stage_run(name: str, model_path: Path, sha: str, shards: list[str], out: Pat
             done.append((time.perf_counter(), int(line.split(" done (")[1].split()[0])))
 
     shutil.rmtree(out, ignore_errors=True)
+    wait_for_actors_to_exit()
     with sampler or contextlib.nullcontext():
         start = time.perf_counter()
         result = label_shards(model_path, sha, shards, out, cfg, progress=progress)
@@ -196,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeat", type=int, default=10,
-                   help="size of the corpus of the memory comparison, x digits (default 10)")
+                   help="size of the middle corpus, x digits (default 10)")
     p.add_argument("--throughput-repeat", type=int, default=40,
-                   help="size of the largest throughput run, x digits (default 40: ~43,000 "
-                        "images, where start-up is a small share of the wall time)")
-    p.add_argument("--forward-seconds", type=float, default=8.0)
+                   help="size of the largest corpus, x digits (default 40: ~43,000 images, "
+                        "where start-up is a small share of the wall time)")
+    p.add_argument("--forward-seconds", type=float, default=6.0)
     p.add_argument("--work", type=Path, help="keep the corpus here (default: a temp dir)")
     args = p.parse_args(argv)
 
@@ -208,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-pseudo-label-"))
     work.mkdir(parents=True, exist_ok=True)
-    one, corpora = make_corpus(work, [args.repeat, args.throughput_repeat])
-    big, huge = corpora[args.repeat], corpora[args.throughput_repeat]
+    one, repeated = make_corpus(work, [args.repeat, args.throughput_repeat])
+    big, huge = repeated[args.repeat], repeated[args.throughput_repeat]
     model_path, sha, model = make_model(work)
     tf = eval_transform(32)
     images = torch.stack([tf(decode_image(s.image)) for s in read_samples(one)])
@@ -219,51 +239,55 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
         idle_driver, idle_tree = MemorySampler().sample()
+        # Throughput without the sampler (reading smaps costs CPU), then memory with it. The
+        # forward pass is timed before and after every run: this machine's speed drifts by
+        # 10-15% over minutes, so each run is compared with the forward rate of its own time.
+        corpora = {"1x": one, f"{args.repeat}x": big, f"{args.throughput_repeat}x": huge}
         fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds)]
-        # Throughput without the sampler (reading smaps costs CPU), then memory with it.
-        runs = [stage_run("1x", model_path, sha, one, work / "out1", cfg),
-                stage_run(f"{args.repeat}x", model_path, sha, big, work / "outN", cfg)]
-        if args.throughput_repeat != args.repeat:
-            runs.append(stage_run(f"{args.throughput_repeat}x", model_path, sha, huge,
-                                  work / "outH", cfg))
-        fwd.append(forward_rate(model, images, args.batch_size, threads, args.forward_seconds))
-        mem = [stage_run(r["name"], model_path, sha, shards, work / "out", cfg,
-                         MemorySampler(every=0.5))
-               for r, shards in zip(runs[:2], (one, big), strict=True)]
+        runs = []
+        for name, shards in corpora.items():
+            runs.append(stage_run(name, model_path, sha, shards, work / "out", cfg))
+            fwd.append(forward_rate(model, images, args.batch_size, threads,
+                                    args.forward_seconds))
+            runs[-1]["forward"] = (fwd[-2] + fwd[-1]) / 2
+        for r in runs:
+            m = stage_run(r["name"], model_path, sha, corpora[r["name"]], work / "out", cfg,
+                          MemorySampler(every=0.5))
+            r.update(driver_peak=m["driver_peak"], tree_peak=m["tree_peak"])
     finally:
         ray.shutdown()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    for r, m in zip(runs[:2], mem, strict=True):  # memory: 1x and --repeat only
-        r.update(driver_peak=m["driver_peak"], tree_peak=m["tree_peak"])
     report(args, fwd, runs, idle_driver, idle_tree)
     return 0
 
 
 def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_driver: int,
            idle_tree: int) -> None:
-    base = sum(fwd) / len(fwd)
     print(f"\npseudo-label benchmark: {MODEL}, 32 px, batch {args.batch_size}, 1 actor x 1 CPU, "
           f"Ray with {args.num_cpus} CPUs")
-    print(f"  teacher forward only (decoded tensors, 1 thread): {base:,.0f} images/s "
-          f"(before {fwd[0]:,.0f}, after {fwd[1]:,.0f})")
+    print("  teacher forward only (decoded tensors, 1 thread), before and after each run: "
+          + ", ".join(f"{f:,.0f}" for f in fwd) + " images/s")
     for r in runs:
         r["startup"] = r["wall"] - r["rows"] / r["steady_rate"]
         print(f"  stage {r['name']:>4}: {r['rows']:>6} images in {r['wall']:6.1f} s | end to end "
-              f"{r['e2e_rate']:6,.0f} images/s = {r['e2e_rate'] / base:.2f} x forward | steady "
-              f"{r['steady_rate']:6,.0f} images/s = {r['steady_rate'] / base:.2f} x forward")
+              f"{r['e2e_rate']:6,.0f} images/s = {r['e2e_rate'] / r['forward']:.2f} x forward | "
+              f"steady {r['steady_rate']:6,.0f} images/s = "
+              f"{r['steady_rate'] / r['forward']:.2f} x forward")
     print("  (steady state = first to last finished shard; with 11 shards the readers are done "
           "before the actor starts, so 1x measures the actor alone)")
     fixed = ", ".join(f"{r['name']} {r['startup']:.1f} s" for r in runs)
     print(f"  fixed cost (wall - images / steady rate: Ray Data start-up, actor start, model "
           f"load): {fixed}")
     print(f"  memory, idle Ray: driver {mib(idle_driver)}, process tree {mib(idle_tree)}")
-    for r in runs[:2]:
+    for r in runs:
         print(f"  memory peak {r['name']:>4}: driver {mib(r['driver_peak'])}, process tree "
               f"{mib(r['tree_peak'])} (above idle: {mib(r['tree_peak'] - idle_tree)})")
-    small, large = runs[:2]
-    print(f"  memory {large['name']} / 1x: driver {large['driver_peak'] / small['driver_peak']:.2f}"
-          f", process tree {large['tree_peak'] / small['tree_peak']:.2f}")
+    small = runs[0]
+    for large in runs[1:]:
+        print(f"  memory {large['name']:>4} / 1x: driver "
+              f"{large['driver_peak'] / small['driver_peak']:.2f}, process tree "
+              f"{large['tree_peak'] / small['tree_peak']:.2f}")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,23 @@ def _to_float() -> list[v2.Transform]:
 
 
 def eval_transform(resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """No noise: resize the shorter side to ``resolution`` and center-crop a square.
+    """No noise: resize the shorter side to ``resolution``, center-crop a square, normalise.
 
-    The teacher labels with this at its own test resolution; evaluation and the FixRes fine-tune
+    The teacher labels with this at its own test resolution (in two halves: :func:`eval_crop` in
+    the readers, :func:`normalize` in the teacher's process); evaluation and the FixRes fine-tune
     use it too.
     """
-    return v2.Compose([
-        v2.Resize(resolution, antialias=True),
-        v2.CenterCrop(resolution),
-        *_to_float(),
-    ])
+    return v2.Compose([eval_crop(resolution), normalize()])
+
+
+def eval_crop(resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The geometric half of :func:`eval_transform`: uint8 in, uint8 (3, R, R) out."""
+    return v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
+
+
+def normalize() -> Callable[[torch.Tensor], torch.Tensor]:
+    """The other half: uint8 -> float32 normalised (elementwise, so batches give the same)."""
+    return v2.Compose(_to_float())
 
 
 def train_transform(

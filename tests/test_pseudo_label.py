@@ -49,7 +49,7 @@ from pipeline.pseudo_label import (
 )
 from pipeline.select import apply_selection, class_stats, plan_selection
 from pipeline.shards import ShardWriter, encode_png, read_samples
-from pipeline.transforms import eval_transform
+from pipeline.transforms import eval_transform, normalize
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = [str(i) for i in range(10)]
@@ -167,7 +167,7 @@ def test_soft_labels_are_a_distribution_over_topk_when_k_is_all_classes() -> Non
 def test_teacher_outputs_do_not_depend_on_batch_mates(teacher_model: Path) -> None:
     pred = TeacherPredictor(str(teacher_model), mf.sha256_file(teacher_model), topk=10,
                             batch_size=32, use_gpu=False, threads=1)
-    x = np.random.default_rng(0).normal(size=(40, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(0).integers(0, 256, size=(40, 3, 32, 32), dtype=np.uint8)
     whole = pred.forward(x)
     alone = pred.forward(x[5:8])  # 3 rows, padded to the same 32-row shape
     for name in whole:
@@ -225,9 +225,10 @@ def test_readers_cut_consecutive_shards_into_full_batches_with_end_rows(
         assert rows["n"][mine][-1] == len(samples[shard])
         assert rows["key"][mine][:-1].tolist() == [s.key for s in samples[shard]]
         assert rows["index"][mine][:-1].tolist() == list(range(len(samples[shard])))
-    first = samples[shards[0]][0]
-    np.testing.assert_allclose(rows["image"][0], eval_transform(32)(decode_image(first.image)),
-                               atol=1e-5)
+    first = samples[shards[0]][0]  # uint8 here, normalised by the teacher: the eval transform
+    assert rows["image"].dtype == np.uint8
+    np.testing.assert_array_equal(normalize()(torch.from_numpy(rows["image"][:1]))[0],
+                                  eval_transform(32)(decode_image(first.image)))
 
 
 def test_read_tasks_are_few_and_bounded() -> None:
@@ -423,7 +424,7 @@ def test_readers_hand_the_teacher_full_batches_from_a_stage_of_their_own(
     settings = _data_settings(32, cfg)
     processes = int(ray.cluster_resources()["CPU"])  # one actor x 1 CPU, the rest read
     assert settings["execution_options"].resource_limits.object_store_memory == \
-        8 * processes * 64 * 3 * 32 * 32 * 4  # read-ahead bounded, whatever the corpus
+        8 * processes * 64 * 3 * 32 * 32  # read-ahead bounded (uint8), whatever the corpus
     with _data_context(**settings):
         ds = decoded_dataset(shards, 32, cfg, reader_cpus=1)
         sizes = [len(b["kind"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
