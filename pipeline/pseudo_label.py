@@ -3,7 +3,7 @@
 Stage ``pseudo_label`` (Ray Data batch inference)::
 
     from_items(pending shards, a run of consecutive shards per block)
-      -> map_batches(read_decode_shards)           CPU tasks: read the tars, decode, eval transform
+      -> map_batches(read_decode_shards)           CPU tasks: read the tars, decode, resize, crop
          -> repartition(batch_size rows)           fused into the read tasks: full batches
       -> map_batches(TeacherPredictor, ActorPool)  the teacher, loaded once per actor
       -> driver: iter_batches -> ShardAssembler    one Parquet file per shard, written atomically
@@ -30,14 +30,20 @@ stage of their own, where Ray Data would otherwise fuse them into the actors and
 inference take turns. (An earlier design read one shard per task and used a strict repartition,
 which runs as tasks of its own: on 2 CPUs the teacher then waited 50-100 ms for every batch.)
 
+Images travel as uint8, resized and cropped by the readers; the teacher normalises them (on the
+GPU when it has one): a quarter of the bytes of float32 through the object store and over PCIe.
+The readers run ahead of the teacher within a fixed object-store budget (:func:`_data_settings`),
+so a fast reader never fills memory with decoded images, however large the corpus.
+
 Why the driver writes the files, and how it knows a shard is finished: a reader follows each
 shard's last sample with an end-of-shard row carrying the number of rows it emitted. The driver
 keeps the (small) label rows of the shards in flight and writes a shard's file when it holds all
-of them, sorted by position in the tar. Ray Data may interleave and reorder rows of different shards (it does with
-several actors, and ``preserve_order`` would stall the pool behind the slowest block), so neither
-order nor ``__url__`` changes are relied on: completeness is counted, and order is restored by the
-row's index. Only label rows (about 100 bytes each) reach the driver, never images, and only for
-the shards in flight, so its memory does not grow with the corpus.
+of them, sorted by position in the tar. Ray Data may interleave and reorder rows of different
+shards (it does with several actors, and ``preserve_order`` would stall the pool behind the
+slowest block), so neither order nor ``__url__`` changes are relied on: completeness is counted,
+and order is restored by the row's index. Only label rows (about 100 bytes each) reach the
+driver, never images, and only for the shards in flight, so its memory does not grow with the
+corpus.
 
 Files appear atomically (temp file + rename), so a job killed at any moment and run again labels
 exactly the shards without a finished file, and the result equals an uninterrupted run row for row.
