@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         idle_driver, idle_tree = MemorySampler().sample()
         # Throughput without the sampler (reading smaps costs CPU), then memory with it. The
-        # forward pass is timed before and after every run: this machine's speed drifts by
-        # 10-15% over minutes, so each run is compared with the forward rate of its own time.
+        # forward pass is timed before and after every run: this machine's speed drifts by up
+        # to 30% over minutes, so each run is compared with the forward rate of its own time.
         corpora = {"1x": one, f"{args.repeat}x": big, f"{args.throughput_repeat}x": huge}
         fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds)]
         runs = []
