@@ -487,6 +487,26 @@ def small_shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+def test_two_actors_give_the_same_files_as_one(ray_address: str, tmp_path: Path,
+                                               small_shards_dir: Path,
+                                               teacher_model: Path) -> None:
+    # Two actors take batches in whatever order they finish, interleaving rows of many shards:
+    # the files must still be whole, in tar order, and bit for bit those of a single actor.
+    shards = load_dataset(small_shards_dir).split("unlabeled").shards
+    sha = mf.sha256_file(teacher_model)
+    results = {}
+    for actors in (1, 2):
+        cfg = PseudoLabelConfig(batch_size=32, num_actors=actors, cpus_per_actor=0.5)
+        results[actors] = label_shards(teacher_model, sha, shards, tmp_path / str(actors), cfg,
+                                       progress=lambda _: None)
+    one, two = read_all(tmp_path / "1"), read_all(tmp_path / "2")
+    assert len(one) == len(shards) and sorted(one) == sorted(two)
+    for name, df in one.items():
+        pd.testing.assert_frame_equal(two[name], df)
+    assert results[1]["files"] == results[2]["files"]  # same names, rows and sha256
+
+
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted_run(ray_address: str, tmp_path: Path,
                                                     small_shards_dir: Path,
                                                     teacher_model: Path) -> None:
