@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -81,20 +82,19 @@ def _pss(pid: int) -> int:
     return 0
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def wait_for_actors_to_exit(timeout: float = 30.0) -> None:
     """Ray Data ends a run's actors ~1.5 s after the run returns; let them go before the next run
     so that one run's memory and CPU are not counted in the next."""
-    import os
-
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = False
-        for pid in _descendants(os.getpid()):
-            try:
-                alive = alive or b"MapWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-        if not alive:
+    while any(b"MapWorker" in _cmdline(pid) for pid in _descendants(os.getpid())):
+        if time.monotonic() > deadline:
             return
         time.sleep(0.2)
 

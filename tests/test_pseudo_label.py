@@ -48,7 +48,7 @@ from pipeline.pseudo_label import (
     soft_labels,
 )
 from pipeline.select import apply_selection, class_stats, plan_selection
-from pipeline.shards import ShardWriter, encode_png, read_samples
+from pipeline.shards import ShardWriter, decode_image, encode_png, read_samples
 from pipeline.transforms import eval_transform, normalize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,8 +208,6 @@ def test_read_shard_counts_damage_instead_of_raising(tmp_path: Path) -> None:
 
 def test_readers_cut_consecutive_shards_into_full_batches_with_end_rows(
         digits_dir: Path) -> None:
-    from pipeline.shards import decode_image
-
     shards = load_dataset(digits_dir).split("unlabeled").shards[:3]
     blocks = list(read_decode_shards({"item": np.array(shards, dtype=object)}, 32, 64))
     sizes = [len(b["kind"]) for b in blocks]
