@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import manifest as mf  # noqa: E402
+from pipeline.layout import RunLayout  # noqa: E402
+from pipeline.manifest import load_round, save_round  # noqa: E402
 
 VARIANTS = {
     "all noise": [],
@@ -37,9 +38,9 @@ VARIANTS = {
 
 
 def copy_teacher(root: Path, src_run: str, dst_run: str) -> None:
-    m = mf.load_manifest(root, src_run, 0)
-    m["run"] = dst_run
-    mf.save_manifest(root, m)
+    rec = load_round(RunLayout(root, src_run), 0)
+    rec.run = dst_run
+    save_round(RunLayout(root, dst_run), rec)
 
 
 def main() -> int:
@@ -51,14 +52,17 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     root = args.root.resolve()
-    teacher = mf.load_manifest(root, args.teacher_run, 0)
+    teacher = load_round(RunLayout(root, args.teacher_run), 0)
+    if teacher is None or teacher.status != "complete":
+        raise SystemExit(f"ablation: run {args.teacher_run!r} has no complete round 0 under "
+                         f"{root}; run `make demo` (or jobs/teacher.py) first")
     rows = []
     for seed in args.seeds:
         for name in args.variants:
             run = f"abl-{name.split()[0]}-{name.split()[1] if ' ' in name else ''}-s{seed}"
             run = run.replace("(", "").replace("--", "-")
-            done = mf.load_round_if_exists(root, run, 1)
-            if done is None or done["status"] != "complete":
+            done = load_round(RunLayout(root, run), 1)
+            if done is None or done.status != "complete":
                 copy_teacher(root, args.teacher_run, run)
                 t0 = time.time()
                 cmd = [sys.executable, str(ROOT / "jobs" / "student.py"), "--run", run,
@@ -67,10 +71,10 @@ def main() -> int:
                 print(f"=== {name}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 print(f"=== {name}, seed {seed}: {time.time() - t0:.0f}s", flush=True)
-            m = mf.load_manifest(root, run, 1)
-            rows.append({"variant": name, "seed": seed, "model": m["model"]["name"],
-                         "top1": m["metrics"]["top1"], "teacher_top1": teacher["metrics"]["top1"],
-                         "gain": m["metrics"]["top1"] - teacher["metrics"]["top1"]})
+            rec = load_round(RunLayout(root, run), 1)
+            rows.append({"variant": name, "seed": seed, "model": rec.model.name,
+                         "top1": rec.metrics.top1, "teacher_top1": teacher.metrics.top1,
+                         "gain": rec.metrics.top1 - teacher.metrics.top1})
     print("\n| variant | seed | student | test top-1 | teacher top-1 | gain |")
     print("|---|---|---|---|---|---|")
     for r in rows:

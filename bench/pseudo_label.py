@@ -39,9 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from pipeline.checkpoint import save_model_file  # noqa: E402
+from pipeline.config import PseudoLabelConfig  # noqa: E402
 from pipeline.dataset import prepare_digits  # noqa: E402
-from pipeline.pseudo_label import PseudoLabelConfig, label_shards  # noqa: E402
-from pipeline.shards import ShardWriter, decode_image, read_samples  # noqa: E402
+from pipeline.images import decode_image  # noqa: E402
+from pipeline.pseudo_label import label_shards  # noqa: E402
+from pipeline.shards import ShardWriter, read_samples  # noqa: E402
 from pipeline.transforms import eval_transform  # noqa: E402
 
 MODEL = "efficientnet_t0"
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     model_path, sha, model = make_model(work)
     tf = eval_transform(32)
     images = torch.stack([tf(decode_image(s.image)) for s in read_samples(one)])
-    cfg = PseudoLabelConfig(batch_size=args.batch_size, num_actors=1, cpus_per_actor=1)
+    cfg = PseudoLabelConfig(label_batch_size=args.batch_size, label_actors=1,
+                            cpus_per_actor=1)
     threads = int(cfg.cpus_per_actor)
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")

@@ -16,18 +16,15 @@ def run_job(name: str, body: Callable[[], int]) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
+    from pipeline.inference import InferenceError
     from pipeline.manifest import ManifestError
+    from pipeline.pseudo_files import PseudoFileError
     from pipeline.runner import RunError
     from pipeline.shards import ShardError
 
     known: tuple[type[BaseException], ...] = (
-        ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError)
-    try:
-        from pipeline.pseudo_label import PseudoLabelError
-
-        known += (PseudoLabelError,)
-    except ImportError:
-        pass
+        ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError,
+        InferenceError, PseudoFileError)
     try:
         return body()
     except known as e:

@@ -14,8 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from _common import ROOT
+
+if TYPE_CHECKING:
+    from pipeline.manifest import RoundRecord
 
 PY = sys.executable
 # 5% of the digits keep their labels (90 images, 9 per class): the setting self-training is for, a
@@ -64,16 +68,18 @@ def main(argv: list[str] | None = None) -> int:
                          str(LABELED_FRACTION)])
     else:
         print(f"=== prepare: {data} exists, reusing it")
-    from pipeline.manifest import load_round_if_exists
+    from pipeline.layout import RunLayout
+    from pipeline.manifest import load_round
 
+    layout = RunLayout(root, args.run)
     common = ["--run", args.run, "--root", str(root), "--preset", "demo", "--seed",
               str(args.seed)]
-    if _complete(load_round_if_exists(root, args.run, 0)):
+    if _complete(load_round(layout, 0)):
         print("=== teacher: round 0 is complete, skipping")
     else:
         step("teacher", ["jobs/teacher.py", *common, "--data", str(data)])
     for n in range(1, args.rounds + 1):
-        if _complete(load_round_if_exists(root, args.run, n)):
+        if _complete(load_round(layout, n)):
             print(f"=== student round {n}: complete, skipping")
             continue
         step(f"student round {n}", ["jobs/student.py", *common, "--round", str(n)])
@@ -84,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _complete(m: dict | None) -> bool:
-    return m is not None and m["status"] == "complete"
+def _complete(rec: RoundRecord | None) -> bool:
+    return rec is not None and rec.status == "complete"
 
 
 if __name__ == "__main__":

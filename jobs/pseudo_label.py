@@ -1,9 +1,9 @@
 """Stages 1-2 of a student round on their own: the teacher pseudo-labels the unlabeled shards, then
-threshold + class balancing. ``jobs/student.py`` runs the same stages before training; this job is
-for running (or re-running, or resuming) them alone.
+threshold + class balancing. ``jobs/student.py`` runs the same stages, with the same options, before
+training; this job is for running (or re-running, or resuming) them alone.
 
     python jobs/pseudo_label.py --run r1 --round 1                     # local Ray, or RAY_ADDRESS
-    ray job submit --working-dir . -- python jobs/pseudo_label.py --run r1 --round 1 --num-actors 4
+    ray job submit --working-dir . -- python jobs/pseudo_label.py --run r1 --round 1 --label-actors 4
 
 Writes ``<root>/artifacts/<run>/round-<N>/pseudo/<shard>.parquet`` and records stages
 ``pseudo_label`` and ``select`` in ``<root>/manifests/<run>/round-<N>.json``. Killed and run again,
@@ -16,27 +16,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from _common import run_job  # puts the repository on sys.path
 
-from pipeline import manifest as mf  # noqa: E402
-from pipeline.pseudo_label import (  # noqa: E402
-    PseudoLabelConfig,
-    PseudoLabelError,
-    TeacherRound,
-    check_teacher_file,
-    load_teacher_round,
-    run_pseudo_label_stages,
-)
+from pipeline.config import ConfigError, PseudoLabelConfig  # noqa: E402
+from pipeline.layout import RunLayout  # noqa: E402
+from pipeline.manifest import Parent, RoundRecord  # noqa: E402
 
 
 @dataclass(frozen=True)
 class PseudoLabelJob(PseudoLabelConfig):
     """Pseudo-label the unlabeled shards with round N-1's model, then select (stages 1-2).
 
-    The labeling and selection options are PseudoLabelConfig's; this adds where and which round.
+    The labeling and selection options are PseudoLabelConfig's, shared with jobs/student.py; this
+    adds where and which round.
     """
 
     run: str = ""
@@ -48,10 +41,6 @@ class PseudoLabelJob(PseudoLabelConfig):
     num_cpus: int | None = None
     """CPUs of the local Ray started when no cluster is running (default: all)."""
 
-    def label_config(self) -> PseudoLabelConfig:
-        names = {f.name for f in dataclasses.fields(PseudoLabelConfig)}
-        return PseudoLabelConfig(**{n: getattr(self, n) for n in names})
-
 
 def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     import tyro
@@ -59,58 +48,72 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     job = tyro.cli(PseudoLabelJob, args=argv, description=__doc__,
                    config=(tyro.conf.FlagConversionOff,))
     if not job.run:
-        raise PseudoLabelError("--run is required: name the run, e.g. --run r1")
+        raise ConfigError("--run is required: name the run, e.g. --run r1")
     job.validate()
     return job
 
 
-def round_manifest(job: PseudoLabelJob, teacher: TeacherRound) -> dict[str, Any]:
-    """The round-N manifest: loaded when it exists, else created from round N-1's."""
-    existing = mf.load_round_if_exists(job.root, job.run, job.round)
-    if existing is not None:
-        return existing
+def existing_round(layout: RunLayout, job: PseudoLabelJob) -> RoundRecord | None:
+    """Round N's record when it exists; a complete one is refused (its student was trained on
+    these files: changing them now would make the record lie)."""
+    from pipeline.manifest import ManifestError, load_round
+
+    existing = load_round(layout, job.round)
+    if existing is not None and existing.status == "complete":
+        raise ManifestError(
+            f"round {job.round} of run {job.run!r} is complete and its student was trained on "
+            f"these pseudo-labels; to label or select again, rerun the round with `python "
+            f"jobs/student.py --run {job.run} --round {job.round} --force`")
+    return existing
+
+
+def new_record(layout: RunLayout, job: PseudoLabelJob, parent: Parent) -> RoundRecord:
+    """Round N's record, started from round N-1's (the student job fills in the model)."""
     import ray
 
-    cfg = job.label_config()
+    from pipeline.manifest import new_round, save_round
+
     resources = {k: v for k, v in ray.cluster_resources().items()
                  if k in ("CPU", "GPU", "memory", "object_store_memory")}
-    m = mf.new_manifest(
-        run=job.run, round_=job.round, role="student", config=dataclasses.asdict(job),
-        model={}, data=teacher.manifest["data"],
-        cluster={"num_workers": cfg.num_actors, "use_gpu": resources.get("GPU", 0) > 0,
+    rec = new_round(
+        run=job.run, round_=job.round, config=dataclasses.asdict(job), model=None,
+        data=parent.record.data,
+        cluster={"num_workers": job.label_actors, "use_gpu": resources.get("GPU", 0) > 0,
                  "resources": resources},
-        teacher={"round": job.round - 1, "manifest_sha256": teacher.manifest_sha256,
-                 "checkpoint_sha256": teacher.checkpoint_sha256})
-    mf.save_manifest(job.root, m)
-    return m
+        teacher=parent.ref)
+    save_round(layout, rec)
+    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        from pipeline.manifest import check_model_file, load_parent
+        from pipeline.rounds import run_label_stages
         from pipeline.runner import ray_session, resolve_root
 
         job = parse_args(argv)
-        job = dataclasses.replace(job, root=str(resolve_root(job.root)))
+        layout = RunLayout(resolve_root(job.root), job.run)
         # What can be checked without Ray is checked first: a mistake costs no start-up.
-        teacher = load_teacher_round(job.root, job.run, job.round)
-        check_teacher_file(teacher)
+        parent = load_parent(layout, job.round)
+        check_model_file(parent)
+        existing = existing_round(layout, job)
         with ray_session(job.num_cpus):
-            m = run_pseudo_label_stages(job.root, job.run, job.round, job.label_config(),
-                                        round_manifest(job, teacher))
-        report(job, m)
+            rec = existing or new_record(layout, job, parent)
+            rec = run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)
+        summary(layout, rec)
         return 0
 
     return run_job("pseudo_label", body)
 
 
-def report(job: PseudoLabelJob, m: dict[str, Any]) -> None:
-    pl = m["pseudo_labels"]
-    bad = m["stages"]["pseudo_label"].get("bad_samples", {})
-    print(f"pseudo_label: {pl['rows']} images labeled in {len(pl['files'])} files under "
-          f"{Path(job.root) / pl['uri']}; {bad.get('count', 0)} bad samples skipped")
-    print(f"pseudo_label: selected {pl['kept']} images ({pl['selected_with_copies']} with "
-          f"copies; threshold {pl['threshold']}, K {pl['k']}); manifest "
-          f"{mf.manifest_path(job.root, job.run, job.round)}")
+def summary(layout: RunLayout, rec: RoundRecord) -> None:
+    pl = rec.pseudo_labels
+    bad = rec.stages["pseudo_label"].info.get("bad_samples", {})
+    print(f"pseudo_label: {pl.rows} images labeled in {len(pl.files)} files under "
+          f"{layout.resolve(pl.uri)}; {bad.get('count', 0)} bad samples skipped")
+    print(f"pseudo_label: selected {pl.kept} images ({pl.selected_with_copies} with "
+          f"copies; threshold {pl.threshold}, K {pl.k}); manifest "
+          f"{layout.manifest_path(rec.round)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python jobs/report.py --run r1                      # all rounds -> reports/r1/report.md
     python jobs/report.py --run r1 --round 2            # pseudo-label tables of round 2 only
-    python jobs/report.py --run r1 --format html --root /shared/ns
+    python jobs/report.py --run r1 --format html --root /nfs/ns
 
 Reads manifests/<run>/, the pseudo-label Parquet files and artifacts/<run>/round-<N>/
 test_predictions.parquet under --root; needs no Ray and no GPU. In a notebook,

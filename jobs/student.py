@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = parse_config(StudentConfig, "student", argv, description=__doc__)
-        m = run_round(cfg)
-        met = m["metrics"]
+        rec = run_round(cfg)
+        met = rec.metrics
         print(f"student: round {cfg.round} of {cfg.run!r} complete: test top-1 "
-              f"{met['top1']:.4f} ({m['model']['name']}), teacher {met['teacher_top1']:.4f}; "
+              f"{met.top1:.4f} ({rec.model.name}), teacher {met.teacher_top1:.4f}; "
               f"manifest {cfg.root}/manifests/{cfg.run}/round-{cfg.round}.json")
         return 0
 

@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = parse_config(TrainConfig, "teacher", argv, description=__doc__)
-        m = run_round(cfg)
-        print(f"teacher: round 0 of {cfg.run!r} complete: test top-1 {m['metrics']['top1']:.4f}"
-              f" ({m['model']['name']}); manifest {cfg.root}/manifests/{cfg.run}/round-0.json")
+        rec = run_round(cfg)
+        print(f"teacher: round 0 of {cfg.run!r} complete: test top-1 {rec.metrics.top1:.4f}"
+              f" ({rec.model.name}); manifest {cfg.root}/manifests/{cfg.run}/round-0.json")
         return 0
 
     return run_job("teacher", body)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from functools import partial
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from torchvision.models.efficientnet import EfficientNet, MBConv, MBConvConfig
 
 from models.registry import ModelSpec, get_model_spec, register_model
@@ -44,7 +45,7 @@ _B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (6, 3, 1, 192, 320, 1),
 )
 
-# Compound-scaling table (RECIPE.md): name -> (width, depth, resolution, head dropout).
+# Compound-scaling table (docs/recipe.md): name -> (width, depth, resolution, head dropout).
 _COMPOUND_TABLE: dict[str, tuple[float, float, int, float]] = {
     "b0": (1.0, 1.0, 224, 0.2),
     "b1": (1.0, 1.1, 240, 0.2),
@@ -139,7 +140,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _keep_batchnorm_frozen(model: nn.Module, frozen: list[nn.Module]) -> None:
+def _keep_batchnorm_frozen(model: nn.Module, frozen: list[nn.Module]) -> RemovableHandle:
     """Put the frozen BatchNorms back in eval mode before every forward of ``model.features``.
 
     ``model.train()`` would otherwise switch them to batch statistics and let their running
@@ -153,15 +154,20 @@ def _keep_batchnorm_frozen(model: nn.Module, frozen: list[nn.Module]) -> None:
         for norm in norms:
             norm.eval()
 
-    model.features.register_forward_pre_hook(to_eval)
+    return model.features.register_forward_pre_hook(to_eval)
 
 
-def freeze_shallow(model: nn.Module, fraction: float = 0.5) -> int:
+def freeze_shallow(model: nn.Module, fraction: float = 0.5, *,
+                   hooks: list[RemovableHandle] | None = None) -> int:
     """Freeze the stem and the first ``floor(fraction * n_stages)`` MBConv stages (FixRes).
 
     Frozen parameters get ``requires_grad=False`` and their BatchNorms stay in eval mode via a
     forward-pre-hook, so no caller discipline is needed. The deep stages, the head conv and the
     classifier stay trainable. Returns the number of frozen parameters.
+
+    The hook's handle is appended to ``hooks`` when given: a caller that unfreezes the model
+    afterwards (``pipeline.fixres``) must remove it, or the frozen BatchNorms would keep
+    switching themselves to eval mode in every later training forward.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
@@ -173,7 +179,9 @@ def freeze_shallow(model: nn.Module, fraction: float = 0.5) -> int:
     params = [p for module in frozen for p in module.parameters()]
     for p in params:
         p.requires_grad_(False)
-    _keep_batchnorm_frozen(model, frozen)
+    handle = _keep_batchnorm_frozen(model, frozen)
+    if hooks is not None:
+        hooks.append(handle)
     return sum(p.numel() for p in params)
 
 

@@ -1,27 +1,34 @@
-"""The model file a round hands on: ``artifacts/<run>/round-<N>/model.pt``.
+"""Checkpoint files: the model file a round hands on, and the training state of a worker.
 
-A plain dict of tensors and primitives (loadable with ``torch.load(weights_only=True)``, so no
-pickled code ever runs): the model's registry name, class names, resolutions and the weights to
-use for inference (the EMA weights when training kept an EMA). Its sha256 goes into the round's
-manifest; loading for a later round checks it, so a changed or truncated file is refused.
+The model file, ``artifacts/<run>/round-<N>/model.pt``: a plain dict of tensors and primitives
+(loadable with ``torch.load(weights_only=True)``, so no pickled code ever runs): the model's
+registry name, class names, resolutions and the weights to use for inference (the EMA weights
+when training kept an EMA). Its sha256 goes into the round's manifest; loading for a later round
+checks it, so a changed or truncated file is refused.
+
+``state.pt`` (the training state) is what rank 0 puts in every Ray Train checkpoint: model,
+EMA and optimizer state and the run's phase/epoch/history, so that a restarted job continues
+where it stopped. Both are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.manifest import atomic_write_bytes, sha256_file
+from pipeline.storage import atomic_write_bytes, sha256_file
 
 FORMAT = 1
+STATE_FILE = "state.pt"
 
 
 class CheckpointError(ValueError):
-    """A model file is missing, changed since its manifest was written, or unreadable."""
+    """A checkpoint file is missing, changed since its manifest was written, or unreadable."""
 
 
 def save_model_file(
@@ -83,3 +90,70 @@ def load_model(path: str | Path, expected_sha256: str | None = None,
     model.load_state_dict(payload.pop("state_dict"))
     model.eval()
     return model, payload
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+@dataclass
+class TrainingState:
+    """The contents of ``state.pt``: state dicts, and ``state`` (phase, epoch, history...)."""
+
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    ema_updates: int
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def save_training_state(
+    folder: str | Path,
+    *,
+    model: Mapping[str, torch.Tensor],
+    ema: Mapping[str, torch.Tensor] | None,
+    ema_updates: int,
+    optimizer: Mapping[str, Any],
+    state: Mapping[str, Any],
+) -> Path:
+    """Write ``folder/state.pt``; returns its path. Not atomic: the folder is a fresh temporary
+    one that the reporter moves into place whole."""
+    path = Path(folder) / STATE_FILE
+    torch.save({"model": model, "ema": ema, "ema_updates": ema_updates, "optimizer": optimizer,
+                "state": state}, path)
+    return path
+
+
+def _load_state_file(folder: str | Path, device: torch.device | str) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"training checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a job killed while copying leaves a truncated file
+        raise CheckpointError(f"training checkpoint {path} cannot be read "
+                              f"({type(e).__name__}); it is truncated or not from this tool. "
+                              "Remove that checkpoint folder to resume from an older one, or "
+                              "rerun the round with --force") from None
+    if not isinstance(payload, dict) or not {"model", "optimizer", "state"} <= payload.keys():
+        raise CheckpointError(f"training checkpoint {path} is not a state.pt of this tool "
+                              "(it needs model, optimizer and state)")
+    return payload
+
+
+def load_training_state(folder: str | Path,
+                        device: torch.device | str = "cpu") -> TrainingState:
+    """Everything :func:`save_training_state` wrote, tensors on ``device``."""
+    saved = _load_state_file(folder, device)
+    return TrainingState(model=saved["model"], ema=saved.get("ema"),
+                         ema_updates=int(saved.get("ema_updates", 0)),
+                         optimizer=saved["optimizer"], state=saved["state"])
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """The ``state`` part of a checkpoint folder (history, phase, metrics)."""
+    return _load_state_file(folder, "cpu")["state"]
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The weights to hand on: after training these already are the EMA weights."""
+    return _load_state_file(folder, "cpu")["model"]

@@ -1,6 +1,6 @@
 """Job configuration: frozen dataclasses with the real defaults, named presets, a typed CLI.
 
-Defaults follow the paper's official ImageNet settings (RECIPE.md). The ``demo`` preset shrinks a
+Defaults follow the paper's official ImageNet settings (docs/recipe.md). The ``demo`` preset shrinks a
 run to the bundled digits corpus on 2 CPU cores. Command-line flags override a preset's values;
 ``tyro`` turns the dataclass (and these docstrings) into the ``--help`` text and checks types.
 """
@@ -18,6 +18,50 @@ OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and what is allowed."""
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Stages pseudo_label and select of a student round (jobs/student.py and jobs/pseudo_label.py
+    share these options, so a round resumed through either labels and selects the same way)."""
+
+    label_batch_size: int = 512
+    """Pseudo-labeling: images per teacher forward pass (recorded in every pseudo-label file:
+    a resume with another value labels those shards again)."""
+    label_actors: int = 1
+    """Pseudo-labeling: teacher actors (model replicas), each with --gpus-per-actor GPUs."""
+    gpus_per_actor: float | None = None
+    """Pseudo-labeling: GPUs per teacher actor; default 1 when the cluster has GPUs, else 0."""
+    cpus_per_actor: float = 1.0
+    """Pseudo-labeling: CPUs reserved per actor (also its torch threads); the rest read shards."""
+    topk: int = 10
+    """Soft-label entries kept per image (all classes when there are fewer)."""
+    threshold: float = 0.3
+    """Selection: pseudo-labels below this teacher confidence are not used."""
+    k: int | None = None
+    """Selection: images per class after balancing; default: the median per-class count after
+    the threshold."""
+    seed: int = 0
+    """Seed of everything random in the round: initialisation, data order, augmentation and the
+    selection's per-row draws (hashed with shard and key)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work."""
+        if self.label_batch_size < 1 or self.label_actors < 1 or self.topk < 1:
+            raise ConfigError(
+                f"--label-batch-size, --label-actors and --topk must be >= 1, got "
+                f"{self.label_batch_size}, {self.label_actors} and {self.topk}")
+        if self.cpus_per_actor < 0 or (self.gpus_per_actor or 0) < 0:
+            raise ConfigError("--cpus-per-actor and --gpus-per-actor must be >= 0")
+        if not 0 <= self.threshold < 1:
+            raise ConfigError(f"--threshold must be in [0, 1), got {self.threshold}")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"--k must be >= 1 (or omitted for the default), got {self.k}")
+
+    def label_settings(self) -> PseudoLabelConfig:
+        """Just these options (a StudentConfig carries them among its own)."""
+        return PseudoLabelConfig(**{f.name: getattr(self, f.name)
+                                    for f in dataclasses.fields(PseudoLabelConfig)})
 
 
 @dataclass(frozen=True)
@@ -60,7 +104,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the gradient norm to this value; 0 turns clipping off."""
     dropout: float | None = None
-    """Dropout before the classifier; default: the model's own (RECIPE.md table)."""
+    """Dropout before the classifier; default: the model's own (docs/recipe.md table)."""
     drop_path: float = 0.2
     """Stochastic-depth drop probability at the last block (scaled linearly by block index)."""
     crop_scale_min: float = 0.08
@@ -98,6 +142,10 @@ class TrainConfig:
     preflight_limit: int = 50000
     """Decode every labeled and test image before starting when the splits have at most this many
     samples, so a bad image is reported before anything is written."""
+    damage_limit: float = 0.01
+    """Largest share of a labeled or test split's samples that may be damaged (undecodable, no
+    image, unreadable label, a truncated shard's tail); they are skipped and counted, and beyond
+    this share the job stops, naming the worst shard."""
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work."""
@@ -129,6 +177,8 @@ class TrainConfig:
         for name, value in fractions.items():
             if not 0 <= value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if not 0 <= self.damage_limit <= 1:
+            raise ConfigError(f"--damage-limit must be in [0, 1], got {self.damage_limit}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if not 0 < self.crop_scale_min <= 1:
@@ -142,7 +192,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class StudentConfig(TrainConfig):
+class StudentConfig(TrainConfig, PseudoLabelConfig):
     """Round N >= 1: pseudo-label with round N-1's model, select, train a noised student."""
 
     round: int = 1
@@ -152,7 +202,7 @@ class StudentConfig(TrainConfig):
     unlabel_ratio: float = 3.0
     """Pseudo-labeled images per labeled image in each step (the paper: 1 for B0, 3 above)."""
     pseudo_loss_weight: float | None = None
-    """Weight of the pseudo-labeled cross-entropy; default unlabel_ratio (RECIPE.md: labeled CE +
+    """Weight of the pseudo-labeled cross-entropy; default unlabel_ratio (docs/recipe.md: labeled CE +
     unlabel_ratio x pseudo-labeled CE, each a mean over its own batch)."""
     soft_labels: bool = True
     """Train on the teacher's probabilities (soft) rather than its argmax (hard)."""
@@ -163,21 +213,11 @@ class StudentConfig(TrainConfig):
     randaugment_n: int = 2
     """RandAugment: ops per image."""
     randaugment_m: float | None = None
-    """RandAugment magnitude on the paper's 0..10+ scale; default by student size (RECIPE.md)."""
+    """RandAugment magnitude on the paper's 0..10+ scale; default by student size (docs/recipe.md)."""
     dropout: float | None = 0.5
     """Dropout before the classifier (the paper's student: 0.5)."""
     drop_path: float = 0.2
     """Stochastic depth at the last block (the paper's student: 0.2, survival 0.8)."""
-    threshold: float = 0.3
-    """Pseudo-labels below this teacher confidence are dropped."""
-    k: int | None = None
-    """Images per class after balancing; default: the median per-class count after threshold."""
-    topk: int = 10
-    """Soft labels kept per image (all classes when there are fewer)."""
-    label_batch_size: int = 512
-    """Pseudo-labeling: images per inference batch."""
-    label_actors: int = 1
-    """Pseudo-labeling: inference actors (each on a GPU when the cluster has them)."""
     finetune_epochs: float = 1.5
     """FixRes: epochs of fine-tuning at the test resolution (the paper: about 1.5); 0 = off."""
     data: str = ""
@@ -195,11 +235,8 @@ class StudentConfig(TrainConfig):
                               "--temperature > 0")
         if self.pseudo_loss_weight is not None and self.pseudo_loss_weight < 0:
             raise ConfigError(f"--pseudo-loss-weight must be >= 0, got {self.pseudo_loss_weight}")
-        if not 0 <= self.threshold < 1:
-            raise ConfigError(f"--threshold must be in [0, 1), got {self.threshold}")
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"--k must be >= 1, got {self.k}")
-        super().validate()
+        PseudoLabelConfig.validate(self)
+        TrainConfig.validate(self)
 
 
 # --------------------------------------------------------------------------- presets

@@ -12,6 +12,10 @@ Why streams look the way they do:
   metrics are summed across ranks afterwards.
 * Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
   shard's labels in memory.
+* Damage: shards are read by :func:`pipeline.shards.read_shard` and images decoded by
+  :func:`pipeline.images.decode_image`, as in every other stage. A damaged sample is skipped and
+  counted; after a stream's first pass over its shards, a labeled or test share with more than
+  ``damage_limit`` of its samples damaged stops the job, naming the worst shard.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import Sample, decode_image, to_sample
+from pipeline.images import decode_image
+from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+_END_OF_PASS = object()  # marks where a training stream's pass over its shards ends
 
 
 def assign_shards(shards: list[str], reader: int, num_readers: int, *,
@@ -52,13 +58,25 @@ def _reader_index(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def _wds_samples(urls: list[str]) -> Iterator[Sample]:
-    """Samples of ``urls`` in order, read with webdataset's tar reader."""
-    import webdataset as wds
+def _samples(shards: list[str], damage: Damage) -> Iterator[Sample]:
+    """The readable samples of ``shards`` in order; the rest counted in ``damage``."""
+    for shard in shards:
+        for s in read_shard(shard):
+            if isinstance(s, BadSample):
+                damage.bad(s)
+            else:
+                yield s
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-    for raw in pipeline:
-        yield to_sample(raw)
+
+def _decoded(s: Sample, damage: Damage) -> torch.Tensor | None:
+    """The sample's image as a (3, H, W) uint8 tensor, or None (counted) when it does not decode."""
+    try:
+        image = decode_image(s.image, s.where)
+    except ShardError as e:
+        damage.bad(s.damaged(e))
+        return None
+    damage.ok()
+    return image
 
 
 def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
@@ -79,34 +97,60 @@ def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator
 
 
 class LabeledStream(IterableDataset):
-    """Endless (train) or single-pass (eval) stream of ``(image, label, key)`` from shards."""
+    """Endless (train) or single-pass (eval) stream of ``(image, label, key)`` from shards.
+
+    Samples without a label, or with one outside ``[0, num_classes)`` when ``num_classes`` is
+    given, count as damaged like undecodable ones.
+    """
 
     def __init__(self, shards: list[str], transform: Transform, *, rank: int = 0,
                  world_size: int = 1, train: bool = True, shuffle_buffer: int = 1000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, num_classes: int | None = None, damage_limit: float = 1.0,
+                 split: str = "labeled") -> None:
         self.shards, self.transform = list(shards), transform
         self.rank, self.world_size, self.train = rank, world_size, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.num_classes, self.damage_limit, self.split = num_classes, damage_limit, split
 
-    def _samples(self, mine: list[str], rng: random.Random) -> Iterator[Sample]:
+    def _raw(self, mine: list[str], rng: random.Random) -> Iterator[Sample | object]:
         if not self.train:
-            yield from _wds_samples(mine)
+            yield from _samples(mine, self._damage)
             return
         while True:  # endless: the training loop decides where an epoch ends
             order = mine[:]
             rng.shuffle(order)
-            yield from _shuffled(_wds_samples(order), self.shuffle_buffer, rng)
+            yield from _shuffled(_samples(order, self._damage), self.shuffle_buffer, rng)
+            yield _END_OF_PASS
+
+    def _label_problem(self, label: int | None) -> str:
+        if label is None:
+            return f"sample of the {self.split} split has no label"
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            return f"label {label} is not one of the dataset's {self.num_classes} classes"
+        return ""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         reader, readers = _reader_index(self.rank, self.world_size)
         mine = assign_shards(self.shards, reader, readers, exhaustive=not self.train)
         rng = random.Random(self.seed * 1_000_003 + reader)
-        torch.manual_seed(self.seed * 1_000_003 + reader)  # augmentation randomness
-        for s in self._samples(mine, rng):
-            where = f"shard {s.shard}, key {s.key}"
-            if s.label is None:
-                raise ValueError(f"{where}: labeled split has a sample without a label")
-            yield self.transform(decode_image(s.image, where)), s.label, s.key
+        if self.train:  # augmentation randomness; an evaluation stream has none to seed, and
+            # reseeding there would replay the trainer's dropout draws after every evaluation
+            # when it runs in the training process (loader_workers 0)
+            torch.manual_seed(self.seed * 1_000_003 + reader)
+        self._damage = Damage()
+        for s in self._raw(mine, rng):
+            if s is _END_OF_PASS:  # each pass meets the same damage: check it, count afresh
+                self._damage.check(self.split, self.damage_limit)
+                self._damage = Damage()
+                continue
+            problem = self._label_problem(s.label)
+            if problem:
+                self._damage.bad(s.damaged(problem))
+                continue
+            image = _decoded(s, self._damage)
+            if image is not None:
+                yield self.transform(image), s.label, s.key
+        self._damage.check(self.split, self.damage_limit)
 
 
 class PseudoStream(IterableDataset):
@@ -143,9 +187,10 @@ class PseudoStream(IterableDataset):
                 for k, c, i, p in zip(keys, copies, idx, prob, strict=True)}
 
     def _repeated(self, shards: list[str]) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+        damage = Damage()  # pseudo-labeling skipped (and recorded) these samples already
         for shard in shards:
             labels = self._labels_of(shard)
-            for s in _wds_samples([shard]):
+            for s in _samples([shard], damage):
                 hit = labels.get(s.key)  # by key, never by position
                 if hit is not None:
                     for _ in range(hit[0]):
@@ -163,10 +208,12 @@ class PseudoStream(IterableDataset):
             rng.shuffle(order)
             produced = 0
             for s, idx, prob in _shuffled(self._repeated(order), self.shuffle_buffer, rng):
+                image = _decoded(s, Damage())  # it decoded for the teacher: same decoder
+                if image is None:
+                    continue
                 target = dense_targets(torch.from_numpy(idx)[None], torch.from_numpy(prob)[None],
                                        self.num_classes, self.temperature)[0]
-                yield self.transform(decode_image(s.image, f"shard {s.shard}, key {s.key}")), \
-                    target
+                yield self.transform(image), target
                 produced += 1
             if produced == 0:
                 raise ValueError(f"no selected pseudo-labels in shards {mine[:3]}...; rerun the "
@@ -176,7 +223,7 @@ class PseudoStream(IterableDataset):
 def make_loader(dataset: IterableDataset, batch_size: int, loader_workers: int) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if loader_workers > 0:
-        # fork inside Ray actors can deadlock (RAY_NOTES.md)
+        # fork inside Ray actors can deadlock (docs/ray_notes.md)
         kwargs = dict(multiprocessing_context="forkserver", persistent_workers=True,
                       prefetch_factor=4)
     return DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers, **kwargs)

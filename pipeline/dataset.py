@@ -16,23 +16,23 @@ import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.manifest import atomic_write_json, sha256_file
 from pipeline.shards import (
     IMAGE_SUFFIXES,
+    Damage,
     ShardError,
     encode_png,
     expand_shards,
-    iter_tar,
-    to_sample,
+    read_samples,
     write_shards,
 )
+from pipeline.storage import atomic_write_json, sha256_file
 
 SPLITS = ("labeled", "unlabeled", "test")
 DATASET_FILE = "dataset.json"
@@ -218,17 +218,25 @@ def _key_for(rel: Path, used: set[str]) -> str:
 
 
 def _read_image_file(path: Path) -> tuple[bytes, str]:
-    """Bytes ready for a shard: kept as they are for jpg/png/webp, re-encoded to PNG otherwise."""
+    """Bytes ready for a shard: kept as they are for jpg/png/webp, re-encoded to PNG otherwise.
+
+    Decoded with the decoder of every stage (:func:`pipeline.images.decode_image`), so a file is
+    accepted here exactly when the stages can read it; a re-encoded file is already upright and
+    in RGB, since PNG would not carry its orientation tag."""
+    import io
+
     from PIL import Image
 
+    from pipeline.images import decode_image
+
     data = path.read_bytes()
-    with Image.open(path) as im:
-        im.load()  # fully decodes: truncated files fail here, not in training
+    img = decode_image(data, str(path))  # raises ShardError naming the file
+    with Image.open(io.BytesIO(data)) as im:  # the header only: which format it is
         fmt = (im.format or "").lower()
-        fmt = "jpg" if fmt == "jpeg" else fmt
-        if fmt in IMAGE_SUFFIXES:
-            return data, fmt
-        return encode_png(np.asarray(im.convert("RGB"))), "png"
+    fmt = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)  # MPO: its first frame is a JPEG
+    if fmt in IMAGE_SUFFIXES:
+        return data, fmt
+    return encode_png(img.permute(1, 2, 0).numpy()), "png"
 
 
 def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "labeled",
@@ -271,8 +279,11 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
                 continue
             try:
                 data, fmt = _read_image_file(p)
-            except Exception as e:  # any decoder error means an unusable file
-                bad.append(f"{p} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            except ShardError as e:  # names the file and why
+                bad.append(str(e))
+                continue
+            except OSError as e:
+                bad.append(f"{p}: cannot be read ({e.strerror})")
                 continue
             w.write(_key_for(rel, used), data, label, fmt)
             if label is not None:
@@ -296,11 +307,12 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
 # ----------------------------------------------------------------------------- registering
 
 
-def scan_shards(paths: list[str]) -> tuple[int, Counter[int] | None]:
-    """Count samples (and labels, when every sample has one) in existing shards."""
-    total, labels, unlabeled = 0, Counter(), 0
-    for raw in _iter_raw(paths):
-        s = to_sample(raw)
+def scan_shards(paths: list[str], split: str = "") -> tuple[int, Counter[int] | None, Damage]:
+    """Count samples (and labels, when every sample has one) in existing shards. Damaged samples
+    are counted, not fatal (the stages skip them too); a split that mixes labeled and unlabeled
+    samples is refused."""
+    total, labels, unlabeled, damage = 0, Counter(), 0, Damage()
+    for s in read_samples(paths, damage):
         total += 1
         if s.label is None:
             unlabeled += 1
@@ -309,15 +321,11 @@ def scan_shards(paths: list[str]) -> tuple[int, Counter[int] | None]:
     if labels and unlabeled:
         raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
                            "labeled split needs a .cls or .json label on every sample")
-    return total, (labels if labels else None)
-
-
-def _iter_raw(paths: list[str]) -> Iterator[dict[str, Any]]:
-    for p in paths:
-        try:
-            yield from iter_tar(p)
-        except (OSError, EOFError) as e:
-            raise DatasetError(f"shard {p} cannot be read ({e}); check the path") from None
+    if damage.count:
+        e = damage.examples[0]
+        _log(f"register: {split}: {damage.count} damaged samples will be skipped (e.g. "
+             f"{e['shard']}, key {e['key']!r}: {e['reason']})")
+    return total, (labels if labels else None), damage
 
 
 def register_shards(out: str | Path, *, labeled: str, unlabeled: str, test: str,
@@ -332,7 +340,7 @@ def register_shards(out: str | Path, *, labeled: str, unlabeled: str, test: str,
         if not paths or missing:
             raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
                                "; check the path or pattern")
-        count, labels = scan_shards(paths)
+        count, labels, _ = scan_shards(paths, split)
         if split != "unlabeled" and labels is None:
             raise DatasetError(f"--{split} {spec!r}: samples carry no labels (.cls or .json)")
         seen[split] = labels if split != "unlabeled" else None

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.train import STATE_FILE, Job, WorkerContext, train_worker
+from pipeline.checkpoint import STATE_FILE
+from pipeline.train import Job, WorkerContext, train_worker
 
 TRAIN_DIR = "train"  # Ray Train's run folder inside artifacts/<run>/round-<N>/
 
@@ -133,6 +134,8 @@ def _ray_entry(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     wctx = WorkerContext(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                          device=ray.train.torch.get_device())
+    # The fields as fit() passed them: Job.config is still the frozen config dataclass (Ray
+    # pickles train_loop_config whole; it does not turn values into dicts).
     train_worker(Job(**config), wctx, RayReporter())
 
 
@@ -148,9 +151,10 @@ def fit(job: Job, storage: Path, *, use_gpu: bool) -> Path:
     cfg = job.config
     trainer = TorchTrainer(
         _ray_entry,
-        train_loop_config=job.__dict__,
-        scaling_config=ScalingConfig(num_workers=cfg["num_workers"], use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg["cpus_per_worker"]}),
+        # A shallow copy: dataclasses.asdict(job) would turn the config into a dict too.
+        train_loop_config=dict(job.__dict__),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=TRAIN_DIR, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=0),
@@ -170,14 +174,25 @@ _USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError")
 
 
 def _root_cause(e: BaseException) -> str:
-    """The most useful single line of a (possibly Ray-wrapped) worker exception."""
-    failures = getattr(e, "worker_failures", None)
-    if failures:
-        e = next(iter(failures.values()))
-    text = str(e)
+    """The most useful single line of a (possibly Ray-wrapped) worker exception.
+
+    Ray Train raises its own error *from* the worker's (whose text, a RayTaskError's, holds the
+    worker's traceback), or one with ``worker_failures``; the whole cause chain is searched for
+    our user errors, the innermost last, so that its message wins.
+    """
+    texts: list[str] = []
+    last: BaseException = e
+    cur: BaseException | None = e
+    while cur is not None and len(texts) < 8:  # bounded: a cause chain can loop
+        failures = getattr(cur, "worker_failures", None)
+        if failures:
+            cur = next(iter(failures.values()))
+        texts.append(str(cur))
+        last, cur = cur, cur.__cause__
+    text = "\n".join(texts)
     for name in _USER_ERRORS:
         m = re.findall(rf"{name}: (.+)", text)
         if m:
             return m[-1].strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+    lines = [ln.strip() for ln in texts[-1].splitlines() if ln.strip()]
+    return lines[-1] if lines else type(last).__name__

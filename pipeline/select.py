@@ -12,6 +12,10 @@ A corpus of hundreds of millions of rows does not fit one process, so selection 
    bin, the fraction of the boundary bin to keep, and a duplication factor;
 2. per shard, ``apply_selection`` applies the plan and returns a ``copies`` column (0 = not used).
 
+The planner and its two passes are pure (DataFrame in, arrays out); :func:`select_pseudo_labels`
+at the bottom runs them over the pseudo-label files, which it reads and rewrites through
+:mod:`pipeline.pseudo_files`.
+
 The approximation, stated plainly: a class's rows are ranked by confidence only down to the bin
 (``num_bins`` equal bins on [threshold, 1]; 4096 bins are about 1.7e-4 wide at threshold 0.3). Bins
 above the boundary bin are kept whole, bins below are dropped, and each row in the boundary bin is kept
@@ -31,12 +35,21 @@ a shard (e.g. "000123" in every shard); keys repeated across shards would otherw
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import reduce
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PseudoLabelConfig
+from pipeline.pseudo_files import PseudoFileError, file_meta, write_table
+from pipeline.storage import sha256_file
 
 __all__ = [
     "ClassStats",
@@ -46,6 +59,7 @@ __all__ = [
     "default_k",
     "merge_stats",
     "plan_selection",
+    "select_pseudo_labels",
 ]
 
 DEFAULT_THRESHOLD = 0.3
@@ -348,3 +362,81 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     view = np.asarray(array).view()
     view.setflags(write=False)
     return view
+
+
+# ----------------------------------------------------------------------------- over the files
+
+
+def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabelConfig, *,
+                         classes: list[str] | None = None, names: list[str] | None = None,
+                         progress: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Threshold + per-class balancing over all files in ``out_dir``; rewrites ``copies``.
+
+    Pass 1 reads only label and confidence; pass 2 rewrites one file at a time (atomically), so
+    memory is one shard's table. Idempotent: running it again gives the same files, and a file
+    already written with the same plan is not rewritten (resume after a kill).
+    ``names`` limits it to these files (default: every pseudo-label file in ``out_dir``).
+    Returns the manifest's ``pseudo_labels`` dict, with per-class counts taken from the files.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    classes = classes or [str(i) for i in range(num_classes)]
+    paths = _selection_files(out_dir, names)
+    stats = merge_stats(  # pass 1
+        class_stats(pq.read_table(p, columns=["label", "confidence"]).to_pandas(), num_classes,
+                    cfg.threshold) for p in paths)
+    plan = plan_selection(stats, k=cfg.k, seed=cfg.seed)
+    kept = np.zeros(num_classes, np.int64)
+    copies = np.zeros(num_classes, np.int64)
+    files = []
+    for path in paths:  # pass 2
+        labels, file_copies = _apply_plan(path, plan)
+        kept += np.bincount(labels[file_copies > 0], minlength=num_classes)
+        copies += np.bincount(labels, weights=file_copies, minlength=num_classes).astype(np.int64)
+        files.append({"name": path.name, "rows": len(labels), "sha256": sha256_file(path)})
+    progress(f"select: threshold {cfg.threshold}, K {plan.k}: {int(kept.sum())} of "
+             f"{stats.rows} images kept, {int(copies.sum())} with copies")
+    return {
+        "uri": str(out_dir), "files": files, "rows": stats.rows, "kept": int(kept.sum()),
+        "selected_with_copies": int(copies.sum()), "threshold": cfg.threshold,
+        "k": plan.k, "seed": cfg.seed, "rows_above_threshold": int(stats.counts.sum()),
+        "per_class": {classes[c]: {"kept": int(kept[c]), "copies": int(copies[c])}
+                      for c in range(num_classes)},
+    }
+
+
+def _selection_files(out_dir: Path, names: list[str] | None) -> list[Path]:
+    if names is None:
+        paths = sorted(p for p in out_dir.glob("*.parquet") if file_meta(p) is not None)
+    else:
+        paths = sorted(out_dir / n for n in names)
+        missing = [p for p in paths if file_meta(p) is None]
+        if missing:
+            raise PseudoFileError(f"{missing[0]} is missing or not a pseudo-label file; run the "
+                                   "pseudo_label stage again")
+    if not paths:
+        raise PseudoFileError(f"no pseudo-label files in {out_dir}; run the pseudo_label stage")
+    return paths
+
+
+def _apply_plan(path: Path, plan: SelectionPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Rewrite one file's ``copies`` (unless it already holds this plan's); (labels, copies)."""
+    fingerprint = _plan_fingerprint(plan)
+    meta = file_meta(path)
+    if meta.get("selection") == fingerprint:
+        done = pq.read_table(path, columns=["label", "copies"])
+        return done["label"].to_numpy(), done["copies"].to_numpy()
+    table = pq.read_table(path)
+    copies = apply_selection(table.select(["key", "shard", "label", "confidence"]).to_pandas(),
+                             plan)
+    table = table.set_column(table.schema.get_field_index("copies"), "copies",
+                             pa.array(copies, pa.int32()))
+    write_table(path, table, {**meta, "selection": fingerprint})
+    return table["label"].to_numpy(), copies
+
+
+def _plan_fingerprint(plan: SelectionPlan) -> str:
+    h = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode())
+    for arr in (plan.cut_bin, plan.keep_frac, plan.copy_factor):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]

@@ -13,21 +13,19 @@ import glob
 import io
 import json
 import os
-import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 import numpy as np
 
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 LABEL_SUFFIXES = ("cls", "json")
 FIXED_MTIME = 946684800.0  # 2000-01-01: any constant makes the output reproducible
+MAX_BAD_EXAMPLES = 20  # per tally: enough to find the problem, bounded in size
 
 
 class ShardError(ValueError):
@@ -41,6 +39,32 @@ class Sample:
     label: int | None = None
     shard: str = ""
     image_format: str = "png"
+    index: int = 0  # position in the shard
+
+    @property
+    def where(self) -> str:
+        return f"shard {self.shard}, key {self.key}"
+
+    def damaged(self, reason: str | BaseException) -> BadSample:
+        """This sample as a BadSample; an error message that starts with :attr:`where` (as the
+        decoder's do) loses that prefix, since a BadSample names shard and key itself."""
+        text = str(reason)
+        return BadSample(self.shard, self.key, self.index,
+                         text.removeprefix(f"{self.where}: "))
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample (or a shard's unreadable tail) that cannot be used, and why."""
+
+    shard: str
+    key: str
+    index: int
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"shard {self.shard}, key {self.key}: {self.reason}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -155,132 +179,196 @@ def write_shards(
 
 
 def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
-    """Paths, globs and brace patterns (``data/train-{000000..000009}.tar``) -> sorted paths."""
+    """Paths, globs and brace patterns (``data/train-{000000..000009}.tar``) -> paths, in order.
+
+    Brace expansion is webdataset's own (the ``braceexpand`` package it depends on), so a pattern
+    means the same here as in any WebDataset tool.
+    """
+    from braceexpand import braceexpand
+
     specs = [str(spec)] if isinstance(spec, str | Path) else [str(s) for s in spec]
     out: list[str] = []
     for s in specs:
-        for expanded in _expand_braces(s):
-            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-            out.extend(matches)
+        for expanded in braceexpand(s):
+            out.extend(sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded])
     return out
 
 
-def _expand_braces(pattern: str) -> list[str]:
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if m:
-        lo, hi = m.group(1), m.group(2)
-        width = len(lo)
-        head, tail = pattern[: m.start()], pattern[m.end() :]
-        return [
-            p
-            for i in range(int(lo), int(hi) + 1)
-            for p in _expand_braces(f"{head}{i:0{width}d}{tail}")
-        ]
-    m = re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
-    if m:
-        head, tail = pattern[: m.start()], pattern[m.end() :]
-        return [p for alt in m.group(1).split(",") for p in _expand_braces(head + alt + tail)]
-    return [pattern]
+def read_shard(path: str | Path) -> Iterator[Sample | BadSample]:
+    """Every sample of one tar, in order, as a :class:`Sample` or a :class:`BadSample`; never raises.
+
+    The one place where tar members become samples, for every stage. Members are grouped by key
+    (the member name up to the first dot of its base name, as WebDataset does), suffixes
+    lowercased. A sample without an image, with an unreadable label, or with a key already seen in
+    the shard is a BadSample. A damaged tar (unreadable, truncated data or header, no
+    end-of-archive marker) ends with one BadSample for its unreadable tail, keyed by the sample
+    being read (empty when none); that sample is dropped, since its members may be incomplete.
+    Python's ``tarfile`` would end quietly at a truncated header, and webdataset's reader raises
+    or drops the rest of the shard silently; here the loss is always reported.
+    """
+    shard = str(path)
+    index, seen = 0, set()
+    current: dict[str, bytes] | None = None
+    current_key = ""
+
+    def emit() -> Sample | BadSample:
+        nonlocal index
+        sample = _sample(shard, index, current_key, current, seen)
+        seen.add(current_key)
+        index += 1
+        return sample
+
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            for member in tar:
+                key, suffix = _split_member(member)
+                if key is None:
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                if current is not None and current_key != key:
+                    yield emit()
+                    current = None
+                if current is None:
+                    current, current_key = {}, key
+                current[suffix] = data
+            _check_end_marker(tar)
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
+        lost = current_key if current is not None else ""
+        detail = " ".join(str(e).split())  # tarfile's messages span lines
+        yield BadSample(shard, lost, index, f"damaged shard ({type(e).__name__}: {detail}); "
+                        f"the samples after the first {index} could not be read")
+        return
+    if current is not None:
+        yield emit()
 
 
-def parse_label(sample: dict[str, Any], where: str) -> int | None:
-    """The label of a raw WebDataset sample (bytes values), or None when it has none."""
-    if "cls" in sample and sample["cls"] is not None:
-        raw = sample["cls"]
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+def _split_member(member: tarfile.TarInfo) -> tuple[str | None, str]:
+    if not member.isfile():
+        return None, ""
+    base = os.path.basename(member.name)
+    if "." not in base:
+        return None, ""
+    key, suffix = base.split(".", 1)
+    return os.path.join(os.path.dirname(member.name), key), suffix.lower()
+
+
+def _check_end_marker(tar: tarfile.TarFile) -> None:
+    """tarfile ends quietly at a truncated header; a complete archive ends with a zero block."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+        raise tarfile.ReadError("truncated: no end-of-archive marker")
+
+
+def _sample(shard: str, index: int, key: str, members: Mapping[str, Any],
+            seen: set[str] | frozenset[str] = frozenset()) -> Sample | BadSample:
+    if key in seen:
+        return BadSample(shard, key, index, "duplicate key in shard (members of a sample not "
+                         "adjacent?)")
+    fmt = next((f for f in IMAGE_SUFFIXES if members.get(f)), None)
+    if fmt is None:
+        found = sorted(k for k in members if not k.startswith("__")) or "nothing"
+        return BadSample(shard, key, index,
+                         f"sample has no image (found {found}; expected one of "
+                         f"{', '.join(IMAGE_SUFFIXES)})")
+    try:
+        label = _label(members)
+    except ValueError as e:
+        return BadSample(shard, key, index, str(e))
+    return Sample(key=key, image=bytes(members[fmt]), label=label, shard=shard,
+                  image_format=fmt, index=index)
+
+
+def _label(members: Mapping[str, Any]) -> int | None:
+    """The label of a sample's members (``.cls`` text or ``.json`` {"label": int}), or None."""
+    if members.get("cls") is not None:
+        raw = members["cls"]
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         try:
             return int(text.strip())
         except ValueError:
-            raise ShardError(f"{where}: label in .cls is not an integer: {text[:20]!r}") from None
-    if "json" in sample and sample["json"] is not None:
-        raw = sample["json"]
+            raise ValueError(f"label in .cls is not an integer: {text[:20]!r}") from None
+    if members.get("json") is not None:
+        raw = members["json"]
         try:
             meta = json.loads(raw) if isinstance(raw, bytes | str) else raw
             return int(meta["label"])
         except (ValueError, KeyError, TypeError):
-            raise ShardError(f'{where}: .json must hold {{"label": <int>}}') from None
+            raise ValueError('.json must hold {"label": <int>}') from None
     return None
 
 
-def to_sample(raw: dict[str, Any]) -> Sample:
-    """Normalise a raw WebDataset/Ray Data row (``__key__``, ``__url__``, suffix -> bytes)."""
-    key = raw.get("__key__", "?")
-    shard = str(raw.get("__url__", "?"))
-    where = f"shard {shard}, key {key}"
-    for fmt in IMAGE_SUFFIXES:
-        if raw.get(fmt) is not None:
-            image = raw[fmt]
-            break
-    else:
-        present = sorted(k for k in raw if not k.startswith("__"))
-        raise ShardError(
-            f"{where}: sample has no image (found {present or 'nothing'}; expected one of "
-            f"{', '.join(IMAGE_SUFFIXES)})"
-        )
-    return Sample(key=key, image=bytes(image), label=parse_label(raw, where), shard=shard,
-                  image_format=fmt)
+def to_sample(raw: Mapping[str, Any]) -> Sample:
+    """A row of ``ray.data.read_webdataset`` or ``webdataset`` (``__key__``, ``__url__``, suffix
+    -> bytes) as a Sample, with the same rules as :func:`read_shard`; raises ShardError."""
+    members = {k.lower(): v for k, v in raw.items() if not k.startswith("__")}
+    s = _sample(str(raw.get("__url__", "?")), 0, str(raw.get("__key__", "?")), members)
+    if isinstance(s, BadSample):
+        raise ShardError(s.message)
+    return s
 
 
-def iter_tar(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar, grouped by key, without the webdataset machinery (used by tools)."""
-    current: dict[str, Any] | None = None
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            if "." not in base:
-                continue
-            key, suffix = base.split(".", 1)
-            key = os.path.join(os.path.dirname(member.name), key)
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": str(path)}
-            current[suffix.lower()] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
-
-
-def read_samples(paths: Iterable[str | Path]) -> Iterator[Sample]:
-    """All samples of the given shards, in order (single process; for tools and tests)."""
+def read_samples(paths: Iterable[str | Path], damage: Damage | None = None) -> Iterator[Sample]:
+    """The samples of ``paths`` in order. Bad samples are counted in ``damage`` and skipped, or,
+    without a tally, raise ShardError (tools and tests that want the first problem)."""
     for path in paths:
-        for raw in iter_tar(path):
-            yield to_sample(raw)
+        for s in read_shard(path):
+            if isinstance(s, Sample):
+                if damage is not None:
+                    damage.ok()
+                yield s
+            elif damage is None:
+                raise ShardError(s.message)
+            else:
+                damage.bad(s)
 
 
-def wds_samples(urls: list[str], *, shuffle: int = 0, split: bool = False,
-                seed: int = 0) -> Any:
-    """A ``webdataset`` pipeline yielding :class:`Sample` (raw bytes, decoded later).
+# ----------------------------------------------------------------------------- damage
 
-    ``split=True`` splits shards by node and by DataLoader worker (for training inside Ray).
+
+class Damage:
+    """A tally of good and skipped samples, per shard, with a bounded list of examples.
+
+    Every stage follows one policy: a damaged sample (or a shard's unreadable tail) is skipped and
+    counted here; the count goes into the stage's manifest entry, and :meth:`check` stops a labeled
+    or test split whose damaged share exceeds the limit, naming the worst shard.
     """
-    import webdataset as wds
 
-    stages: list[Any] = [wds.SimpleShardList(urls)]
-    if shuffle:
-        stages.append(wds.shuffle(len(urls), seed=seed))
-    if split:
-        stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples()]
-    if shuffle:
-        stages.append(wds.shuffle(shuffle, seed=seed))
-    stages.append(wds.map(to_sample))
-    return wds.DataPipeline(*stages)
+    def __init__(self) -> None:
+        self.good = 0
+        self.by_shard: Counter[str] = Counter()
+        self.examples: list[dict[str, str]] = []
 
+    @property
+    def count(self) -> int:
+        return sum(self.by_shard.values())
 
-# ----------------------------------------------------------------------------- decoding
+    def ok(self, n: int = 1) -> None:
+        self.good += n
 
+    def bad(self, sample: BadSample) -> None:
+        self.by_shard[sample.shard] += 1
+        if len(self.examples) < MAX_BAD_EXAMPLES:
+            self.examples.append({"shard": sample.shard, "key": sample.key,
+                                  "reason": sample.reason})
 
-def decode_image(data: bytes, where: str = "") -> torch.Tensor:
-    """Encoded bytes -> uint8 tensor (3, H, W), RGB. Raises ShardError naming ``where``."""
-    import torch
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as _decode
+    def fraction(self) -> float:
+        return self.count / max(1, self.count + self.good)
 
-    try:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return _decode(buf, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
-        raise ShardError(f"{where or 'image'}: cannot decode image ({str(e).splitlines()[0]})") \
-            from None
+    def check(self, split: str, limit: float) -> None:
+        """Raise ShardError when more than ``limit`` of the samples seen were damaged."""
+        if self.count and self.fraction() > limit:
+            shard, n = self.by_shard.most_common(1)[0]
+            first = next(e for e in self.examples if e["shard"] == shard) \
+                if any(e["shard"] == shard for e in self.examples) else self.examples[0]
+            raise ShardError(
+                f"{split} split: {self.count} of {self.count + self.good} samples are damaged "
+                f"({self.fraction():.1%} > --damage-limit {limit:g}); worst shard {shard} "
+                f"({n} bad, e.g. key {first['key']!r}: {first['reason']}); repair or remove it "
+                "from dataset.json, or raise --damage-limit")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.good + self.count, "bad": self.count,
+                "examples": list(self.examples)}

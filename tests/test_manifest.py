@@ -1,47 +1,95 @@
+"""The typed round record: one creator, one load-and-validate, one save, one parent lookup."""
+
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from pipeline import manifest as mf
+from pipeline import storage
+from pipeline.layout import RunLayout
+from pipeline.manifest import (
+    DataRef,
+    FileRef,
+    ManifestError,
+    ModelRecord,
+    PseudoFile,
+    PseudoLabels,
+    RoundRecord,
+    TeacherRef,
+    load_round,
+    new_round,
+    save_round,
+)
 
 
-def _teacher(run: str = "r1") -> dict:
-    return mf.new_manifest(run=run, round_=0, role="teacher", config={"lr": 0.1},
-                           model={"name": "m", "params": 10}, data={"labeled": 5},
-                           cluster={"num_workers": 1})
+def _teacher(run: str = "r1") -> RoundRecord:
+    return new_round(run=run, round_=0, config={"lr": 0.1},
+                     model=ModelRecord("efficientnet_t0", 10, 32, 32), data=DataRef("/d", "h", 5),
+                     cluster={"num_workers": 1})
+
+
+def _json(rec: RoundRecord) -> dict:
+    return json.loads(json.dumps(rec.to_json()))
 
 
 def test_create_save_load_roundtrip(tmp_path: Path) -> None:
-    m = _teacher()
-    mf.set_stage(m, "train", "running", epoch=0)
-    mf.set_stage(m, "train", "complete", seconds=1.5)
-    assert m["stages"]["train"] == {"epoch": 0, "seconds": 1.5, "status": "complete"}
-    m["checkpoint"] = {"uri": "x", "sha256": "y"}
-    mf.mark_complete(m)
-    path = mf.save_manifest(tmp_path, m)
+    layout = RunLayout(tmp_path, "r1")
+    rec = _teacher()
+    rec.set_stage("train", "running", epoch=0)
+    rec.set_stage("train", "complete", seconds=1.5)
+    assert rec.stages["train"].to_json() == {"status": "complete", "seconds": 1.5, "epoch": 0}
+    rec.checkpoint = FileRef("artifacts/r1/round-0/model.pt", "y")
+    rec.metrics.top1 = 0.9
+    rec.mark_complete()
+    path = save_round(layout, rec)
     assert path == tmp_path / "manifests" / "r1" / "round-0.json"
-    loaded = mf.load_manifest(tmp_path, "r1", 0)
-    assert loaded == json.loads(json.dumps(m))
-    assert mf.stage_complete(loaded, "train") and not mf.stage_complete(loaded, "eval")
-    assert mf.list_rounds(tmp_path, "r1") == [0]
+    loaded = load_round(layout, 0)
+    assert loaded == RoundRecord.from_json(_json(rec))
+    assert loaded.stage_complete("train") and not loaded.stage_complete("evaluate")
+    assert loaded.metrics.top1 == 0.9 and loaded.checkpoint.sha256 == "y"
+    assert layout.rounds() == [0]
+    raw = json.loads(path.read_text())  # the schema's keys, as documented
+    assert set(mf.REQUIRED_KEYS) <= set(raw) and raw["role"] == "teacher"
+    assert raw["events"][0]["event"] == "start"
 
 
-def test_student_manifest_needs_teacher_and_pseudo_keys(tmp_path: Path) -> None:
-    m = mf.new_manifest(run="r", round_=1, role="student", config={}, model={}, data={},
-                        cluster={}, teacher={"round": 0})
-    assert m["teacher"] == {"round": 0} and m["pseudo_labels"] is None
-    del m["pseudo_labels"]
-    with pytest.raises(mf.ManifestError, match="missing key.*pseudo_labels"):
-        mf.validate(m)
+def test_student_record_keeps_teacher_and_pseudo_labels(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path, "r")
+    rec = new_round(run="r", round_=1, config={}, model=None, data=DataRef("/d", "h"),
+                    cluster={}, teacher=TeacherRef(0, "m" * 64, "c" * 64))
+    assert rec.role == "student" and rec.pseudo_labels is None
+    rec.pseudo_labels = PseudoLabels(uri="artifacts/r/round-1/pseudo",
+                                     files=[PseudoFile("a.parquet", 3, "s")], rows=3, kept=2,
+                                     selected_with_copies=4, threshold=0.3, k=2,
+                                     per_class={"0": {"kept": 2, "copies": 4}})
+    save_round(layout, rec)
+    back = load_round(layout, 1)
+    assert back.teacher == rec.teacher and back.pseudo_labels == rec.pseudo_labels
+    assert back.model is None  # made by jobs/pseudo_label.py before training chose the model
+    raw = _json(rec)
+    del raw["pseudo_labels"]
+    with pytest.raises(ManifestError, match="missing key.*pseudo_labels"):
+        RoundRecord.from_json(raw)
+    with pytest.raises(ManifestError, match="needs a teacher"):
+        new_round(run="r", round_=1, config={}, model=None, data=DataRef("/d", "h"), cluster={})
+
+
+def test_unknown_keys_of_other_versions_are_kept(tmp_path: Path) -> None:
+    raw = _json(_teacher())
+    raw["from_the_future"] = {"x": 1}
+    rec = RoundRecord.from_json(raw)
+    assert rec.to_json()["from_the_future"] == {"x": 1}
 
 
 def test_mark_failed_records_error() -> None:
-    m = mf.mark_failed(_teacher(), "boom")
-    assert m["status"] == "failed" and m["error"] == "boom" and m["finished_at"]
+    rec = _teacher()
+    rec.mark_failed("boom")
+    assert rec.status == "failed" and rec.error == "boom" and rec.finished_at
+    rec.mark_running()
+    assert rec.status == "running" and rec.error is None and "error" not in rec.to_json()
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -52,61 +100,81 @@ def test_mark_failed_records_error() -> None:
     (lambda m: m.update(status="done"), "status must be one of"),
     (lambda m: m.update(status="complete"), "no checkpoint"),
     (lambda m: m.update(round=-1), "non-negative"),
+    (lambda m: m.update(round=True), "non-negative integer"),
+    (lambda m: m.update(stages={"train": {"seconds": 1}}), "stage 'train' needs a status"),
+    (lambda m: m.update(checkpoint={"uri": "x"}), "'checkpoint' is incomplete"),
+    (lambda m: m.update(model=[1]), "'model' must be an object"),
 ])
 def test_validation_errors(mutate, message: str) -> None:
-    m = _teacher()
-    mutate(m)
-    with pytest.raises(mf.ManifestError, match=message):
-        mf.validate(m)
+    raw = _json(_teacher())
+    mutate(raw)
+    with pytest.raises(ManifestError, match=message):
+        RoundRecord.from_json(raw)
 
 
 def test_bad_json_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(mf.ManifestError, match="no such manifest"):
-        mf.load_manifest(tmp_path, "r", 0)
-    p = mf.manifest_path(tmp_path, "r", 0)
+    layout = RunLayout(tmp_path, "r")
+    assert load_round(layout, 0) is None
+    with pytest.raises(ManifestError, match="no such manifest"):
+        mf.load_round_file(layout.manifest_path(0))
+    p = layout.manifest_path(0)
     p.parent.mkdir(parents=True)
     p.write_text('{"schema": 1,')
-    with pytest.raises(mf.ManifestError, match="not valid JSON"):
-        mf.load_manifest(tmp_path, "r", 0)
+    with pytest.raises(ManifestError, match="not valid JSON.*--force"):
+        load_round(layout, 0)
 
 
 def test_failed_write_leaves_old_file_intact(tmp_path: Path, monkeypatch) -> None:
-    m = _teacher()
-    path = mf.save_manifest(tmp_path, m)
+    layout = RunLayout(tmp_path, "r1")
+    rec = _teacher()
+    path = save_round(layout, rec)
     before = path.read_bytes()
 
     def crash(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mf.os, "fsync", crash)
-    m["config"]["lr"] = 0.5
+    monkeypatch.setattr(storage.os, "fsync", crash)
+    rec.config["lr"] = 0.5
     with pytest.raises(OSError, match="disk full"):
-        mf.save_manifest(tmp_path, m)
+        save_round(layout, rec)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["round-0.json"]  # no temp file left
 
 
 def test_unserialisable_value_never_touches_disk(tmp_path: Path) -> None:
-    m = _teacher()
-    path = mf.save_manifest(tmp_path, m)
+    layout = RunLayout(tmp_path, "r1")
+    rec = _teacher()
+    path = save_round(layout, rec)
     before = path.read_bytes()
-    m["config"]["bad"] = object()
+    rec.config["bad"] = object()
     with pytest.raises(TypeError):
-        mf.save_manifest(tmp_path, m)
+        save_round(layout, rec)
     assert path.read_bytes() == before
 
 
-def test_sha256_file(tmp_path: Path) -> None:
-    p = tmp_path / "f"
-    p.write_bytes(b"abc")
-    assert mf.sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+def test_parent_lookup_resolves_paths_under_the_root(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path, "r")
+    model = layout.model_path(0)
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights")
+    rec = _teacher("r")
+    rec.checkpoint = FileRef(layout.relative(model), storage.sha256_file(model))
+    rec.metrics.top1 = 0.8
+    rec.mark_complete()
+    save_round(layout, rec)
+    parent = mf.load_parent(layout, 1)
+    assert parent.model_path == model and parent.dataset_path == Path("/d")
+    assert parent.ref == TeacherRef(0, storage.sha256_file(layout.manifest_path(0)),
+                                    rec.checkpoint.sha256, "efficientnet_t0", 0.8)
+    mf.check_model_file(parent)
+    model.write_bytes(b"changed")
+    from pipeline.checkpoint import CheckpointError
 
-
-def test_atomic_write_bytes_replaces(tmp_path: Path) -> None:
-    p = tmp_path / "a" / "b.bin"
-    mf.atomic_write_bytes(p, b"1")
-    mf.atomic_write_bytes(p, b"22")
-    assert p.read_bytes() == b"22" and os.listdir(p.parent) == ["b.bin"]
+    with pytest.raises(CheckpointError, match="changed after round 0 recorded it"):
+        mf.check_model_file(parent)
+    model.unlink()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mf.check_model_file(parent)
 
 
 def test_git_state_shape() -> None:

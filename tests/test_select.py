@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import PseudoLabelConfig
+from pipeline.inference import KIND_END
+from pipeline.pseudo_files import PseudoFileError
+from pipeline.pseudo_label import ShardAssembler
 from pipeline.select import (
     ClassStats,
     SelectionPlan,
@@ -17,7 +23,10 @@ from pipeline.select import (
     default_k,
     merge_stats,
     plan_selection,
+    select_pseudo_labels,
 )
+from pipeline.storage import sha256_file
+from tests.builders import fake_label_batch
 
 
 def table(labels, confidences, shard: str = "s0", keys=None) -> pd.DataFrame:
@@ -349,3 +358,58 @@ def test_selection_does_not_depend_on_where_the_shards_live() -> None:
     other_shard = apply_selection(df.assign(shard="/data/v1/s-1.tar"), plan)
     np.testing.assert_array_equal(here, there)
     assert not np.array_equal(here, other_shard)  # the shard name still counts
+
+
+# ----------------------------------------------------------------------------- over the files
+
+
+def read_all(out_dir: Path) -> dict[str, pd.DataFrame]:
+    return {p.name: pq.read_table(p).to_pandas() for p in sorted(out_dir.glob("*.parquet"))}
+
+
+def _synthetic_files(out: Path, shards: int = 4, rows: int = 300) -> None:
+    rng = np.random.default_rng(1)
+    names = {f"/d/s{i}.tar": f"s{i}.parquet" for i in range(shards)}
+    asm = ShardAssembler(out, names, {"format": 1, "teacher_sha256": "x", "k": 3},
+                         lambda *a: None)
+    for i, shard in enumerate(names):
+        # Skewed classes so that balancing both trims and duplicates.
+        batch = fake_label_batch(shard, np.arange(rows), np.zeros(rows, np.int8), seed=i)
+        batch["label"] = rng.choice(3, size=rows, p=[0.6, 0.3, 0.1]).astype(np.int32)
+        asm.add(batch)
+        asm.add(fake_label_batch(shard, np.array([0]), np.array([KIND_END]), n=rows))
+
+
+def test_select_writes_copies_consistent_with_plan_and_counts(tmp_path: Path) -> None:
+    _synthetic_files(tmp_path)
+    cfg = PseudoLabelConfig(threshold=0.4, seed=3)
+    result = select_pseudo_labels(tmp_path, 3, cfg, classes=["a", "b", "c"],
+                                  progress=lambda _: None)
+    tables = read_all(tmp_path)
+    df = pd.concat(tables.values(), ignore_index=True)
+    plan = plan_selection(class_stats(df, 3, 0.4), k=None, seed=3)
+    np.testing.assert_array_equal(df["copies"].to_numpy(), apply_selection(df, plan))
+    assert result["k"] == plan.k and result["rows"] == len(df) == 1200
+    for c, name in enumerate(["a", "b", "c"]):
+        rows = df[df["label"] == c]
+        assert result["per_class"][name] == {"kept": int((rows["copies"] > 0).sum()),
+                                             "copies": int(rows["copies"].sum())}
+        above = int((rows["confidence"] >= 0.4).sum())
+        kept = result["per_class"][name]["kept"]
+        assert kept <= above and (rows["copies"][rows["confidence"] < 0.4] == 0).all()
+        if above > plan.k:  # trimmed to about K, duplicated classes about K copies
+            assert abs(kept - plan.k) <= 3 * np.sqrt(plan.k)
+        else:
+            assert kept == above and abs(result["per_class"][name]["copies"] - plan.k) <= \
+                3 * np.sqrt(plan.k) + 1
+    assert result["kept"] == sum(v["kept"] for v in result["per_class"].values())
+    assert {f["name"]: f["sha256"] for f in result["files"]} == {
+        p.name: sha256_file(p) for p in tmp_path.glob("*.parquet")}
+    again = select_pseudo_labels(tmp_path, 3, cfg, classes=["a", "b", "c"],
+                                 progress=lambda _: None)
+    assert again == result  # idempotent: same plan, files untouched
+
+
+def test_select_without_files_says_which_stage_to_run(tmp_path: Path) -> None:
+    with pytest.raises(PseudoFileError, match="no pseudo-label files .* run the pseudo_label"):
+        select_pseudo_labels(tmp_path, 3, PseudoLabelConfig(), progress=lambda _: None)

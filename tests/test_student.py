@@ -4,6 +4,8 @@ resuming at each phase, the refusal without round N-1, and a tiny end-to-end tea
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,15 +19,21 @@ import torch
 
 from pipeline.config import PRESETS, StudentConfig, parse_config
 from pipeline.data import PseudoStream
-from pipeline.manifest import load_manifest, sha256_file
-from pipeline.rounds import default_magnitude, next_model, parent_round
-from pipeline.runner import RunError
+from pipeline.layout import RunLayout
+from pipeline.manifest import ManifestError, load_parent
+from pipeline.rounds import default_magnitude, next_model
 from pipeline.shards import encode_png, write_shards
+from pipeline.storage import sha256_file
 from pipeline.train import LocalReporter, WorkerContext, read_state, train_worker
 from tests.test_train import tiny_job
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+
+def load_manifest(root: Path, run: str, round_: int) -> dict:
+    """The manifest as a user reads it: the JSON file."""
+    return json.loads(RunLayout(root, run).manifest_path(round_).read_text())
 
 
 def test_students_grow_through_the_family() -> None:
@@ -89,29 +97,39 @@ def test_pseudo_stream_repeats_by_copies_and_builds_targets(tmp_path: Path) -> N
 
 def test_step_mixes_batches_with_the_unlabel_ratio(digits_info, tmp_path: Path) -> None:
     """A student step sees B labeled + ratio x B pseudo images, and its loss is labeled CE +
-    weight x pseudo CE (RECIPE.md)."""
+    weight x pseudo CE (docs/recipe.md)."""
     from pipeline.losses import soft_cross_entropy
-    from pipeline.train import _Trainer
+    from pipeline.train import build_learner, pseudo_batch_size, pseudo_weight, train_step
 
     job = tiny_job(digits_info, tmp_path, batch_size=4)
-    job.config.update(unlabel_ratio=3.0, pseudo_loss_weight=None, soft_labels=True,
-                      temperature=1.0, label_smoothing=0.0)
-    job.role = "student"
-    tr = _Trainer(job, WorkerContext(), LocalReporter(tmp_path / "ck"))
-    assert tr._pseudo_batch() == 12 and tr._pseudo_weight() == 3.0
+    cfg = StudentConfig(**{**dataclasses.asdict(job.config), "unlabel_ratio": 3.0,
+                           "pseudo_loss_weight": None, "soft_labels": True, "temperature": 1.0,
+                           "label_smoothing": 0.0})
+    job.config, job.role = cfg, "student"
+    assert pseudo_batch_size(cfg) == 12 and pseudo_weight(cfg) == 3.0
+    learner = build_learner(job, WorkerContext())
     torch.manual_seed(0)
     x_l, y_l = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     x_u = torch.randn(12, 3, 32, 32)
     t_u = torch.softmax(torch.randn(12, 10), dim=1)
-    model = tr.model.eval()  # no dropout: the same forward twice
+    model = learner.model.eval()  # no dropout: the same forward twice
     with torch.no_grad():
         logits = model(torch.cat([x_l, x_u]))
         expected = torch.nn.functional.cross_entropy(logits[:4], y_l) + \
             3.0 * soft_cross_entropy(logits[4:], t_u)
-    tr.optimizer.param_groups[0]["lr"] = 0.0  # measure, do not move
-    out = tr._step(model, (x_l, y_l), (x_u, t_u))
+    learner.optimizer.param_groups[0]["lr"] = 0.0  # measure, do not move
+    out = train_step(model, learner.optimizer, (x_l, y_l), (x_u, t_u), cfg=cfg,
+                     device=torch.device("cpu"))
     assert out["images"] == 16 and out["n"] == 4
     assert out["loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_teacher_config_has_no_pseudo_batches(digits_info, tmp_path: Path) -> None:
+    from pipeline.train import pseudo_batch_size
+
+    job = tiny_job(digits_info, tmp_path)
+    with pytest.raises(TypeError, match="needs a StudentConfig"):
+        pseudo_batch_size(job.config)
 
 
 @pytest.mark.parametrize("phase", ["finetune", "evaluate"])
@@ -130,8 +148,8 @@ def test_resume_at_each_phase_runs_only_what_is_left(digits_info, tmp_path: Path
 
 
 def test_student_refused_without_previous_round(tmp_path: Path) -> None:
-    with pytest.raises(RunError, match=r"needs round 0 .* run `python jobs/teacher.py"):
-        parent_round(tmp_path, "r", 1)
+    with pytest.raises(ManifestError, match=r"needs round 0 .* run `python jobs/teacher.py"):
+        load_parent(RunLayout(tmp_path, "r"), 1)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     p = subprocess.run([PY, str(ROOT / "jobs" / "student.py"), "--run", "r", "--round", "2",
                         "--root", str(tmp_path), "--preset", "demo"], capture_output=True,
@@ -190,7 +208,10 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
     assert s1["metrics"]["teacher_top1"] == t["metrics"]["top1"]
     for m in (s1, s2):
         assert sha256_file(root / m["checkpoint"]["uri"]) == m["checkpoint"]["sha256"]
-        assert list(m["stages"]) == ["pseudo_label", "select", "train", "finetune", "evaluate"]
+        assert list(m["stages"]) == ["preflight", "pseudo_label", "select", "train", "finetune",
+                                     "evaluate"]
+        assert m["stages"]["preflight"]["labeled"]["bad"] == 0
+        assert m["stages"]["evaluate"]["damaged_skipped"] == 0
         assert all(st["status"] == "complete" for st in m["stages"].values())
         ft = m["stages"]["finetune"]
         assert 0 <= ft["top1_before"] <= 1 and 0 <= ft["top1_after"] <= 1
@@ -205,8 +226,15 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
 
 @pytest.mark.slow
 def test_complete_student_round_needs_force(tiny_run: Path) -> None:
+    before = RunLayout(tiny_run, "e2e").manifest_path(1).read_bytes()
     p = _job("student.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run), *QUICK)
     assert p.returncode == 2 and "already has a complete round 1" in p.stderr
+    # its student trained on these pseudo-labels: the stages alone may not change them either
+    p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run),
+             "--threshold", "0.9")
+    assert p.returncode == 2 and "is complete and its student was trained on" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert RunLayout(tiny_run, "e2e").manifest_path(1).read_bytes() == before
 
 
 @pytest.mark.slow

@@ -18,13 +18,23 @@ from pathlib import Path
 import pytest
 
 from pipeline.dataset import prepare_digits
-from pipeline.manifest import load_manifest, manifest_path, sha256_file
+from pipeline.layout import RunLayout
 from pipeline.shards import write_shards
+from pipeline.storage import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # Small and quick: few epochs, evaluation only at the end.
 FAST = ["--preset", "demo", "--epochs", "3", "--eval-every", "3", "--loader-workers", "0"]
+
+
+def load_manifest(root: Path, run: str, round_: int) -> dict:
+    """The manifest as a user reads it: the JSON file."""
+    return json.loads(manifest_path(root, run, round_).read_text())
+
+
+def manifest_path(root: Path, run: str, round_: int) -> Path:
+    return RunLayout(root, run).manifest_path(round_)
 
 
 def teacher(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess[str]:
@@ -89,15 +99,18 @@ def test_bad_value_is_rejected(tmp_path: Path, tiny: Path) -> None:
     assert "--epochs must be > 0" in _error_line(p)
 
 
-def test_undecodable_labeled_sample_named(tmp_path: Path, tiny: Path) -> None:
+def test_undecodable_labeled_sample_past_the_damage_limit_named(tmp_path: Path,
+                                                               tiny: Path) -> None:
     ds = tmp_path / "ds"
     shutil.copytree(tiny, ds)
     bad = ds / "labeled" / "labeled-000001.tar"
     write_shards([("broken_img", b"\x89PNG not really", 3)], tmp_path / "w", prefix="b")
     shutil.copy(tmp_path / "w" / "b-000000.tar", bad)
-    p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST)
+    p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST,
+                "--damage-limit", "0")
     line = _error_line(p)
-    assert "labeled-000001.tar, key broken_img: cannot decode image" in line
+    assert "labeled split: 1 of 111 samples are damaged" in line
+    assert "labeled-000001.tar (1 bad, e.g. key 'broken_img': cannot decode image" in line
     assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
 
 

@@ -1,4 +1,4 @@
-"""The per-worker loop without Ray: schedule, EMA, shard assignment, a tiny run and its resume."""
+"""The per-worker loop without Ray: a tiny run of every phase, checkpoint cadence and resume."""
 
 from __future__ import annotations
 
@@ -9,63 +9,15 @@ import pytest
 import torch
 
 from pipeline.config import PRESETS, TrainConfig
-from pipeline.data import assign_shards, steps_per_epoch
 from pipeline.dataset import DatasetInfo
 from pipeline.train import (
-    EMA,
     Job,
     LocalReporter,
     WorkerContext,
-    lr_factor,
     read_state,
     topk_correct,
     train_worker,
 )
-
-
-def test_assign_shards_partition_and_wrap() -> None:
-    shards = [f"s{i}" for i in range(5)]
-    parts = [assign_shards(shards, r, 2, exhaustive=True) for r in range(2)]
-    assert parts == [["s0", "s2", "s4"], ["s1", "s3"]]
-    # more readers than shards: evaluation leaves some empty, training wraps around
-    assert assign_shards(shards[:2], 3, 4, exhaustive=True) == []
-    assert assign_shards(shards[:2], 3, 4, exhaustive=False) == ["s1"]
-    assert all(assign_shards(shards[:1], r, 8, exhaustive=False) for r in range(8))
-    with pytest.raises(ValueError, match="no shards"):
-        assign_shards([], 0, 1, exhaustive=False)
-
-
-def test_steps_per_epoch_equal_for_all_ranks() -> None:
-    assert steps_per_epoch(180, 32, 1) == 6
-    assert steps_per_epoch(180, 32, 2) == 3
-    assert steps_per_epoch(5, 32, 4) == 1
-
-
-def test_lr_schedule_warmup_then_decay() -> None:
-    kw = dict(steps_per_epoch=10, warmup_epochs=2, total_epochs=10)
-    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(1 / 20)
-    assert lr_factor(19, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert lr_factor(20, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert lr_factor(60, schedule="cosine", **kw) == pytest.approx(0.5)
-    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-9)
-    # exponential: staircase 0.97 every 2.4 epochs, as the official code
-    assert lr_factor(23, schedule="exponential", **kw) == pytest.approx(1.0)
-    assert lr_factor(24, schedule="exponential", **kw) == pytest.approx(0.97)
-    assert lr_factor(50, schedule="exponential", **kw) == pytest.approx(0.97 ** 2)
-
-
-def test_ema_tracks_weights_with_warmup() -> None:
-    m = torch.nn.Linear(2, 1, bias=False)
-    torch.nn.init.zeros_(m.weight)
-    ema = EMA(m, decay=0.9)
-    with torch.no_grad():
-        m.weight.fill_(1.0)
-    ema.update(m)  # decay min(0.9, 2/11)
-    assert float(ema.module.weight[0, 0]) == pytest.approx(1 - 2 / 11)
-    for _ in range(200):
-        ema.update(m)
-    assert float(ema.module.weight[0, 0]) == pytest.approx(1.0, abs=1e-6)
-    assert not any(p.requires_grad for p in ema.module.parameters())
 
 
 def test_topk_correct() -> None:
@@ -85,7 +37,7 @@ def tiny_job(info: DatasetInfo, tmp: Path, **overrides) -> Job:
     spec = get_model_spec(cfg.model)
     split = {s: {"shards": info.splits[s].shards, "count": info.splits[s].count}
              for s in ("labeled", "test")}
-    return Job(config=dataclasses.asdict(cfg), role="teacher", classes=info.classes,
+    return Job(config=cfg, role="teacher", classes=info.classes,
                labeled=split["labeled"], test=split["test"],
                model={"name": cfg.model, "train_resolution": spec.train_resolution,
                       "test_resolution": spec.test_resolution, "dropout": spec.dropout,
@@ -146,28 +98,41 @@ def test_train_worker_resumes_from_checkpoint(digits_info: DatasetInfo, tmp_path
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
 
 
-def test_finetune_is_unnoised_and_keeps_norm_statistics_at_equal_resolution() -> None:
-    from torchvision.ops import StochasticDepth
+def test_resume_restores_model_ema_and_optimizer_exactly(digits_info: DatasetInfo,
+                                                         tmp_path: Path) -> None:
+    from pipeline.train import (
+        RunState,
+        build_learner,
+        checkpoint_and_report,
+        resume,
+        train_batches,
+        train_epoch,
+    )
 
-    from models import create_model
-    from pipeline.train import _quiet_for_finetune
+    job = tiny_job(digits_info, tmp_path, epochs=2, ema_decay=0.9)
+    ctx, rep = WorkerContext(), LocalReporter(tmp_path / "ck")
+    learner = build_learner(job, ctx)
+    state = RunState(epoch=1, history=[{"epoch": 1}])
+    sums, lr = train_epoch(learner, learner.model, train_batches(job, ctx, 0), cfg=job.config,
+                           ctx=ctx, epoch=0, steps=2, base_lr=1e-3)
+    assert len(sums) == 5 and sums[2] == 2 * job.config.batch_size and lr > 0
+    checkpoint_and_report(rep, ctx, {"phase": "train"}, learner, state)
+    again = build_learner(job, ctx)
+    restored = resume(again, rep.resume_dir(), ctx)
+    assert restored.epoch == 1 and restored.resumed_from == [{"phase": "train", "epoch": 1}]
+    assert again.ema is not None and learner.ema is not None
+    assert again.ema.updates == learner.ema.updates == 2
+    for a, b in ((again.model, learner.model), (again.ema.module, learner.ema.module)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                      b.state_dict().values(), strict=True))
+    saved, loaded = learner.optimizer.state_dict(), again.optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    assert all(torch.equal(saved["state"][k]["exp_avg"], loaded["state"][k]["exp_avg"])
+               for k in saved["state"])
 
-    torch.manual_seed(0)
-    model = create_model("efficientnet_t0", 10, dropout=0.5, drop_path=0.5).train()
-    _quiet_for_finetune(model, keep_norm_statistics=True)
-    noise = [m for m in model.modules() if isinstance(m, torch.nn.Dropout | StochasticDepth)]
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert noise and not any(m.training for m in noise)
-    assert norms and not any(m.training for m in norms)
-    before = [n.running_mean.clone() for n in norms]
-    x = torch.randn(4, 3, 32, 32)
-    out = model(x)
-    assert all(torch.equal(a, n.running_mean) for a, n in zip(before, norms, strict=True))
-    assert torch.equal(out, model(x))  # deterministic: no dropout, no dropped blocks
-    out.sum().backward()  # BatchNorm's affine weights still learn
-    assert norms[-1].weight.grad is not None
 
-    # re-estimating: the norms train (batch statistics), the noise stays off
-    model.train()
-    _quiet_for_finetune(model, keep_norm_statistics=False)
-    assert all(m.training for m in norms) and not any(m.training for m in noise)
+def test_train_worker_refuses_a_config_dict(digits_info: DatasetInfo, tmp_path: Path) -> None:
+    job = tiny_job(digits_info, tmp_path)
+    job.config = dataclasses.asdict(job.config)  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="Job.config must be a TrainConfig"):
+        train_worker(job, WorkerContext(), LocalReporter(tmp_path / "ck"))

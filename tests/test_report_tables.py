@@ -1,11 +1,10 @@
-"""Reports: a hand-written three-round run whose every number is worked out in the comments."""
+"""load_run and its tables: a hand-written three-round run whose every number is worked out in the
+comments. The run (``make_run``) is shared with the other tests of the report."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import report as report_job
 from pipeline.dataset import DatasetInfo, save_dataset
-from pipeline.manifest import (
-    artifact_dir,
-    manifest_path,
-    mark_complete,
-    new_manifest,
-    save_manifest,
-    set_stage,
-)
-from pipeline.report import (
-    PNG_MAGIC,
-    calibration_bins,
-    expected_calibration_error,
-    load_run,
-    median_from_histogram,
-    write_report,
-)
+from pipeline.layout import RunLayout
+from pipeline.manifest import RoundRecord
+from pipeline.report import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "toy"
@@ -65,7 +50,7 @@ ECE_0 = 0.41
 
 
 def write_pseudo_labels(folder: Path, shards: dict[str, list[tuple]], copies: bool = True) -> list:
-    """The DESIGN.md table, one file per shard; returns the manifest's files list."""
+    """The pseudo-label table (docs/design.md), one file per shard; returns the files list."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for name, rows in shards.items():
@@ -101,22 +86,48 @@ def write_test_predictions(root: Path, round_: int, rows: list[tuple]) -> None:
     }), path)
 
 
+def artifact_dir(root: Path, run: str, round_: int) -> Path:
+    return RunLayout(root, run).artifact_dir(round_)
+
+
+def manifest_path(root: Path, run: str, round_: int) -> Path:
+    return RunLayout(root, run).manifest_path(round_)
+
+
+def set_stage(m: dict, name: str, status: str, **fields) -> None:
+    m["stages"].setdefault(name, {}).update(status=status, **fields)
+
+
 def manifest(round_: int, top1: float, stages: dict[str, float], **extra) -> dict:
-    m = new_manifest(
-        run=RUN, round_=round_, role="teacher" if round_ == 0 else "student",
-        config={"threshold": 0.3, "k": None},
-        model={"name": "efficientnet_b0" if round_ == 0 else "efficientnet_b1",
-               "params": 4_000_000 + round_, "train_resolution": 32, "test_resolution": 40},
-        data={"dataset": "data/toy", "labeled": 10, "unlabeled": 9, "test": 5},
-        cluster={"num_workers": 1, "use_gpu": False, "resources": {}},
-        teacher={"round": round_ - 1} if round_ else None,
-    )
+    """A round's manifest as JSON, written by hand to the schema (docs/design.md)."""
+    m = {
+        "schema": 1, "run": RUN, "round": round_,
+        "role": "teacher" if round_ == 0 else "student", "status": "complete",
+        "created_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T01:00:00+00:00",
+        "code": {"git_commit": None, "dirty": None}, "config": {"threshold": 0.3, "k": None},
+        "model": {"name": "efficientnet_b0" if round_ == 0 else "efficientnet_b1",
+                  "params": 4_000_000 + round_, "train_resolution": 32, "test_resolution": 40},
+        "data": {"dataset": "data/toy", "dataset_sha256": "0" * 64, "labeled": 10,
+                 "unlabeled": 9, "test": 5},
+        "stages": {}, "checkpoint": {"uri": "x.pt", "sha256": "0" * 64},
+        "metrics": {"top1": top1, "top5": 0.99, "loss": 0.5}, "history": [],
+        "cluster": {"num_workers": 1, "use_gpu": False, "resources": {}},
+    }
+    if round_:
+        m["teacher"] = {"round": round_ - 1, "manifest_sha256": "0" * 64,
+                        "checkpoint_sha256": "0" * 64}
+        m["pseudo_labels"] = None
     for name, seconds in stages.items():
         set_stage(m, name, "complete", seconds=seconds)
-    m["metrics"] = {"top1": top1, "top5": 0.99, "loss": 0.5}
-    m["checkpoint"] = {"uri": "x.pt", "sha256": "0" * 64}
     m.update(extra)
-    return mark_complete(m)
+    return m
+
+
+def save_manifest(folder: Path, m: dict) -> None:
+    RoundRecord.from_json(m)  # only what the tool itself would accept
+    path = manifest_path(folder, m["run"], m["round"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(m))
 
 
 def pseudo_labels(round_: int, files: list, per_class: dict, kept: int, copies: int) -> dict:
@@ -125,64 +136,43 @@ def pseudo_labels(round_: int, files: list, per_class: dict, kept: int, copies: 
             "per_class": per_class}
 
 
-@pytest.fixture()
-def root(tmp_path: Path) -> Path:
-    """A finished three-round run of 3 classes under tmp_path (the current folder is elsewhere)."""
-    data = tmp_path / "data" / "toy"
+def make_run(folder: Path) -> Path:
+    """A finished three-round run of 3 classes under folder (the current folder is elsewhere)."""
+    data = folder / "data" / "toy"
     data.mkdir(parents=True)
     pd.DataFrame({"key": list(TRUTH), "label": np.array(list(TRUTH.values()), np.int32)}
                  ).to_parquet(data / "unlabeled_truth.parquet", index=False)
     save_dataset(DatasetInfo(path=data, name="toy", classes=CLASSES,
                              unlabeled_truth=data / "unlabeled_truth.parquet"))
 
-    save_manifest(tmp_path, manifest(0, 0.80, {"train": 100.0, "evaluate": 5.0}))
-    write_test_predictions(tmp_path, 0, TEST_PRED_0)
+    save_manifest(folder, manifest(0, 0.80, {"train": 100.0, "evaluate": 5.0}))
+    write_test_predictions(folder, 0, TEST_PRED_0)
 
     student = {"pseudo_label": 10.0, "select": 2.0, "train": 200.0, "finetune": 20.0,
                "evaluate": 5.0}
-    files1 = write_pseudo_labels(artifact_dir(tmp_path, RUN, 1) / "pseudo_labels", ROUND1)
+    files1 = write_pseudo_labels(artifact_dir(folder, RUN, 1) / "pseudo_labels", ROUND1)
     # per_class keyed by class index, as pipeline.select's plan writes it.
     m1 = manifest(1, 0.85, student, pseudo_labels=pseudo_labels(
         1, files1, {"0": {"kept": 2, "copies": 2}, "1": {"kept": 2, "copies": 2},
                     "2": {"kept": 1, "copies": 2}}, kept=5, copies=6))
     m1["metrics"]["teacher_top1"] = 0.80
     set_stage(m1, "pseudo_label", "complete", rows=8, bad_samples={"count": 2, "examples": []})
-    save_manifest(tmp_path, m1)
-    write_test_predictions(tmp_path, 1, [(0, 0, 0.9), (1, 1, 0.9)])
+    save_manifest(folder, m1)
+    write_test_predictions(folder, 1, [(0, 0, 0.9), (1, 1, 0.9)])
 
-    files2 = write_pseudo_labels(artifact_dir(tmp_path, RUN, 2) / "pseudo_labels", ROUND2)
-    # per_class keyed by class name, as DESIGN.md says; no teacher_top1: read from round 1.
+    files2 = write_pseudo_labels(artifact_dir(folder, RUN, 2) / "pseudo_labels", ROUND2)
+    # per_class keyed by class name (docs/design.md); no teacher_top1: read from round 1.
     m2 = manifest(2, 0.87, student, pseudo_labels=pseudo_labels(
         2, files2, {"cat": {"kept": 3, "copies": 3}, "fox": {"kept": 2, "copies": 3}},
         kept=8, copies=10))
-    save_manifest(tmp_path, m2)
-    return tmp_path
+    save_manifest(folder, m2)
+    return folder
 
 
-# ----------------------------------------------------------------------------- pure statistics
 
-
-def test_ece_of_hand_computed_example():
-    label, pred, conf = (np.array(x) for x in zip(*TEST_PRED_0, strict=True))
-    assert expected_calibration_error(conf, label == pred) == pytest.approx(ECE_0)
-    sums = calibration_bins(conf, label == pred)
-    assert sums[0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 2]
-    assert expected_calibration_error(sums=sums) == pytest.approx(ECE_0)
-
-
-def test_ece_bins_are_half_open_on_the_left_and_keep_zero_and_one():
-    count, _, _ = calibration_bins(np.array([0.0, 1.0, 0.5]), np.array([True, True, True]))
-    assert count[0] == 1 and count[-1] == 1 and count[7] == 1  # 0.5 in (7/15, 8/15]
-    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1])) == 0.0
-    assert math.isnan(expected_calibration_error(np.array([]), np.array([])))
-
-
-def test_median_from_fine_histogram_is_within_one_bin():
-    rng = np.random.default_rng(0)
-    values = rng.beta(5, 1, size=10_001)
-    hist = np.bincount(np.minimum((values * 1000).astype(int), 999), minlength=1000)
-    assert abs(median_from_histogram(hist)[0] - np.median(values)) <= 1e-3
-    assert np.isnan(median_from_histogram(np.zeros((2, 1000)))).all()
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    return make_run(tmp_path)
 
 
 # ----------------------------------------------------------------------------- load_run
@@ -344,107 +334,3 @@ def test_missing_file_and_bad_rows_are_noted(root: Path):
     text = " ".join(report.notes)
     assert "1 of 2 pseudo-label files missing" in text and "2 pseudo-label rows skipped" in text
 
-
-# ----------------------------------------------------------------------------- writing
-
-
-def check_png(path: Path) -> None:
-    assert path.stat().st_size > 1000, path
-    assert path.read_bytes()[:8] == PNG_MAGIC, path
-
-
-def test_write_report_md(root: Path):
-    path = write_report(load_run(root, RUN))
-    out = root / "reports" / RUN
-    assert path == out / "report.md"
-    pngs = ["top1_by_round.png", "confidence_round-1.png", "confidence_round-2.png",
-            "class_distribution_round-1.png", "class_distribution_round-2.png",
-            "reliability.png", "flip_matrix_round-1-2.png"]
-    for name in pngs:
-        check_png(out / name)
-    text = path.read_text()
-    for name in pngs:
-        assert f"]({name})" in text
-    for name in ("rounds", "per_class", "histograms", "flips", "flip_matrix", "class_changes",
-                 "calibration", "reliability"):
-        assert f"({name}.csv)" in text
-        assert len(pd.read_csv(out / f"{name}.csv")) > 0
-    assert pd.read_csv(out / "per_class.csv").query("round == 1")["copies"].tolist() == [3, 4, 1]
-
-
-def test_write_report_html(root: Path):
-    path = write_report(load_run(root, RUN, 1), fmt="html")
-    assert path.name == "report.html"
-    text = path.read_text()
-    assert text.startswith("<!doctype html>") and "<table" in text
-    assert "<img src='confidence_round-1.png'" in text and "round-2.png" not in text
-    check_png(path.parent / "confidence_round-1.png")
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    rc = report_job.main(list(argv))
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def test_cli_writes_report_and_prints_summary(root: Path, capsys):
-    rc, out, err = run_cli(capsys, "--run", RUN, "--root", str(root), "--format", "html")
-    assert rc == 0
-    assert "round 1 student" in out and "top-1 85.00%" in out and "ECE 0.410" in out
-    assert out.strip().endswith(str(root / "reports" / RUN / "report.html"))
-    assert (root / "reports" / RUN / "report.html").exists()
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--run", "nope"], "no run 'nope'"),
-    (["--run", RUN, "--round", "0"], "round 0 is the teacher"),
-    (["--run", RUN, "--round", "5"], "has no round 5"),
-])
-def test_cli_errors_are_one_line_exit_2(root: Path, capsys, argv, message):
-    rc, out, err = run_cli(capsys, *argv, "--root", str(root))
-    assert rc == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and message in err
-
-
-def test_cli_dataset_gone(root: Path, capsys):
-    (root / "data" / "toy" / "dataset.json").unlink()
-    rc, _, err = run_cli(capsys, "--run", RUN, "--root", str(root))
-    assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "data/toy" in err and "not found" in err
-
-
-def test_teacher_only_run_needs_no_dataset(tmp_path: Path):
-    save_manifest(tmp_path, manifest(0, 0.8, {"train": 1.0, "evaluate": 1.0}))
-    write_test_predictions(tmp_path, 0, TEST_PRED_0)
-    report = load_run(tmp_path, RUN)  # data/toy does not exist here
-    assert report.per_class.empty and report.flips.empty
-    assert report.calibration["ece"].tolist() == pytest.approx([ECE_0])
-    path = write_report(report)
-    check_png(path.parent / "top1_by_round.png")
-    check_png(path.parent / "reliability.png")
-    assert list(pd.read_csv(path.parent / "per_class.csv").columns)[:3] == [
-        "round", "class_index", "class"]
-
-
-def test_cli_round_whose_pseudo_label_stage_is_unfinished(root: Path, capsys):
-    m = json.loads(manifest_path(root, RUN, 2).read_text())
-    m["stages"]["pseudo_label"]["status"] = "running"
-    m["status"] = "running"
-    manifest_path(root, RUN, 2).write_text(json.dumps(m))
-    rc, _, err = run_cli(capsys, "--run", RUN, "--round", "2", "--root", str(root))
-    assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "pseudo_label stage is running" in err and "jobs/student.py" in err
-
-
-def test_cli_newer_schema_in_a_subprocess(root: Path):
-    m = json.loads(manifest_path(root, RUN, 1).read_text())
-    m["schema"] = 2
-    manifest_path(root, RUN, 1).write_text(json.dumps(m))
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "report.py"), "--run", RUN,
-                           "--root", str(root)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert "schema 2" in proc.stderr and "upgrade" in proc.stderr

@@ -1,0 +1,89 @@
+"""Where a run's files live: one object owns every path under ``--root``.
+
+    <root>/manifests/<run>/round-<N>.json     the lineage record (pipeline.manifest)
+    <root>/artifacts/<run>/round-<N>/         model.pt, pseudo/*.parquet, predictions, train/
+    <root>/reports/<run>/                     what jobs/report.py writes
+
+Records store locations under the root relative to it (``artifacts/r1/round-0/model.pt``), so a
+root can be moved or mounted elsewhere; anything outside the root is stored absolute. Stages never
+join these paths themselves: they ask the layout, which is where a filesystem other than the local
+one can later sit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_FILE = "model.pt"
+PSEUDO_DIR = "pseudo"
+TRUTH_DIR = "truth"
+PREDICTIONS_DIR = "predictions"
+TEST_PREDICTIONS = "test_predictions.parquet"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of run ``run`` under ``root`` (made absolute)."""
+
+    root: Path
+    run: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    # -- manifests
+    @property
+    def manifest_dir(self) -> Path:
+        return self.root / "manifests" / self.run
+
+    def manifest_path(self, round_: int) -> Path:
+        return self.manifest_dir / f"round-{round_}.json"
+
+    def rounds(self) -> list[int]:
+        """Round numbers that have a manifest file, sorted."""
+        found = []
+        for p in self.manifest_dir.glob("round-*.json"):
+            suffix = p.stem.removeprefix("round-")
+            if suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found)
+
+    # -- artifacts of a round
+    def artifact_dir(self, round_: int) -> Path:
+        return self.root / "artifacts" / self.run / f"round-{round_}"
+
+    def model_path(self, round_: int) -> Path:
+        return self.artifact_dir(round_) / MODEL_FILE
+
+    def pseudo_dir(self, round_: int) -> Path:
+        return self.artifact_dir(round_) / PSEUDO_DIR
+
+    def truth_dir(self, round_: int) -> Path:
+        return self.artifact_dir(round_) / TRUTH_DIR
+
+    def predictions_dir(self, round_: int) -> Path:
+        """Per-rank prediction parts written by the training workers."""
+        return self.artifact_dir(round_) / PREDICTIONS_DIR
+
+    def test_predictions(self, round_: int) -> Path:
+        return self.artifact_dir(round_) / TEST_PREDICTIONS
+
+    # -- reports
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "reports" / self.run
+
+    # -- locations stored in records
+    def resolve(self, uri: str | Path) -> Path:
+        """A location from a record: relative ones are under the root."""
+        p = Path(uri)
+        return p if p.is_absolute() else self.root / p
+
+    def relative(self, path: str | Path) -> str:
+        """How a record stores ``path``: relative to the root when under it, else absolute."""
+        p = Path(path).resolve()
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(p)

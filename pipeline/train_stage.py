@@ -1,0 +1,115 @@
+"""Stages train, finetune and evaluate of a round, from the driver: the job the workers run, and
+what their final checkpoint says, into the round's record.
+
+The workers' loop is :mod:`pipeline.train`; Ray Train is :mod:`pipeline.runner`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+from pipeline.config import StudentConfig
+from pipeline.manifest import FileRef, Metrics, RoundRecord, save_round
+from pipeline.runner import RunError, fit
+from pipeline.train import Job
+
+if TYPE_CHECKING:
+    from pipeline.rounds import Plan
+
+
+def make_job(p: Plan, rec: RoundRecord) -> Job:
+    """Everything the workers need, as plain data (the config travels as its dataclass)."""
+    cfg, info, layout = p.cfg, p.info, p.layout
+    pseudo = randaugment = None
+    if isinstance(cfg, StudentConfig):
+        pl = rec.pseudo_labels
+        pseudo = {"shards": info.split("unlabeled").shards, "dir": str(layout.resolve(pl.uri)),
+                  "count": pl.selected_with_copies}
+        if cfg.truth_labels:
+            pseudo.update(dir=str(layout.truth_dir(p.round_)),
+                          count=_truth_files(p, rec))
+        if pseudo["count"] == 0:
+            raise RunError("selection kept no pseudo-labels; lower --threshold or check the "
+                           "teacher")
+        if cfg.randaugment and cfg.randaugment_n > 0 and cfg.randaugment_m:
+            randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m}
+    split = {s: {"shards": info.split(s).shards, "count": info.split(s).count}
+             for s in ("labeled", "test")}
+    m = rec.model
+    model = {"name": m.name, "train_resolution": m.train_resolution,
+             "test_resolution": m.test_resolution, "dropout": m.dropout, "drop_path": m.drop_path}
+    return Job(config=cfg, role=p.role, classes=info.classes, labeled=split["labeled"],
+               test=split["test"], model=model,
+               predictions_dir=str(layout.predictions_dir(p.round_)), pseudo=pseudo,
+               randaugment=randaugment)
+
+
+def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
+    """Train (or resume), then record train, finetune and evaluate from the final checkpoint."""
+    import pandas as pd
+
+    from pipeline.checkpoint import read_state, read_weights, save_model_file
+
+    cfg, layout, art = p.cfg, p.layout, p.layout.artifact_dir(p.round_)
+    rec.set_stage("train", "running")
+    save_round(layout, rec)
+    t0 = time.time()
+    final = fit(make_job(p, rec), art, use_gpu=use_gpu)
+    try:
+        state = read_state(final)
+        model_path = layout.model_path(p.round_)
+        sha = save_model_file(model_path, read_weights(final), model_name=cfg.model,
+                              classes=p.info.classes,
+                              train_resolution=rec.model.train_resolution,
+                              test_resolution=rec.model.test_resolution,
+                              extra={"run": cfg.run, "round": p.round_})
+    finally:
+        shutil.rmtree(final, ignore_errors=True)
+    parts = sorted(layout.predictions_dir(p.round_).glob("rank-*.parquet"))
+    preds = pd.concat([pd.read_parquet(x) for x in parts], ignore_index=True)
+    preds.sort_values("key").to_parquet(layout.test_predictions(p.round_), index=False)
+    seconds = state["seconds"]
+    rec.set_stage("train", "complete", seconds=round(seconds.get("train", 0.0), 2),
+                  epochs=state["epoch"], wall_seconds=round(time.time() - t0, 2))
+    if state["finetune"]:
+        rec.set_stage("finetune", "complete", seconds=round(seconds.get("finetune", 0.0), 2),
+                      **state["finetune"])
+    final_metrics = dict(state["final_metrics"])
+    skipped = p.info.split("test").count - int(final_metrics.get("n", 0))
+    rec.set_stage("evaluate", "complete", seconds=round(seconds.get("evaluate", 0.0), 2),
+                  predictions=layout.relative(layout.test_predictions(p.round_)),
+                  damaged_skipped=max(0, skipped))
+    rec.metrics = Metrics(**{k: v for k, v in final_metrics.items()
+                             if k in ("top1", "top5", "loss", "n")})
+    if p.parent is not None:
+        rec.metrics.teacher_top1 = p.parent.record.metrics.top1
+    rec.history = state["history"]
+    rec.resumed_from = state["resumed_from"]
+    rec.checkpoint = FileRef(uri=layout.relative(model_path), sha256=sha)
+
+
+def _truth_files(p: Plan, rec: RoundRecord) -> int:
+    """The ceiling of an ablation: pseudo-label files whose labels are the held-out truth."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.pseudo_files import PseudoFileError, write_truth_files
+
+    info = p.info
+    if info.unlabeled_truth is None or not info.unlabeled_truth.exists():
+        raise RunError(f"--truth-labels needs {info.path}/unlabeled_truth.parquet (the held-out "
+                       "labels of the unlabeled split), which this dataset does not have")
+    truth = pd.read_parquet(info.unlabeled_truth)
+    labels = dict(zip(truth["key"].astype(str), truth["label"].astype(int), strict=True))
+    src = p.layout.resolve(rec.pseudo_labels.uri)
+    keys = {f.name: pq.read_table(f, columns=["key"]).column("key").to_pylist()
+            for f in sorted(src.glob("*.parquet"))}
+    try:
+        rows = write_truth_files(keys, labels, p.layout.truth_dir(p.round_))
+    except PseudoFileError as e:
+        raise RunError(str(e)) from None
+    print(f"truth labels: {rows} unlabeled images with their held-out labels "
+          f"({p.layout.truth_dir(p.round_)})", flush=True)
+    return rows

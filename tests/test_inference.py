@@ -1,0 +1,137 @@
+"""Ray Data batch inference: the readers' blocks, the teacher actor, the plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import PseudoLabelConfig
+from pipeline.dataset import load_dataset
+from pipeline.images import decode_image
+from pipeline.inference import (
+    KIND_END,
+    KIND_OK,
+    InferenceError,
+    TeacherPredictor,
+    check_resources,
+    data_context,
+    data_settings,
+    decoded_dataset,
+    inference_dataset,
+    read_decode_shards,
+    read_tasks,
+    soft_labels,
+)
+from pipeline.shards import read_samples
+from pipeline.storage import sha256_file
+from pipeline.transforms import eval_transform, normalize
+from tests.builders import make_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "model.pt"
+    make_teacher(path, digits_dir)
+    return path
+
+
+def test_soft_labels_are_a_distribution_over_topk_when_k_is_all_classes() -> None:
+    logits = torch.randn(64, 10) * 3
+    out = soft_labels(logits, topk=10)
+    p = logits.softmax(1).numpy()
+    assert out["topk_prob"].dtype == np.float16 and out["topk_index"].dtype == np.int32
+    np.testing.assert_allclose(out["topk_prob"].astype(np.float64).sum(1), 1.0, atol=5e-3)
+    np.testing.assert_array_equal(out["label"], p.argmax(1))
+    np.testing.assert_allclose(out["confidence"], p.max(1), rtol=1e-5)
+    np.testing.assert_allclose(out["entropy"], -(p * np.log(p)).sum(1), rtol=1e-4)
+    assert (np.diff(out["topk_prob"].astype(np.float32), axis=1) <= 0).all()  # sorted
+    assert soft_labels(logits, topk=3)["topk_index"].shape == (64, 3)
+
+
+def test_teacher_outputs_do_not_depend_on_batch_mates(teacher_model: Path) -> None:
+    pred = TeacherPredictor(str(teacher_model), sha256_file(teacher_model), topk=10,
+                            batch_size=32, use_gpu=False, threads=1)
+    x = np.random.default_rng(0).integers(0, 256, size=(40, 3, 32, 32), dtype=np.uint8)
+    whole = pred.forward(x)
+    alone = pred.forward(x[5:8])  # 3 rows, padded to the same 32-row shape
+    for name in whole:
+        np.testing.assert_array_equal(whole[name][5:8], alone[name])
+
+
+def test_readers_cut_consecutive_shards_into_full_batches_with_end_rows(
+        digits_dir: Path) -> None:
+    shards = load_dataset(digits_dir).split("unlabeled").shards[:3]
+    blocks = list(read_decode_shards({"item": np.array(shards, dtype=object)}, 32, 64))
+    sizes = [len(b["kind"]) for b in blocks]
+    samples = {s: list(read_samples([s])) for s in shards}
+    assert sum(sizes) == sum(len(v) for v in samples.values()) + len(shards)  # + an end row each
+    assert set(sizes[:-1]) == {64} and 0 < sizes[-1] <= 64  # full batches across shard ends
+    rows = {c: np.concatenate([b[c] for b in blocks]) for c in blocks[0]}
+    position = np.array([shards.index(s) for s in rows["shard"]])
+    assert (np.diff(position) >= 0).all()  # shard after shard, as given
+    for shard in shards:
+        mine = rows["shard"] == shard
+        assert rows["kind"][mine].tolist() == [KIND_OK] * len(samples[shard]) + [KIND_END]
+        assert rows["n"][mine][-1] == len(samples[shard])
+        assert rows["key"][mine][:-1].tolist() == [s.key for s in samples[shard]]
+        assert rows["index"][mine][:-1].tolist() == list(range(len(samples[shard])))
+    first = samples[shards[0]][0]  # uint8 here, normalised by the teacher: the eval transform
+    assert rows["image"].dtype == np.uint8
+    np.testing.assert_array_equal(normalize()(torch.from_numpy(rows["image"][:1]))[0],
+                                  eval_transform(32)(decode_image(first.image)))
+
+
+def test_read_tasks_are_few_and_bounded() -> None:
+    assert read_tasks(11, 1) == 4  # several per reader CPU, so the load balances
+    assert read_tasks(3, 8) == 3  # never more tasks than shards
+    assert read_tasks(431, 1) == 7  # at most 64 shards each
+    assert read_tasks(10_000, 14) == 157
+
+
+def test_actor_requests_that_would_starve_or_never_schedule_are_refused() -> None:
+    assert check_resources(PseudoLabelConfig(), {"CPU": 2.0}) == 0.0
+    assert check_resources(PseudoLabelConfig(label_actors=2), {"CPU": 16.0, "GPU": 2.0}) == 1.0
+    with pytest.raises(InferenceError, match="to read and decode shards"):
+        check_resources(PseudoLabelConfig(label_actors=2), {"CPU": 2.0})
+    with pytest.raises(InferenceError, match="GPUs"):
+        check_resources(PseudoLabelConfig(gpus_per_actor=1), {"CPU": 8.0})
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_readers_hand_the_teacher_full_batches_from_a_stage_of_their_own(
+        ray_address: str, digits_dir: Path, teacher_model: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    shards = load_dataset(digits_dir).split("unlabeled").shards
+    cfg = PseudoLabelConfig(label_batch_size=64)
+    settings = data_settings(32, cfg)
+    processes = int(ray.cluster_resources()["CPU"])  # one actor x 1 CPU, the rest read
+    assert settings["execution_options"].resource_limits.object_store_memory == \
+        8 * processes * 64 * 3 * 32 * 32  # read-ahead bounded (uint8), whatever the corpus
+    with data_context(**settings):
+        ds = decoded_dataset(shards, 32, cfg, reader_cpus=1)
+        sizes = [len(b["kind"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        capsys.readouterr()
+        inference_dataset(str(teacher_model), sha256_file(teacher_model), shards, 32,
+                          cfg).explain()
+    assert sum(sizes) == load_dataset(digits_dir).split("unlabeled").count + len(shards)
+    assert max(sizes) == 64 and sum(n != 64 for n in sizes) <= read_tasks(len(shards), 1)
+    plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(read_decode_shards)->StreamingRepartition" in plan
+    assert "ActorPoolMapOperator[MapBatches(TeacherPredictor)]" in plan  # not fused with them

@@ -1,0 +1,42 @@
+"""The learning-rate schedule, the EMA of weights and the optimizer choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.optim import EMA, lr_factor, make_optimizer
+
+
+def test_lr_schedule_warmup_then_decay() -> None:
+    kw = dict(steps_per_epoch=10, warmup_epochs=2, total_epochs=10)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(1 / 20)
+    assert lr_factor(19, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(20, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(60, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-9)
+    # exponential: staircase 0.97 every 2.4 epochs, as the official code
+    assert lr_factor(23, schedule="exponential", **kw) == pytest.approx(1.0)
+    assert lr_factor(24, schedule="exponential", **kw) == pytest.approx(0.97)
+    assert lr_factor(50, schedule="exponential", **kw) == pytest.approx(0.97 ** 2)
+
+
+def test_ema_tracks_weights_with_warmup() -> None:
+    m = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(m.weight)
+    ema = EMA(m, decay=0.9)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(m)  # decay min(0.9, 2/11)
+    assert float(ema.module.weight[0, 0]) == pytest.approx(1 - 2 / 11)
+    for _ in range(200):
+        ema.update(m)
+    assert float(ema.module.weight[0, 0]) == pytest.approx(1.0, abs=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_unknown_optimizer_names_the_valid_ones() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(make_optimizer(params, "sgd", 0.1, 0.0), torch.optim.SGD)
+    with pytest.raises(ValueError, match="use rmsprop, sgd or adamw"):
+        make_optimizer(params, "lamb", 0.1, 0.0)

@@ -1,0 +1,163 @@
+"""Round orchestration: the parent lookup, stages pseudo_label and select recorded and resumed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import PseudoLabelConfig
+from pipeline.dataset import load_dataset
+from pipeline.layout import RunLayout
+from pipeline.manifest import ManifestError, load_parent, load_round
+from pipeline.pseudo_files import PSEUDO_SCHEMA
+from pipeline.pseudo_label import label_shards
+from pipeline.rounds import run_label_stages
+from pipeline.shards import read_samples
+from tests.builders import CLASSES, make_round0, make_teacher, new_round1
+
+
+def read_all(out_dir: Path) -> dict[str, pd.DataFrame]:
+    return {p.name: pq.read_table(p).to_pandas() for p in sorted(out_dir.glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "model.pt"
+    make_teacher(path, digits_dir)
+    return path
+
+
+def test_missing_or_unfinished_teacher_round_says_what_to_run(tmp_path: Path,
+                                                              digits_dir: Path) -> None:
+    layout = RunLayout(tmp_path, "r1")
+    with pytest.raises(ManifestError, match=r"python jobs/teacher.py --run r1 --data"):
+        load_parent(layout, 1)
+    with pytest.raises(ManifestError, match=r"python jobs/student.py --run r1 --round 1`"):
+        load_parent(layout, 2)
+    with pytest.raises(ManifestError, match=r"round 0 is the teacher"):
+        load_parent(layout, 0)
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    make_round0(tmp_path, "r2", digits_dir, model, sha="0" * 64, status="running")
+    with pytest.raises(ManifestError, match=r"round 0 of run 'r2' is running, not complete"):
+        load_parent(RunLayout(tmp_path, "r2"), 1)
+
+
+def test_teacher_with_wrong_hash_is_refused(tmp_path: Path, digits_dir: Path,
+                                            teacher_model: Path) -> None:
+    make_round0(tmp_path, "r", digits_dir, teacher_model, sha="f" * 64)
+    with pytest.raises(CheckpointError, match=r"sha256 .* but its manifest records ffffffffffff"):
+        run_label_stages(RunLayout(tmp_path, "r"), 1, PseudoLabelConfig(),
+                         new_round1(tmp_path, "r"))
+    with pytest.raises(CheckpointError, match="sha256"):
+        label_shards(teacher_model, "f" * 64, [], tmp_path / "out", PseudoLabelConfig())
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
+                                               digits_dir: Path, teacher_model: Path) -> None:
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    layout = RunLayout(tmp_path, "r")
+    rec = run_label_stages(layout, 1, PseudoLabelConfig(), new_round1(tmp_path, "r"),
+                           progress=lambda _: None)
+    unlabeled = load_dataset(digits_dir).split("unlabeled")
+    out = layout.pseudo_dir(1)
+    tables = read_all(out)
+    assert sorted(tables) == sorted(Path(s).stem + ".parquet" for s in unlabeled.shards)
+    for name in tables:
+        assert pq.read_schema(out / name).remove_metadata() == PSEUDO_SCHEMA
+    for shard in unlabeled.shards:  # matched by key, in the shard's own order
+        df = tables[Path(shard).stem + ".parquet"]
+        assert df["key"].tolist() == [s.key for s in read_samples([shard])]
+        assert (df["shard"] == shard).all()
+    df = pd.concat(tables.values(), ignore_index=True)
+    assert len(df) == unlabeled.count and rec.pseudo_labels.rows == unlabeled.count
+    probs = np.stack(df["topk_prob"].to_numpy()).astype(np.float64)  # k = 10 = all classes
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-2)
+    assert (df["label"] == np.stack(df["topk_index"].to_numpy())[:, 0]).all()
+    assert df["label"].nunique() > 3  # the test teacher is not constant
+    saved = load_round(layout, 1)
+    assert saved.stage_complete("pseudo_label")
+    assert saved.stages["pseudo_label"].info["bad_samples"] == {"count": 0, "examples": []}
+    assert saved.stages["pseudo_label"].info["config"]["label_batch_size"] == 512
+    pl = saved.pseudo_labels
+    assert pl.uri == "artifacts/r/round-1/pseudo" and pl.threshold == 0.3
+    for c, name in enumerate(CLASSES):
+        rows = df[df["label"] == c]
+        assert pl.per_class[name] == {"kept": int((rows["copies"] > 0).sum()),
+                                      "copies": int(rows["copies"].sum())}
+    assert pl.selected_with_copies == int(df["copies"].sum()) > 0
+    before = saved.to_json()["stages"]
+    again = run_label_stages(layout, 1, PseudoLabelConfig(), saved, progress=lambda _: None)
+    assert again.to_json()["stages"] == before  # complete stages are skipped
+    # a different threshold is not silently ignored: selection (cheap) runs again, labels stay
+    stricter = run_label_stages(layout, 1, PseudoLabelConfig(threshold=0.9), again,
+                                progress=lambda _: None)
+    assert stricter.pseudo_labels.threshold == 0.9
+    assert stricter.stages["pseudo_label"].to_json() == before["pseudo_label"]
+    assert stricter.events[-1]["event"] == "reselect"
+    kept_09 = int((pd.concat(read_all(out).values())["confidence"] >= 0.9).sum())
+    assert stricter.pseudo_labels.kept <= kept_09
+    assert load_round(layout, 1).pseudo_labels == stricter.pseudo_labels  # saved as it went
+
+
+
+
+def test_preflight_counts_damage_and_stops_past_the_limit(tmp_path: Path, digits_dir: Path
+                                                          ) -> None:
+    import shutil
+
+    from pipeline.rounds import preflight
+    from pipeline.runner import RunError
+    from pipeline.shards import ShardError, ShardWriter
+
+    out = tmp_path / "d"
+    shutil.copytree(digits_dir, out)
+    info = load_dataset(out)
+    shard = info.split("labeled").shards[0]
+    samples = list(read_samples([shard]))
+    Path(shard).unlink()
+    with ShardWriter(Path(shard).parent, prefix="tmp") as w:
+        for s in samples:
+            w.write(s.key, b"garbage" if s.key == samples[3].key else s.image, s.label)
+    Path(w.paths[0]).rename(shard)
+    total = info.split("labeled").count
+    found = preflight(info, limit=10_000, damage_limit=0.05)
+    assert found["labeled"]["bad"] == 1 and found["labeled"]["samples"] == total
+    assert found["labeled"]["examples"][0]["key"] == samples[3].key
+    assert found["test"]["bad"] == 0
+    with pytest.raises(ShardError, match=rf"labeled split: 1 of {total} .* worst shard {shard}"):
+        preflight(info, limit=10_000, damage_limit=0.0)
+    assert preflight(info, limit=10, damage_limit=0.0) is None  # too large: not read here
+    with ShardWriter(Path(shard).parent, prefix="tmp2") as w:
+        w.write("x", samples[0].image, 10)  # a class the dataset does not have
+    info.splits["test"].shards.append(str(w.paths[0]))
+    with pytest.raises(RunError, match="label 10 is not one of the dataset's 10 classes"):
+        preflight(info, limit=10_000, damage_limit=0.05)
+
+
+def test_parameter_counts_need_no_real_model() -> None:
+    from models import count_parameters, create_model
+    from pipeline.rounds import parameter_count
+
+    assert parameter_count("efficientnet_t1", 10) == count_parameters(
+        create_model("efficientnet_t1", 10))
+    assert 479e6 < parameter_count("efficientnet_l2", 1000) < 481e6  # allocates nothing
+

@@ -1,0 +1,120 @@
+"""The parts of the Ray edge that need no cluster: root folders, checkpoints on disk, the one
+line shown for a failed worker, and the job surviving the trip to a worker."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import STATE_FILE
+from pipeline.config import PRESETS, StudentConfig
+from pipeline.runner import (
+    TRAIN_DIR,
+    RunError,
+    _root_cause,
+    has_checkpoint,
+    in_job_working_dir,
+    resolve_root,
+)
+from pipeline.train import Job
+
+JOB_DIR = ("tmp", "ray", "session_1", "runtime_resources", "working_dir_files", "_ray_pkg_abc")
+
+
+def test_in_job_working_dir(tmp_path: Path) -> None:
+    inside = tmp_path.joinpath(*JOB_DIR)
+    inside.mkdir(parents=True)
+    assert in_job_working_dir(inside)
+    assert not in_job_working_dir(tmp_path)
+    assert not in_job_working_dir(tmp_path / "runtime_resources")  # both parts are needed
+
+
+def test_resolve_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_root("out") == tmp_path.resolve() / "out"
+    inside = tmp_path.joinpath(*JOB_DIR)
+    inside.mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    with pytest.raises(RunError, match=r"--root 'out' is relative.*pass an absolute --root"):
+        resolve_root("out")
+    assert resolve_root(str(tmp_path)) == tmp_path.resolve()  # an absolute one is fine there
+
+
+def test_has_checkpoint(tmp_path: Path) -> None:
+    assert not has_checkpoint(tmp_path)
+    ck = tmp_path / TRAIN_DIR / "checkpoint_000003"
+    ck.mkdir(parents=True)
+    assert not has_checkpoint(tmp_path)  # a folder Ray made but never filled
+    (ck / STATE_FILE).write_bytes(b"x")
+    assert has_checkpoint(tmp_path)
+
+
+class _TaskError(Exception):
+    """Stands in for ray.exceptions.RayTaskError: its text is the worker's traceback."""
+
+
+RAY_TEXT = """ray::_RayTrainWorker__execute.get_next() (pid=4242, ip=10.0.0.2, actor_id=ab12)
+  File "/work/pipeline/train.py", line 300, in train_worker
+    run_phases(job, ctx, reporter, learner, state)
+  File "/work/pipeline/data.py", line 140, in __iter__
+    raise ShardError(f"{where}: not a PNG")
+pipeline.shards.ShardError: shard /data/labeled/000001.tar, key k7: not a PNG
+"""
+
+
+def test_root_cause_finds_the_worker_error_under_rays_wrapper() -> None:
+    try:
+        try:
+            raise _TaskError(RAY_TEXT)
+        except _TaskError as inner:
+            # Ray Train V1: the message says how to restore; the worker's error is the cause.
+            raise RuntimeError("The Ray Train run failed. Please inspect the previous error "
+                               "messages for a cause.\nTo continue this run, use restore()."
+                               ) from inner
+    except RuntimeError as e:
+        assert _root_cause(e) == "shard /data/labeled/000001.tar, key k7: not a PNG"
+
+
+def test_root_cause_prefers_our_errors_and_the_innermost() -> None:
+    text = ("ValueError: outer wrapper\nTraceback...\nDatasetError: first\n"
+            "ValueError: not this one\nDatasetError: the last DatasetError")
+    assert _root_cause(RuntimeError(text)) == "the last DatasetError"
+    outer = RuntimeError("CheckpointError: outer")
+    outer.__cause__ = ValueError("CheckpointError: inner")
+    assert _root_cause(outer) == "inner"
+
+
+def test_root_cause_of_worker_failures_and_plain_errors() -> None:
+    class WorkerGroupError(RuntimeError):  # Ray Train V2's shape
+        def __init__(self, failures: dict[int, BaseException]) -> None:
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    e = WorkerGroupError({1: _TaskError("Traceback\nValueError: --lr must be > 0")})
+    assert _root_cause(e) == "--lr must be > 0"
+    oom = RuntimeError("The Ray Train run failed.")
+    oom.__cause__ = _TaskError("Traceback (most recent call last):\n  ...\n"
+                               "torch.OutOfMemoryError: CUDA out of memory\n\n")
+    assert _root_cause(oom) == "torch.OutOfMemoryError: CUDA out of memory"
+    assert _root_cause(KeyError()) == "KeyError"
+
+
+def test_job_survives_pickling_with_its_config_dataclass() -> None:
+    """fit() hands Ray Job.__dict__ as train_loop_config; Ray pickles it (cloudpickle, which
+    pickles importable classes by reference as pickle does) and _ray_entry rebuilds the Job."""
+    cfg = StudentConfig(**PRESETS["student"]["demo"], run="r", data="d")
+    job = Job(config=cfg, role="student", classes=["a"], labeled={"shards": [], "count": 0},
+              test={"shards": [], "count": 0}, model={"name": "efficientnet_t0"},
+              predictions_dir="/p", pseudo={"shards": [], "dir": "/q", "count": 1})
+    dumps = pickle.dumps
+    try:
+        from ray import cloudpickle
+
+        dumps = cloudpickle.dumps
+    except ImportError:
+        pass
+    again = Job(**pickle.loads(dumps(dict(job.__dict__))))
+    assert isinstance(again.config, StudentConfig) and again.config == cfg
+    assert again.config.unlabel_ratio == cfg.unlabel_ratio and again == job
