@@ -13,10 +13,12 @@ if str(ROOT) not in sys.path:  # `python jobs/x.py` and Ray jobs run from a copy
 
 def run_job(name: str, body: Callable[[], int]) -> int:
     """Run ``body``; a known user error becomes one line on stderr and exit code 2."""
+    from models.weights import WeightsError
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
     from pipeline.inference import InferenceError
+    from pipeline.lock import LockError
     from pipeline.manifest import ManifestError
     from pipeline.pseudo_files import PseudoFileError
     from pipeline.runner import RunError
@@ -24,7 +26,7 @@ def run_job(name: str, body: Callable[[], int]) -> int:
 
     known: tuple[type[BaseException], ...] = (
         ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError,
-        InferenceError, PseudoFileError)
+        InferenceError, PseudoFileError, WeightsError, LockError)
     try:
         return body()
     except known as e:

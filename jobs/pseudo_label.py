@@ -40,6 +40,8 @@ class PseudoLabelJob(PseudoLabelConfig):
     """Folder holding manifests/ and artifacts/ (shared storage on a multi-node cluster)."""
     num_cpus: int | None = None
     """CPUs of the local Ray started when no cluster is running (default: all)."""
+    verbose: bool = False
+    """Show Ray's own INFO lines and known-harmless warnings (hidden by default)."""
 
 
 def parse_args(argv: list[str] | None) -> PseudoLabelJob:
@@ -87,6 +89,7 @@ def new_record(layout: RunLayout, job: PseudoLabelJob, parent: Parent) -> RoundR
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
+        from pipeline.lock import round_lock
         from pipeline.manifest import check_model_file, load_parent
         from pipeline.rounds import run_label_stages
         from pipeline.runner import ray_session, resolve_root
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parent = load_parent(layout, job.round)
         check_model_file(parent)
         existing = existing_round(layout, job)
-        with ray_session(job.num_cpus):
+        with round_lock(layout, job.round), ray_session(job.num_cpus, verbose=job.verbose):
             rec = existing or new_record(layout, job, parent)
             rec = run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)
         summary(layout, rec)
@@ -107,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(layout: RunLayout, rec: RoundRecord) -> None:
+    """The job's last line: what was labeled and selected, and where."""
     pl = rec.pseudo_labels
     bad = rec.stages["pseudo_label"].info.get("bad_samples", {})
-    print(f"pseudo_label: {pl.rows} images labeled in {len(pl.files)} files under "
-          f"{layout.resolve(pl.uri)}; {bad.get('count', 0)} bad samples skipped")
-    print(f"pseudo_label: selected {pl.kept} images ({pl.selected_with_copies} with "
-          f"copies; threshold {pl.threshold}, K {pl.k}); manifest "
-          f"{layout.manifest_path(rec.round)}")
+    print(f"pseudo_label: round {rec.round} of {rec.run!r}: {pl.rows} images labeled "
+          f"({bad.get('count', 0)} damaged skipped), {pl.kept} selected ({pl.selected_with_copies}"
+          f" with copies; threshold {pl.threshold}, K {pl.k}) in {layout.resolve(pl.uri)}; "
+          f"manifest {layout.manifest_path(rec.round)}")
 
 
 if __name__ == "__main__":

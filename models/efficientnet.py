@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.efficientnet import EfficientNet, MBConv, MBConvConfig
@@ -106,13 +107,45 @@ def _check_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
+class _SamePad:
+    """Forward pre-hook: TF's "SAME" padding for a strided convolution whose own padding is 0.
+
+    TF pads ``max((ceil(n / s) - 1) * s + k - n, 0)`` in total along each axis, the smaller half
+    before: at stride 2 on an even size that is 0 before and 1 after, where PyTorch's symmetric
+    padding puts 1 on each side, so weights trained in TF see every strided layer shifted by a
+    pixel. A plain object (not a closure), so the model still pickles and deep-copies."""
+
+    def __init__(self, kernel: tuple[int, int], stride: tuple[int, int]) -> None:
+        self.kernel, self.stride = kernel, stride
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # (B, C, H, W)
+        pads = []
+        for n, k, s in zip(x.shape[-1:-3:-1], self.kernel[::-1], self.stride[::-1], strict=True):
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads += [total // 2, total - total // 2]
+        return (F.pad(x, pads), *args[1:])
+
+
+def _use_same_padding(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+            m.padding = (0, 0)
+            m.register_forward_pre_hook(_SamePad(m.kernel_size, m.stride))
+
+
 def create_model(
-    name: str, num_classes: int, *, dropout: float | None = None, drop_path: float = 0.2
+    name: str, num_classes: int, *, dropout: float | None = None, drop_path: float = 0.2,
+    norm_eps: float | None = None, norm_momentum: float | None = None,
+    same_padding: bool = False,
 ) -> nn.Module:
     """Build a registered model with fresh weights.
 
     ``dropout`` None uses the spec's head dropout; ``drop_path`` is the stochastic-depth drop
-    probability at the last MBConv block, scaled linearly from 0 at the first.
+    probability at the last MBConv block, scaled linearly from 0 at the first. ``norm_eps`` and
+    ``norm_momentum`` set every BatchNorm (None: PyTorch's 1e-5 and 0.1); ``same_padding`` pads
+    strided convolutions as TF does. The last three are what weights trained elsewhere expect
+    (:mod:`models.weights`).
     The result is a torchvision ``EfficientNet`` (``features``, ``avgpool``,
     ``classifier = Sequential(Dropout, Linear)``) carrying its ``spec`` as an attribute.
     """
@@ -123,10 +156,14 @@ def create_model(
     _check_probability("dropout", dropout)
     _check_probability("drop_path", drop_path)
 
-    model = EfficientNet(_stage_configs(spec), dropout=dropout, num_classes=num_classes)
+    norm = {k: v for k, v in (("eps", norm_eps), ("momentum", norm_momentum)) if v is not None}
+    model = EfficientNet(_stage_configs(spec), dropout=dropout, num_classes=num_classes,
+                         norm_layer=partial(nn.BatchNorm2d, **norm) if norm else None)
     # torchvision hard-codes a stride-2 stem; the tiny family needs stride 1 on 32 px inputs.
     # A 3x3 conv with padding 1 keeps "same" padding at either stride.
     model.features[0][0].stride = (spec.stem_stride, spec.stem_stride)
+    if same_padding:
+        _use_same_padding(model)
     _set_drop_path(model, drop_path)
     model.spec = spec
     return model

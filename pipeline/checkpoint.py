@@ -39,9 +39,14 @@ def save_model_file(
     classes: list[str],
     train_resolution: int,
     test_resolution: int,
+    model_options: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the model file atomically; returns its sha256."""
+    """Write the model file atomically; returns its sha256.
+
+    ``model_options`` are the :func:`models.create_model` arguments the weights need beyond the
+    name (BatchNorm settings, TF padding of weights that came from elsewhere): every later round
+    rebuilds the network with them."""
     payload = {
         "format": FORMAT,
         "model_name": model_name,
@@ -49,6 +54,7 @@ def save_model_file(
         "classes": list(classes),
         "train_resolution": int(train_resolution),
         "test_resolution": int(test_resolution),
+        "model_options": dict(model_options or {}),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "extra": dict(extra or {}),
     }
@@ -86,7 +92,8 @@ def load_model(path: str | Path, expected_sha256: str | None = None,
     from models import create_model
 
     payload = read_model_file(path, expected_sha256)
-    model = create_model(payload["model_name"], payload["num_classes"], **model_kwargs)
+    options = {**(payload.get("model_options") or {}), **model_kwargs}
+    model = create_model(payload["model_name"], payload["num_classes"], **options)
     model.load_state_dict(payload.pop("state_dict"))
     model.eval()
     return model, payload

@@ -131,12 +131,26 @@ class TrainConfig:
     """Images per evaluation step on each worker."""
     eval_every: int = 1
     """Evaluate on the test split every this many epochs (and always after the last)."""
+    max_failures: int = 0
+    """Times Ray Train restarts the workers from the last checkpoint after one of them dies
+    (a lost node, an OOM kill); 0 ends the round at the first failure."""
     checkpoint_every: int = 1
     """Checkpoint through Ray Train every this many epochs (and always after the last); a killed
     job resumes from the latest one. Each cost 1-2 s with Ray Train on 2 cores, so short epochs
     want a larger value."""
     seed: int = 0
     """Seed of initialisation, data order and augmentation."""
+    init_from: str | None = None
+    """Start from this weights file instead of random weights: a local torchvision or timm
+    EfficientNet state dict (.pt/.pth/.safetensors) or a round's model.pt. A different class
+    count re-initialises the classifier."""
+    init_style: Literal["auto", "torchvision", "timm", "tf", "ours"] = "auto"
+    """What --init-from holds, which decides the layer settings its weights expect: auto (from
+    its keys; a timm file whose name has "tf_" is a TF port: BatchNorm eps 1e-3, TF padding)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to artifacts/<run>/round-<N>/tensorboard/."""
+    verbose: bool = False
+    """Show Ray's own INFO lines and known-harmless warnings (hidden by default)."""
     force: bool = False
     """Start the round again even if it is complete (its old checkpoints are removed)."""
     preflight_limit: int = 50000
@@ -183,6 +197,8 @@ class TrainConfig:
             raise ConfigError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
         if self.warmup_epochs < 0 or self.finetune_epochs < 0 or self.loader_workers < 0:
             raise ConfigError("--warmup-epochs, --finetune-epochs and --loader-workers must be >= 0")
 

@@ -331,6 +331,9 @@ def data_context(**settings: Any) -> Iterator[None]:
     """Ray Data settings for the datasets made inside (each copies the context it starts with)."""
     from ray.data import DataContext
 
+    from pipeline.logs import quiet_console
+
+    quiet_console("ray.data")  # its execution plans at INFO, unless --verbose
     ctx = DataContext.get_current()
     old = {name: getattr(ctx, name) for name in settings}
     for name, value in settings.items():

@@ -20,6 +20,7 @@ PSEUDO_DIR = "pseudo"
 TRUTH_DIR = "truth"
 PREDICTIONS_DIR = "predictions"
 TEST_PREDICTIONS = "test_predictions.parquet"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class RunLayout:
 
     def test_predictions(self, round_: int) -> Path:
         return self.artifact_dir(round_) / TEST_PREDICTIONS
+
+    def tensorboard_dir(self, round_: int) -> Path:
+        return self.artifact_dir(round_) / TENSORBOARD_DIR
 
     # -- reports
     @property

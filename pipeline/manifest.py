@@ -60,6 +60,7 @@ class ModelRecord:
     test_resolution: int
     dropout: float | None = None
     drop_path: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # create_model's extra arguments
 
 
 @dataclass

@@ -190,3 +190,21 @@ def write_truth_files(keys_by_file: dict[str, list[str]], labels: dict[str, int]
         pq.write_table(table, out_dir / name)
         rows += len(keys)
     return rows
+
+
+def confidence_summary(paths: list[Path], bins: int = 1000) -> dict[str, float | None]:
+    """Mean and median teacher confidence over the files, one column of one file at a time (the
+    median from a histogram of ``bins`` equal bins on [0, 1], so within 1/bins of the exact one)."""
+    total, n = 0.0, 0
+    hist = np.zeros(bins, np.int64)
+    for path in paths:
+        conf = pq.read_table(path, columns=["confidence"]).column("confidence").to_numpy()
+        conf = conf[np.isfinite(conf)]
+        total += float(conf.sum(dtype=np.float64))
+        n += len(conf)
+        hist += np.bincount(np.clip((conf * bins).astype(np.int64), 0, bins - 1),
+                            minlength=bins)
+    if n == 0:
+        return {"mean": None, "median": None}
+    median_bin = int(np.searchsorted(np.cumsum(hist), n / 2))
+    return {"mean": total / n, "median": (median_bin + 0.5) / bins}

@@ -17,11 +17,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PseudoLabelConfig, StudentConfig, TrainConfig, to_dict
 from pipeline.dataset import DatasetInfo, load_dataset
 from pipeline.layout import RunLayout
+from pipeline.lock import round_lock
 from pipeline.manifest import (
     DataRef,
     ManifestError,
@@ -36,6 +37,9 @@ from pipeline.manifest import (
     save_round,
 )
 from pipeline.runner import RunError, check_resources, cluster_summary, ray_session, resolve_root
+
+if TYPE_CHECKING:
+    from models.weights import InitPlan
 
 Progress = Callable[[str], Any]
 
@@ -124,6 +128,7 @@ class Plan:
     info: DatasetInfo
     parent: Parent | None
     existing: RoundRecord | None
+    init: InitPlan | None = None  # --init-from, checked
 
     @property
     def role(self) -> str:
@@ -164,10 +169,26 @@ def plan_round(cfg: TrainConfig) -> Plan:
             f"({layout.manifest_path(round_)}); pass --force to train it again or choose "
             "another --run")
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
-                existing=None if cfg.force else existing)
+                existing=None if cfg.force else existing, init=_init_plan(cfg, info))
 
 
-def model_record(cfg: TrainConfig, num_classes: int) -> ModelRecord:
+def _init_plan(cfg: TrainConfig, info: DatasetInfo) -> InitPlan | None:
+    """``--init-from`` checked against the model and the dataset's classes (one line if not)."""
+    if cfg.init_from is None:
+        return None
+    from models.weights import inspect_init
+
+    plan = inspect_init(Path(cfg.init_from).expanduser(), cfg.model, info.num_classes,
+                        style=cfg.init_style)
+    note = (f"; its classifier ({plan.source_classes} classes) is re-initialised for the "
+            f"dataset's {info.num_classes}" if plan.reinit_classifier else "")
+    log(f"init: {cfg.model} starts from {plan.path} ({plan.style} weights, sha256 "
+        f"{plan.sha256[:12]}...){note}")
+    return plan
+
+
+def model_record(cfg: TrainConfig, num_classes: int,
+                 options: dict[str, Any] | None = None) -> ModelRecord:
     from models import get_model_spec
 
     spec = get_model_spec(cfg.model)
@@ -175,7 +196,7 @@ def model_record(cfg: TrainConfig, num_classes: int) -> ModelRecord:
                        train_resolution=spec.train_resolution,
                        test_resolution=spec.test_resolution,
                        dropout=spec.dropout if cfg.dropout is None else cfg.dropout,
-                       drop_path=cfg.drop_path)
+                       drop_path=cfg.drop_path, options=dict(options or {}))
 
 
 def data_ref(info: DatasetInfo) -> DataRef:
@@ -186,18 +207,21 @@ def _start_record(p: Plan, use_gpu: bool) -> RoundRecord:
     from pipeline.runner import has_checkpoint
 
     cfg = p.cfg
+    options = p.init.options if p.init is not None else {}
     if p.existing is not None:
         rec = p.existing
         rec.mark_running()
         rec.config = to_dict(cfg)
-        rec.model = model_record(cfg, p.info.num_classes)  # None when pseudo_label made it
-        rec.add_event("restart", resumes_training=has_checkpoint(
+        rec.model = model_record(cfg, p.info.num_classes, options)  # None when made by
+        rec.add_event("restart", resumes_training=has_checkpoint(  # jobs/pseudo_label.py
             p.layout.artifact_dir(p.round_)))
-        return rec
-    return new_round(run=cfg.run, round_=p.round_, config=to_dict(cfg),
-                     model=model_record(cfg, p.info.num_classes), data=data_ref(p.info),
-                     cluster=cluster_summary(cfg.num_workers, use_gpu),
-                     teacher=p.parent.ref if p.parent is not None else None)
+    else:
+        rec = new_round(run=cfg.run, round_=p.round_, config=to_dict(cfg),
+                        model=model_record(cfg, p.info.num_classes, options),
+                        data=data_ref(p.info), cluster=cluster_summary(cfg.num_workers, use_gpu),
+                        teacher=p.parent.ref if p.parent is not None else None)
+    rec.init = p.init.record() if p.init is not None else None
+    return rec
 
 
 def run_round(cfg: TrainConfig) -> RoundRecord:
@@ -208,28 +232,41 @@ def run_round(cfg: TrainConfig) -> RoundRecord:
     if cfg.force and art.exists():
         log(f"--force: removing {art} (checkpoints and pseudo-labels of the old round)")
     damage = preflight(p.info, cfg.preflight_limit, cfg.damage_limit)
-    with ray_session(num_cpus=None):
+    with ray_session(num_cpus=None, verbose=cfg.verbose):
         use_gpu = check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-        if cfg.force and art.exists():
-            shutil.rmtree(art)
-        rec = _start_record(p, use_gpu)
-        if damage is not None:
-            rec.set_stage("preflight", "complete", **damage)
-        path = save_round(layout, rec)
-        log(f"{p.role} round {p.round_} of run {cfg.run!r}: manifest {path}, artifacts {art}")
-        try:
-            if p.parent is not None:
-                assert isinstance(cfg, StudentConfig)
-                run_label_stages(layout, p.round_, cfg.label_settings(), rec, parent=p.parent,
-                                 progress=log)
-            if not rec.stage_complete("evaluate"):
-                from pipeline.train_stage import train_stage
+        with round_lock(layout, p.round_):  # the last check; from here on the round writes
+            return _run_locked(p, damage, use_gpu)
 
-                train_stage(p, rec, use_gpu)
-        except BaseException as e:
-            rec.mark_failed(str(e).splitlines()[0] if str(e) else type(e).__name__)
-            save_round(layout, rec)
-            raise
+
+def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundRecord:
+    """The stages, holding the round's lock; returns the complete record."""
+    cfg, layout = p.cfg, p.layout
+    art = layout.artifact_dir(p.round_)
+    if not cfg.force:  # another process may have moved the round on since plan_round read it
+        p.existing = load_round(layout, p.round_)
+        if p.existing is not None and p.existing.status == "complete":
+            raise RunError(f"run {cfg.run!r} already has a complete round {p.round_} "
+                           f"({layout.manifest_path(p.round_)}); pass --force to train it again")
+    if cfg.force and art.exists():
+        shutil.rmtree(art)
+    rec = _start_record(p, use_gpu)
+    if damage is not None:
+        rec.set_stage("preflight", "complete", **damage)
+    path = save_round(layout, rec)
+    log(f"{p.role} round {p.round_} of run {cfg.run!r}: manifest {path}, artifacts {art}")
+    try:
+        if p.parent is not None:
+            assert isinstance(cfg, StudentConfig)
+            run_label_stages(layout, p.round_, cfg.label_settings(), rec, parent=p.parent,
+                             progress=log)
+        if not rec.stage_complete("evaluate"):
+            from pipeline.train_stage import train_stage
+
+            train_stage(p, rec, use_gpu)
+    except BaseException as e:
+        rec.mark_failed(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        save_round(layout, rec)
+        raise
     rec.mark_complete()
     save_round(layout, rec)
     return rec
@@ -313,6 +350,25 @@ def _select_stage(layout: RunLayout, rec: RoundRecord, shards: list[str], classe
                   kept=result["kept"], selected_with_copies=result["selected_with_copies"],
                   k=result["k"], threshold=result["threshold"], k_requested=cfg.k, seed=cfg.seed)
     save_round(layout, rec)
+    _label_events(layout, rec, out_dir)
+
+
+def _label_events(layout: RunLayout, rec: RoundRecord, out_dir: Path) -> None:
+    """The round's pseudo-label counts and confidence, as TensorBoard scalars at step 0."""
+    from pipeline.events import Events
+    from pipeline.pseudo_files import confidence_summary
+
+    if not rec.config.get("tensorboard", True):
+        return
+    pl = rec.pseudo_labels
+    conf = confidence_summary([out_dir / f.name for f in pl.files])
+    bad = (rec.stages["pseudo_label"].info.get("bad_samples") or {}).get("count")
+    events = Events(layout.tensorboard_dir(rec.round))
+    events.scalars(0, {"pseudo/rows": pl.rows, "pseudo/kept": pl.kept,
+                       "pseudo/with_copies": pl.selected_with_copies, "pseudo/bad_samples": bad,
+                       "pseudo/confidence_mean": conf["mean"],
+                       "pseudo/confidence_median": conf["median"]})
+    events.close()
 
 
 def _selection_changed(done: dict[str, Any], cfg: PseudoLabelConfig) -> bool:

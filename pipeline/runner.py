@@ -46,28 +46,32 @@ def resolve_root(root: str) -> Path:
 
 
 @contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[bool]:
+def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterator[bool]:
     """Join the cluster named by RAY_ADDRESS (set for ``ray job submit`` drivers; set it to
     ``auto`` to use a cluster from ``ray start``), else start a local one with explicit CPUs.
-    Shuts down only a cluster it started. Yields whether it started one."""
+    Shuts down only a cluster it started. Yields whether it started one. Ray's chatter is
+    hidden unless ``verbose`` (:mod:`pipeline.logs`)."""
     import ray
+
+    from pipeline.logs import quiet_ray
 
     if ray.is_initialized():
         yield False
         return
     started = not os.environ.get("RAY_ADDRESS")
-    if started:
-        # The dashboard serves the state API, which Ray Train's placement-group cleaner polls
-        # (without it, it logs a warning every few seconds).
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", logging_level="warning")
-    else:
-        ray.init(logging_level="warning")
-    try:
-        yield started
-    finally:
+    with quiet_ray(verbose):
         if started:
-            ray.shutdown()
+            # The dashboard serves the state API, which Ray Train's placement-group cleaner
+            # polls (without it, it logs a warning every few seconds).
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                     dashboard_host="127.0.0.1", logging_level="warning")
+        else:
+            ray.init(logging_level="warning")
+        try:
+            yield started
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool | None) -> bool:
@@ -157,7 +161,7 @@ def fit(job: Job, storage: Path, *, use_gpu: bool) -> Path:
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=TRAIN_DIR, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )

@@ -40,6 +40,7 @@ from pipeline.checkpoint import (  # noqa: F401 - read_state, read_weights: call
 )
 from pipeline.config import StudentConfig, TrainConfig
 from pipeline.data import LabeledStream, PseudoStream, make_loader, steps_per_epoch
+from pipeline.events import Events
 from pipeline.optim import EMA, lr_factor, make_optimizer
 from pipeline.transforms import eval_transform, train_transform
 
@@ -55,6 +56,7 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    events: Events = field(default_factory=lambda: Events(None))  # rank 0's TensorBoard files
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
@@ -85,6 +87,10 @@ class WorkerContext:
             # Not print(): Ray Train patches print in workers and the line would appear twice.
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
+
+    def scalars(self, step: int, values: dict[str, float | int | None]) -> None:
+        if self.rank == 0:
+            self.events.scalars(step, values)
 
 
 class Reporter(Protocol):
@@ -169,10 +175,13 @@ class Job:
     classes: list[str]
     labeled: dict[str, Any]  # {"shards": [...], "count": n}
     test: dict[str, Any]
-    model: dict[str, Any]  # {"name", "train_resolution", "test_resolution", "dropout", "drop_path"}
+    model: dict[str, Any]  # {"name", "train_resolution", "test_resolution", "dropout", "drop_path",
+    #                         "options" (create_model's extra arguments)}
     predictions_dir: str
     pseudo: dict[str, Any] | None = None  # {"shards", "dir", "count" (sum of copies)}
     randaugment: dict[str, Any] | None = None  # {"num_ops", "magnitude"}
+    init: dict[str, Any] | None = None  # models.weights.InitPlan as a dict: --init-from, checked
+    tensorboard_dir: str | None = None  # rank 0 writes its event files here
 
     @property
     def num_classes(self) -> int:
@@ -234,14 +243,19 @@ def train_steps(job: Job, world_size: int) -> int:
     return steps_per_epoch(job.pseudo["count"], pseudo_batch_size(job.config), world_size)
 
 
-def build_learner(job: Job, ctx: WorkerContext) -> Learner:
+def build_learner(job: Job, ctx: WorkerContext, *, init: bool = True) -> Learner:
+    """Model (from ``job.init`` when ``init`` and the job has one), EMA and optimizer."""
     from models import create_model
 
     cfg = job.config
     torch.manual_seed(cfg.seed)
     model = create_model(job.model["name"], job.num_classes, dropout=job.model["dropout"],
-                         drop_path=job.model["drop_path"]).to(ctx.device)
-    model = model.to(memory_format=torch.channels_last)
+                         drop_path=job.model["drop_path"], **job.model.get("options", {}))
+    if init and job.init is not None:  # before the EMA copies the weights
+        from models.weights import InitPlan, load_init
+
+        load_init(model, InitPlan(**job.init))
+    model = model.to(ctx.device).to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = make_optimizer(model.parameters(), cfg.optimizer, peak_lr(cfg, ctx.world_size),
                                cfg.weight_decay)
@@ -393,6 +407,11 @@ def train_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learn
         state.history.append(row)
         left = (cfg.epochs - epoch - 1) * (time.time() - t0)  # training and evaluation
         test = f" test top-1 {metrics['top1']:.4f}" if metrics["top1"] is not None else ""
+        ctx.scalars(epoch + 1, {
+            "train/loss": row["train_loss"], "train/pseudo_loss": row.get("pseudo_loss"),
+            "train/top1": row["train_top1"], "train/lr": lr, "train/images_per_s":
+            row["images_per_s"], "test/top1": metrics["top1"], "test/top5": metrics["top5"],
+            "test/loss": metrics["loss"]})
         ctx.log(f"[{job.role}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
                 f"train top-1 {row['train_top1']:.3f}{test} "
                 f"({images / seconds:.0f} img/s, {seconds:.1f}s, ~{left / 60:.1f} min left)")
@@ -414,6 +433,8 @@ def finetune_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Le
     done = fixres.finetune(learner.model, job, ctx, peak_lr=peak_lr(job.config, ctx.world_size))
     after, _ = evaluate(learner.model, tests, ctx)
     state.finetune = {"top1_before": before["top1"], "top1_after": after["top1"], **done}
+    ctx.scalars(state.epoch, {"fixres/top1_before": before["top1"],
+                              "fixres/top1_after": after["top1"]})
     state.seconds["finetune"] = time.time() - t0
     ctx.log(f"[{job.role}] FixRes fine-tune at {done['resolution']} px, {done['steps']} "
             f"steps: test top-1 {before['top1']:.4f} -> {after['top1']:.4f}")
@@ -441,6 +462,7 @@ def final_evaluate(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Le
     metrics, rows = evaluate(learner.model, test_loader(job, ctx), ctx, collect=True)
     write_predictions(rows, job.predictions_dir, ctx.rank)
     state.final_metrics = metrics
+    ctx.scalars(state.epoch, {"final/top1": metrics["top1"], "final/top5": metrics["top5"]})
     state.seconds["evaluate"] = time.time() - t0
     state.phase = "done"
     ctx.log(f"[{job.role}] test top-1 {metrics['top1']:.4f} top-5 "
@@ -496,7 +518,12 @@ def train_worker(job: Job, ctx: WorkerContext, reporter: Reporter) -> RunState:
         raise TypeError(f"Job.config must be a TrainConfig or StudentConfig, not "
                         f"{type(job.config).__name__}; pass the dataclass itself")
     torch.set_num_threads(max(1, int(job.config.cpus_per_worker)))
-    learner = build_learner(job, ctx)
     folder = reporter.resume_dir()
+    learner = build_learner(job, ctx, init=folder is None)  # a checkpoint has its own weights
     state = resume(learner, folder, ctx) if folder is not None else RunState()
-    return run_phases(job, ctx, reporter, learner, state)
+    if ctx.rank == 0 and job.tensorboard_dir is not None:
+        ctx.events = Events(job.tensorboard_dir)
+    try:
+        return run_phases(job, ctx, reporter, learner, state)
+    finally:
+        ctx.events.close()

@@ -6,6 +6,7 @@ The workers' loop is :mod:`pipeline.train`; Ray Train is :mod:`pipeline.runner`.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from typing import TYPE_CHECKING
@@ -39,11 +40,14 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
              for s in ("labeled", "test")}
     m = rec.model
     model = {"name": m.name, "train_resolution": m.train_resolution,
-             "test_resolution": m.test_resolution, "dropout": m.dropout, "drop_path": m.drop_path}
+             "test_resolution": m.test_resolution, "dropout": m.dropout, "drop_path": m.drop_path,
+             "options": dict(m.options)}
     return Job(config=cfg, role=p.role, classes=info.classes, labeled=split["labeled"],
                test=split["test"], model=model,
                predictions_dir=str(layout.predictions_dir(p.round_)), pseudo=pseudo,
-               randaugment=randaugment)
+               randaugment=randaugment, init=dataclasses.asdict(p.init) if p.init else None,
+               tensorboard_dir=str(layout.tensorboard_dir(p.round_)) if cfg.tensorboard
+               else None)
 
 
 def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
@@ -64,6 +68,7 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
                               classes=p.info.classes,
                               train_resolution=rec.model.train_resolution,
                               test_resolution=rec.model.test_resolution,
+                              model_options=rec.model.options,
                               extra={"run": cfg.run, "round": p.round_})
     finally:
         shutil.rmtree(final, ignore_errors=True)

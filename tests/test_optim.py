@@ -40,3 +40,26 @@ def test_unknown_optimizer_names_the_valid_ones() -> None:
     assert isinstance(make_optimizer(params, "sgd", 0.1, 0.0), torch.optim.SGD)
     with pytest.raises(ValueError, match="use rmsprop, sgd or adamw"):
         make_optimizer(params, "lamb", 0.1, 0.0)
+
+
+def test_fused_ema_update_equals_one_lerp_per_tensor() -> None:
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_t0", 10)
+    ema = EMA(model, decay=0.99)
+    reference = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model.features[0][1].num_batches_tracked += 1
+        ema.update(model)
+        d = min(0.99, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                reference[k].lerp_(v, 1 - d)
+            else:
+                reference[k].copy_(v)
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, reference[k]), k

@@ -265,3 +265,91 @@ def test_ray_job_submit_against_local_cluster(tmp_path: Path, tiny: Path) -> Non
     m = load_manifest(root, "sub", 0)
     assert m["status"] == "complete"
     assert sha256_file(root / m["checkpoint"]["uri"]) == m["checkpoint"]["sha256"]
+
+
+@pytest.mark.slow
+def test_teacher_starts_from_a_pretrained_file_at_a_new_class_count(tmp_path: Path,
+                                                                    tiny: Path) -> None:
+    """A locally saved state dict of 7 classes starts a 10-class teacher: the classifier is new,
+    every other weight is the file's (a learning rate of 1e-12 leaves them where they start)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models import create_model
+    from pipeline.checkpoint import read_model_file
+
+    torch.manual_seed(3)
+    src = create_model("efficientnet_t0", 7).state_dict()
+    weights = tmp_path / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in src.items()}, str(weights))
+    p = teacher("--run", "init", "--data", str(tiny), "--root", str(tmp_path), *FAST,
+                "--epochs", "1", "--eval-every", "1", "--lr", "1e-12", "--ema-decay", "0",
+                "--init-from", str(weights))
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "classifier (7 classes) is re-initialised for the dataset's 10" in out
+    assert "Requesting resources" not in out and "Token authentication" not in out  # quiet
+    assert "PreemptionWatcher" not in out  # a worker's known-harmless line, filtered
+    assert "[teacher] epoch 1/1" in out
+    m = load_manifest(tmp_path, "init", 0)
+    assert m["init"]["file"] == "pretrained.safetensors"
+    assert m["init"]["sha256"] == sha256_file(weights)
+    assert m["init"]["classifier"] == "re-initialised" and m["init"]["source_classes"] == 7
+    model = read_model_file(tmp_path / m["checkpoint"]["uri"])["state_dict"]
+    conv = "features.2.0.block.0.0.weight"
+    assert torch.allclose(model[conv], src[conv], atol=1e-6)
+    assert model["classifier.1.weight"].shape[0] == 10
+    from tests.test_events import read_scalars
+
+    tags = read_scalars(tmp_path / "artifacts" / "init" / "round-0" / "tensorboard")
+    assert {"train/loss", "train/lr", "test/top1", "final/top1"} <= set(tags)
+
+
+@pytest.mark.slow
+def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
+                                                                  tiny: Path) -> None:
+    """kill -9 of the Ray Train worker mid-run: with --max-failures 1 Ray Train restarts it from
+    the last checkpoint, the round completes, and the manifest records the restart."""
+    import psutil
+
+    args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "mf", "--data", str(tiny),
+            "--root", str(tmp_path), "--preset", "demo", "--epochs", "20", "--eval-every", "20",
+            "--loader-workers", "0", "--checkpoint-every", "1", "--max-failures", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    train_dir = tmp_path / "artifacts" / "mf" / "round-0" / "train"
+    deadline = time.time() + 300
+    killed = None
+    try:
+        while time.time() < deadline and killed is None:
+            assert proc.poll() is None, "the job ended before its worker could be killed"
+            if _registered_checkpoints(train_dir) >= 1:  # one Ray Train has recorded
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "RayTrainWorker" in " ".join(child.cmdline()):
+                            child.kill()
+                            killed = child.pid
+                            break
+            time.sleep(0.2)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed is not None, "no training worker found to kill"
+    assert proc.returncode == 0, out[-3000:]
+    m = load_manifest(tmp_path, "mf", 0)
+    assert m["status"] == "complete"
+    assert [r["phase"] for r in m["resumed_from"]] == ["train"]  # the restart, recorded
+    assert 1 <= m["resumed_from"][0]["epoch"] < 20
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 21))
+
+
+def _registered_checkpoints(train_dir: Path) -> int:
+    """Checkpoints Ray Train's controller has recorded (its snapshot file), not just written: a
+    worker killed before the controller records one restarts from scratch."""
+    try:
+        return len(json.loads((train_dir / "checkpoint_manager_snapshot.json").read_text())
+                   .get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0

@@ -1,0 +1,89 @@
+"""One process per round: a lock file beside the round's manifest.
+
+Two commands working on the same round at once would interleave their writes to its manifest and
+files. ``manifests/<run>/round-<N>.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds
+who has it (host, pid, start time, command). A second process refuses with one line naming the
+holder. A lock whose process is gone (same host, no such pid) was left by a crash: it is taken
+over, and the log says so. A lock from another host cannot be checked from here; the message
+says which file to delete once that process is known to be gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.layout import RunLayout
+
+
+class LockError(RuntimeError):
+    """The round is being run by another process; the message names it."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _describe(h: dict[str, Any]) -> str:
+    return (f"pid {h.get('pid')} on host {h.get('host')} since {h.get('started_at')} "
+            f"(`{h.get('command', '?')}`)")
+
+
+def _create(path: Path, me: dict[str, Any]) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    return True
+
+
+@contextlib.contextmanager
+def round_lock(layout: RunLayout, round_: int) -> Iterator[Path]:
+    """Hold the round's lock inside the block; refuses (LockError) while another process has it."""
+    from pipeline.manifest import now_iso
+
+    path = layout.manifest_dir / f"round-{round_}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(),
+          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+    if not _create(path, me):
+        held = _holder(path) or {}
+        stale = held.get("host") == me["host"] and isinstance(held.get("pid"), int) \
+            and not _alive(held["pid"])
+        if not stale:
+            where = _describe(held) if held else "a process whose lock file cannot be read"
+            raise LockError(
+                f"round {round_} of run {layout.run!r} is being run by {where}; wait for it to "
+                f"finish, or if that process is gone, delete {path}")
+        print(f"lock: taking over {path}, left by {_describe(held)}, which no longer runs",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        if not _create(path, me):  # another process took it over first
+            raise LockError(f"round {round_} of run {layout.run!r} was just taken by "
+                            f"{_describe(_holder(path) or {})}; wait for it to finish")
+    try:
+        yield path
+    finally:
+        if (_holder(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,54 @@
+"""Job output: Ray's known-harmless lines are dropped, ours pass, --verbose keeps everything."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+
+from pipeline.logs import _LineFilter, harmless, quiet_ray
+
+RAY_LINES = [
+    "\x1b[36m(TrainController pid=2760)\x1b[0m Requesting resources: {'CPU': 1.0} * 1",
+    "(TrainController pid=2760) Attempting to start training worker group of size 1 with x",
+    "(TrainController pid=2760) Started training worker group of size 1: ",
+    "(TrainController pid=2760) - (ip=192.0.2.2, pid=2932) world_rank=0, local_rank=0",
+    "(RayTrainWorker pid=2932) Setting up process group for: env:// [rank=0, world_size=1]",
+    "Requesting resources: {'CPU': 1.0} * 1",  # without the prefix (RAY_DISABLE_..._PREFIX)
+    "(TrainController pid=2760) [2026-12-01 21:46:53,529 E 2760 2789] core_worker.cc:2465: Actor "
+    "with class name: 'PreemptionWatcher' and ID: 'b8' has constructor arguments in the object "
+    "store and max_restarts > 0. If the arguments ...",
+]
+OURS = [
+    "(RayTrainWorker pid=2932) [teacher] epoch 3/120 loss 0.6350 train top-1 0.969",
+    "pseudo-label: unlabeled-000000.tar done (100 rows); shards 1/12, 11 left",
+    "(RayTrainWorker pid=2932) ValueError: something real went wrong",
+]
+
+
+def test_known_lines_are_harmless_and_ours_are_not() -> None:
+    assert all(harmless(line) for line in RAY_LINES)
+    assert not any(harmless(line) for line in OURS)
+
+
+def test_filter_passes_our_lines_whole_and_in_order() -> None:
+    inner = io.StringIO()
+    f = _LineFilter(inner)
+    for line in RAY_LINES[:2] + OURS:
+        f.write(line[:10])  # print() may hand a line over in pieces
+        f.write(line[10:] + "\n")
+    f.write("no newline yet")
+    f.flush()
+    assert inner.getvalue() == "\n".join(OURS) + "\nno newline yet"
+
+
+def test_quiet_ray_restores_streams_levels_and_environment() -> None:
+    before = (sys.stdout, sys.stderr, logging.getLogger("ray.data").level, dict(os.environ))
+    with quiet_ray():
+        assert isinstance(sys.stderr, _LineFilter)
+        assert logging.getLogger("ray.data").level == logging.WARNING
+    after = (sys.stdout, sys.stderr, logging.getLogger("ray.data").level, dict(os.environ))
+    assert after == before
+    with quiet_ray(verbose=True):
+        assert not isinstance(sys.stderr, _LineFilter)
