@@ -9,10 +9,17 @@ Semantics, as in the official code:
 * Every call picks ``num_ops`` ops uniformly at random *with replacement* and always applies each
   (the official loop draws a ``prob`` and never uses it).
 * Magnitude M is a level out of 10 for each op's maximum, with no clipping: Rotate 30*M/10 degrees,
-  Shear 0.3*M/10, Translate 100*M/10 px and Cutout half-side 40*M/10 px (both at 224 px; here
-  scaled by image size / 224 so that they cover the same fraction of a 32 px image), enhance
-  factor (M/10)*1.8 + 0.1, Posterize int(4*M/10) bits, Solarize threshold int(256*M/10),
-  SolarizeAdd int(110*M/10). So M=27 rotates by 81 degrees and shears by 0.81.
+  Shear 0.3*M/10, enhance factor (M/10)*1.8 + 0.1, Posterize int(4*M/10) bits, Solarize
+  threshold int(256*M/10), SolarizeAdd int(110*M/10). So M=27 rotates by 81 degrees and shears by
+  0.81.
+* Translate and Cutout are in pixels that do not scale with the image (``pixels="official"``,
+  the default). The ImageNet path (every EfficientNet resolution): Translate 100*M/10 px, Cutout
+  half-side int(40*M/10) px. The small-image path (the official code's CIFAR-10/SVHN path; here
+  any image whose shorter side is at most ``SMALL_IMAGE_MAX`` px): both constants are
+  image_size // 8, and after RandAugment one more Cutout of half-side image_size // 4 is always
+  applied (a 16x16 grey square on 32 px). ``pixels="scaled"`` instead scales the ImageNet
+  constants by image size / 224, so that they cover the same fraction of any image (the demo
+  preset's measured choice; README).
 * Rotate, Shear and Translate get a random sign; the others do not.
 * Pixels uncovered by geometric ops and the Cutout square are filled with grey (128).
 * Interpolation is nearest-neighbour (the default of the official ``contrib.image`` ops).
@@ -30,11 +37,8 @@ Deviations from the official code (each also noted where it happens):
   (which the official op says it is equivalent to). The official op computes that "mean" as
   ``sum(histogram) / 256`` = number of pixels / 256, a bug that makes it blend towards a constant
   that depends only on the image size (196 at 224 px, 4 at 32 px).
-* Translate and Cutout pixel constants scale with image size (100 and 40 px at 224 px). The
-  official code does not: its ImageNet path uses translate_const=100, cutout_const=40 at every
-  resolution (so 100 px is 17% of a B7's 600 px image, 45% of a 224 px one), and its 32 px path
-  (SVHN/CIFAR, ``_cifar10_preprocess_for_train``) passes translate_const = cutout_const =
-  image_size // 8 = 4 px and then always adds a fixed 16x16 Cutout after RandAugment.
+* Which path applies is decided by image size here (``SMALL_IMAGE_MAX``), by the data set there
+  (``_cifar10_preprocess_for_train`` for CIFAR-10 and SVHN).
 * Posterize bits and Solarize threshold are clamped into the range the op accepts at large M
   (details at ``_posterize_arg`` and ``_solarize_arg``).
 * AutoContrast, Color and Contrast are written here (a few lines of torch each) rather than taken
@@ -62,6 +66,8 @@ from torchvision import tv_tensors
 __all__ = [
     "FILL",
     "MAX_LEVEL",
+    "PIXELS",
+    "SMALL_IMAGE_MAX",
     "RANDAUGMENT_OPS",
     "REFERENCE_SIZE",
     "OpSpec",
@@ -73,11 +79,13 @@ __all__ = [
 MAX_LEVEL = 10.0  # M is a level out of this; M above it is allowed and extrapolates (no clipping)
 FILL = 128  # grey, the official `replace` value for uncovered pixels
 REFERENCE_SIZE = 224  # image side at which the official pixel constants are defined
-_TRANSLATE_CONST = 100.0  # px at REFERENCE_SIZE (official translate_const)
-_CUTOUT_CONST = 40.0  # half-side px at REFERENCE_SIZE (official cutout_const)
+_TRANSLATE_CONST = 100.0  # px, official translate_const (ImageNet path, every resolution)
+_CUTOUT_CONST = 40.0  # half-side px, official cutout_const (ImageNet path)
+SMALL_IMAGE_MAX = 64  # images up to this side take the official small-image (32 px) path
+PIXELS = ("official", "scaled")
 
-LevelToArg = Callable[[float, int, int], Any]
-"""(magnitude, height, width) -> the op's argument (None for ops without one)."""
+LevelToArg = Callable[[float, int, int, str], Any]
+"""(magnitude, height, width, pixels) -> the op's argument (None for ops without one)."""
 ApplyFn = Callable[[torch.Tensor, Any, torch.Generator | None], torch.Tensor]
 """(uint8 image (..., C, H, W), argument, generator) -> image of the same shape and dtype."""
 
@@ -99,36 +107,47 @@ def _level(m: float) -> float:
     return m / MAX_LEVEL
 
 
-def _no_arg(m: float, h: int, w: int) -> None:
+def _no_arg(m: float, h: int, w: int, pixels: str = "official") -> None:
     return None
 
 
-def _rotate_arg(m: float, h: int, w: int) -> float:
+def _rotate_arg(m: float, h: int, w: int, pixels: str = "official") -> float:
     return _level(m) * 30.0
 
 
-def _shear_arg(m: float, h: int, w: int) -> float:
+def _shear_arg(m: float, h: int, w: int, pixels: str = "official") -> float:
     return _level(m) * 0.3
 
 
-def _translate_x_arg(m: float, h: int, w: int) -> float:
-    # Scaled by width so that it moves the same fraction of the image at any size (~14 px at M=10
-    # on 32 px), as the project's recipe asks. NOT what the official code does: see the module
-    # docstring (fixed 100 px at every ImageNet size; image_size // 8 on its 32 px path).
-    return _level(m) * (_TRANSLATE_CONST * w / REFERENCE_SIZE)
+def small_image(h: int, w: int) -> bool:
+    """Whether an image takes the official small-image (CIFAR/SVHN, 32 px) path."""
+    return min(h, w) <= SMALL_IMAGE_MAX
 
 
-def _translate_y_arg(m: float, h: int, w: int) -> float:
-    return _level(m) * (_TRANSLATE_CONST * h / REFERENCE_SIZE)
+def _pixel_const(official: float, side: int, h: int, w: int, pixels: str) -> float:
+    """Translate/Cutout constant in px for an image of ``side`` (the axis it acts on)."""
+    if pixels == "scaled":  # the same fraction of any image as at 224 px
+        return official * side / REFERENCE_SIZE
+    if small_image(h, w):  # official 32 px path: image_size // 8 for both constants
+        return float(min(h, w) // 8)
+    return official  # official ImageNet path: fixed pixels at every resolution
 
 
-def _cutout_arg(m: float, h: int, w: int) -> int:
+def _translate_x_arg(m: float, h: int, w: int, pixels: str = "official") -> float:
+    return _level(m) * _pixel_const(_TRANSLATE_CONST, w, h, w, pixels)
+
+
+def _translate_y_arg(m: float, h: int, w: int, pixels: str = "official") -> float:
+    return _level(m) * _pixel_const(_TRANSLATE_CONST, h, h, w, pixels)
+
+
+def _cutout_arg(m: float, h: int, w: int, pixels: str = "official") -> int:
     # Half-side of the square; official int() truncation kept. The square uses the shorter side so
     # that it stays a square on non-square images.
-    return int(_level(m) * (_CUTOUT_CONST * min(h, w) / REFERENCE_SIZE))
+    return int(_level(m) * _pixel_const(_CUTOUT_CONST, min(h, w), h, w, pixels))
 
 
-def _posterize_arg(m: float, h: int, w: int) -> int:
+def _posterize_arg(m: float, h: int, w: int, pixels: str = "official") -> int:
     # Official: bits = int(4*M/10), then x >> (8 - bits) << (8 - bits) with tf.bitwise. For M >= 20,
     # bits > 8 and the shift is negative; for M < 2.5, bits = 0 and the shift is 8. tf.bitwise calls
     # both "implementation defined"; TF's CPU/GPU kernels clamp the shift into [0, 7], so bits > 8
@@ -137,7 +156,7 @@ def _posterize_arg(m: float, h: int, w: int) -> int:
     return min(max(int(_level(m) * 4), 1), 8)
 
 
-def _solarize_arg(m: float, h: int, w: int) -> int:
+def _solarize_arg(m: float, h: int, w: int, pixels: str = "official") -> int:
     # Official: threshold = int(256*M/10), pixels >= threshold are inverted. For M >= 10 it is >= 256
     # and is compared with a uint8 image; TF1 turns the Python int into a uint8 constant, which (via
     # numpy of that era) most likely wraps modulo 256 rather than saturating, so the official op's
@@ -145,13 +164,13 @@ def _solarize_arg(m: float, h: int, w: int) -> int:
     return min(int(_level(m) * 256), 256)
 
 
-def _solarize_add_arg(m: float, h: int, w: int) -> int:
+def _solarize_add_arg(m: float, h: int, w: int, pixels: str = "official") -> int:
     # No clamp needed: the addition is done in a wider type and the result clipped to [0, 255], as
     # the official op does, so any addition >= 255 just saturates (M=27 -> 297).
     return int(_level(m) * 110)
 
 
-def _enhance_arg(m: float, h: int, w: int) -> float:
+def _enhance_arg(m: float, h: int, w: int, pixels: str = "official") -> float:
     # Factor 1.0 (identity) is at M = 5; M=0 gives 0.1, M=27 gives 4.96 (unbounded above, fine for
     # blend-with-clip).
     return _level(m) * 1.8 + 0.1
@@ -396,14 +415,21 @@ def _check_image(img: torch.Tensor) -> None:
 
 def op_argument(
     name: str, magnitude: float, height: int = REFERENCE_SIZE, width: int | None = None,
-    *, sign: int = 1,
+    *, sign: int = 1, pixels: str = "official",
 ) -> Any:
     """The argument ``apply_op`` passes to op ``name`` at ``magnitude`` on an image of that size."""
     spec = _spec(name)
     if sign not in (1, -1):
         raise ValueError(f"sign must be 1 or -1, got {sign!r}")
-    arg = spec.level_to_arg(_check_magnitude(magnitude), height, height if width is None else width)
+    _check_pixels(pixels)
+    arg = spec.level_to_arg(_check_magnitude(magnitude), height,
+                            height if width is None else width, pixels)
     return -arg if spec.signed and sign < 0 else arg
+
+
+def _check_pixels(pixels: str) -> None:
+    if pixels not in PIXELS:
+        raise ValueError(f"pixels must be one of {', '.join(PIXELS)}, got {pixels!r}")
 
 
 def apply_op(
@@ -413,6 +439,7 @@ def apply_op(
     *,
     sign: int = 1,
     generator: torch.Generator | None = None,
+    pixels: str = "official",
 ) -> torch.Tensor:
     """Apply one RandAugment op at magnitude M to a uint8 image (..., C, H, W).
 
@@ -422,7 +449,7 @@ def apply_op(
     """
     _check_image(img)
     h, w = img.shape[-2:]
-    arg = op_argument(name, magnitude, h, w, sign=sign)
+    arg = op_argument(name, magnitude, h, w, sign=sign, pixels=pixels)
     return RANDAUGMENT_OPS[name].apply(img, arg, generator)
 
 
@@ -452,6 +479,7 @@ class RandAugment:
         magnitude: float = 9,
         ops: Sequence[str] | None = None,
         seed: int | None = None,
+        pixels: str = "official",
     ) -> None:
         if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
             raise ValueError(f"num_ops must be an int >= 0, got {num_ops!r}")
@@ -466,6 +494,8 @@ class RandAugment:
         if not names and num_ops > 0:
             raise ValueError("ops is empty; pass num_ops=0 to disable RandAugment")
         self.ops: tuple[str, ...] = names
+        _check_pixels(pixels)
+        self.pixels = pixels
         self.seed = seed
         self._gen: torch.Generator | None = None
         self._gen_owner: int | None = None  # torch.initial_seed() of the worker that seeded it
@@ -492,7 +522,12 @@ class RandAugment:
 
     def _augment_one(self, img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         for name, sign in self.sample(gen):
-            img = apply_op(img, name, self.magnitude, sign=sign, generator=gen)
+            img = apply_op(img, name, self.magnitude, sign=sign, generator=gen,
+                           pixels=self.pixels)
+        h, w = img.shape[-2:]
+        if self.pixels == "official" and small_image(h, w):
+            # The official small-image path always adds one more Cutout (half-side size // 4).
+            img = _cutout(img, min(h, w) // 4, gen)
         return img
 
     # Call -------------------------------------------------------------------------------------
@@ -520,5 +555,5 @@ class RandAugment:
         ops = "all" if self.ops == tuple(RANDAUGMENT_OPS) else list(self.ops)
         return (
             f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude:g}, ops={ops}, "
-            f"seed={self.seed})"
+            f"pixels={self.pixels}, seed={self.seed})"
         )

@@ -40,9 +40,14 @@ class EMA:
 
 def make_optimizer(params: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "rmsprop":
-        # The paper's settings; note TF's RMSProp puts eps inside the square root, PyTorch outside.
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9, eps=1e-3,
-                                   weight_decay=weight_decay)
+        # TensorFlow's RMSProp, as the official code trains with it: eps inside the square root,
+        # the mean square starting at 1 and the learning rate inside the momentum buffer.
+        # torch.optim.RMSprop differs in all three (its first step on a small gradient is about
+        # 1000x larger); timm's RMSpropTF is a maintained implementation of TF's update.
+        from timm.optim import RMSpropTF
+
+        return RMSpropTF(params, lr=lr, alpha=0.9, momentum=0.9, eps=1e-3,
+                         weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
                                weight_decay=weight_decay)

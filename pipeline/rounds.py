@@ -56,6 +56,12 @@ def default_magnitude(model: str) -> float:
     return float(RANDAUGMENT_M.get(suffix[1:] if suffix != "l2" else "2l", 0))
 
 
+def default_unlabel_ratio(model: str) -> float:
+    """Pseudo-labeled images per labeled one, by student size: 1 for B0 (the official code, which
+    trains B0 longer instead), 3 above; the tiny family mirrors B0..B3."""
+    return 1.0 if model.rsplit("_", 1)[-1] in ("b0", "t0") else 3.0
+
+
 def next_model(name: str) -> str:
     """The next larger model of the same family (t0 -> t1, b3 -> b4); the largest stays."""
     from models import list_models
@@ -148,8 +154,10 @@ def plan_round(cfg: TrainConfig) -> Plan:
         model = {"": teacher_model, "next": next_model(teacher_model)}.get(cfg.model, cfg.model)
         magnitude = cfg.randaugment_m if cfg.randaugment_m is not None \
             else default_magnitude(model)
+        ratio = cfg.unlabel_ratio if cfg.unlabel_ratio is not None \
+            else default_unlabel_ratio(model)
         cfg = dataclasses.replace(cfg, model=model, data=cfg.data or str(parent.dataset_path),
-                                  randaugment_m=magnitude)
+                                  randaugment_m=magnitude, unlabel_ratio=ratio)
     cfg.validate()
     if parent is not None and parameter_count(cfg.model) < parameter_count(
             parent.record.model.name):
@@ -207,7 +215,7 @@ def _start_record(p: Plan, use_gpu: bool) -> RoundRecord:
     from pipeline.runner import has_checkpoint
 
     cfg = p.cfg
-    options = p.init.options if p.init is not None else {}
+    options = p.init.options if p.init is not None else cfg.model_options()
     if p.existing is not None:
         rec = p.existing
         rec.mark_running()

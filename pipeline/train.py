@@ -293,7 +293,8 @@ def train_batches(job: Job, ctx: WorkerContext, epoch: int) -> Iterator[tuple[Ba
     if job.randaugment:
         from pipeline.augment import RandAugment
 
-        ra = RandAugment(num_ops=job.randaugment["num_ops"], magnitude=job.randaugment["magnitude"])
+        ra = RandAugment(num_ops=job.randaugment["num_ops"], magnitude=job.randaugment["magnitude"],
+                         pixels=job.randaugment.get("pixels", "official"))
     tf = train_transform(job.model["train_resolution"], crop_scale=(cfg.crop_scale_min, 1.0),
                          flip=cfg.flip, randaugment=ra)
     seed = cfg.seed * 1000 + epoch  # a resumed run gets a fresh order

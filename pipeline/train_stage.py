@@ -35,7 +35,8 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
             raise RunError("selection kept no pseudo-labels; lower --threshold or check the "
                            "teacher")
         if cfg.randaugment and cfg.randaugment_n > 0 and cfg.randaugment_m:
-            randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m}
+            randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m,
+                           "pixels": cfg.randaugment_pixels}
     split = {s: {"shards": info.split(s).shards, "count": info.split(s).count}
              for s in ("labeled", "test")}
     m = rec.model

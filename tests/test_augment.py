@@ -114,12 +114,51 @@ def test_argument_at_224(name: str, m: float, expected: float | None) -> None:
         assert op_argument(name, m, 224, sign=-1) == pytest.approx(-expected)
 
 
-def test_pixel_arguments_scale_with_image_size() -> None:
-    assert op_argument("TranslateX", 10, 32) == pytest.approx(100 * 32 / 224)  # ~14.3 px
-    assert op_argument("TranslateY", 10, 32, 64) == pytest.approx(100 * 32 / 224)  # height
-    assert op_argument("TranslateX", 10, 32, 64) == pytest.approx(100 * 64 / 224)  # width
-    assert op_argument("Cutout", 27, 32) == 15  # int(2.7 * 40 * 32/224) = int(15.43)
-    assert op_argument("Rotate", 27, 32) == pytest.approx(81.0)  # angles do not scale
+@pytest.mark.parametrize("size", [224, 260, 380, 600, 800])
+def test_official_pixels_are_fixed_at_every_imagenet_size(size: int) -> None:
+    # randaugment.py: translate_const 100, cutout_const 40, whatever the image size.
+    assert op_argument("TranslateX", 27, size) == pytest.approx(270.0)
+    assert op_argument("TranslateY", 27, size) == pytest.approx(270.0)
+    assert op_argument("Cutout", 27, size) == 108  # int(2.7 * 40)
+    assert op_argument("Cutout", 5, size) == 20
+
+
+@pytest.mark.parametrize("size", [32, 40, 64])
+def test_official_small_image_path_uses_size_over_8(size: int) -> None:
+    # _cifar10_preprocess_for_train: translate_const = cutout_const = image_size // 8.
+    assert op_argument("TranslateX", 5, size) == pytest.approx(0.5 * (size // 8))
+    assert op_argument("Cutout", 27, size) == int(2.7 * (size // 8))
+    assert op_argument("TranslateX", 5, 65) == pytest.approx(50.0)  # past 64 px: ImageNet path
+
+
+def test_official_small_image_path_always_adds_a_16x16_cutout() -> None:
+    # After RandAugment the official 32 px path cuts one more square of half-side size // 4.
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    ra = RandAugment(num_ops=1, magnitude=5, ops=["Invert"], seed=0)  # Invert: 0 -> 255
+    out = ra(img)
+    grey = (out == 128).all(0)
+    assert grey.any()
+    top, bottom, left, right = square_of(out)
+    assert bottom - top <= 16 and right - left <= 16
+    assert ((out == 255).all(0) | grey).all()  # everything else inverted
+    big = RandAugment(num_ops=1, magnitude=5, ops=["Invert"], seed=0)(
+        torch.zeros(3, 224, 224, dtype=torch.uint8))
+    assert (big == 255).all()  # the ImageNet path has no extra Cutout
+    scaled = RandAugment(num_ops=1, magnitude=5, ops=["Invert"], seed=0, pixels="scaled")(img)
+    assert (scaled == 255).all()
+
+
+def test_scaled_pixels_cover_the_same_fraction_of_any_image() -> None:
+    # The demo preset's measured choice (README): 100 and 40 px at 224, scaled by size / 224.
+    kw = {"pixels": "scaled"}
+    assert op_argument("TranslateX", 10, 32, **kw) == pytest.approx(100 * 32 / 224)  # ~14.3 px
+    assert op_argument("TranslateY", 10, 32, 64, **kw) == pytest.approx(100 * 32 / 224)  # height
+    assert op_argument("TranslateX", 10, 32, 64, **kw) == pytest.approx(100 * 64 / 224)  # width
+    assert op_argument("Cutout", 27, 32, **kw) == 15  # int(2.7 * 40 * 32/224) = int(15.43)
+    assert op_argument("TranslateX", 27, 600, **kw) == pytest.approx(270 * 600 / 224)
+    assert op_argument("Rotate", 27, 32, **kw) == pytest.approx(81.0)  # angles do not scale
+    with pytest.raises(ValueError, match="pixels must be one of official, scaled"):
+        op_argument("TranslateX", 10, 32, pixels="tf")
 
 
 # --------------------------------------------------------------------------- geometric ops
@@ -132,7 +171,7 @@ def test_geometric_ops_match_tf_exactly_on_small_images(size: int, m: float, sig
     img = rand_img(h=size, seed=size)
     deg = 30 * m / 10 * sign
     shear = 0.3 * m / 10 * sign
-    px = 100 * m / 10 * size / 224 * sign
+    px = m / 10 * (size // 8) * sign  # the official small-image path
     assert torch.equal(apply_op(img, "Rotate", m, sign=sign), tf_rotate(img, deg))
     assert torch.equal(apply_op(img, "ShearX", m, sign=sign), tf_transform(img, [1, shear, 0, 0, 1, 0]))
     assert torch.equal(apply_op(img, "ShearY", m, sign=sign), tf_transform(img, [1, 0, 0, shear, 1, 0]))
@@ -198,12 +237,12 @@ def test_translate_x_at_m10_moves_100_px_at_224() -> None:
     assert (back[:, :, :100] == 128).all()
 
 
-def test_translate_at_m10_moves_about_14_px_at_32() -> None:
+def test_translate_at_m10_moves_about_14_px_at_32_when_scaled() -> None:
     img = coordinate_image(32, 32)
-    out = apply_op(img, "TranslateX", 10)  # 100 * 32/224 = 14.3 px, nearest sample -> 14
+    out = apply_op(img, "TranslateX", 10, pixels="scaled")  # 100 * 32/224 = 14.3 px -> 14
     assert torch.equal(out[:, :, :18], img[:, :, 14:])
     assert (out[:, :, 18:] == 128).all()
-    down = apply_op(img, "TranslateY", 10, sign=-1)  # content moves down by 14
+    down = apply_op(img, "TranslateY", 10, sign=-1, pixels="scaled")  # content moves down 14
     assert torch.equal(down[:, 14:, :], img[:, :18, :])
     assert (down[:, :14, :] == 128).all()
 
@@ -237,7 +276,7 @@ def square_of(out: torch.Tensor) -> tuple[int, int, int, int]:
     return box
 
 
-@pytest.mark.parametrize(("size", "pad"), [(224, 108), (32, 15)])
+@pytest.mark.parametrize(("size", "pad"), [(224, 108), (32, 10)])
 def test_cutout_at_m27_cuts_a_grey_square_of_side_2_pad(size: int, pad: int) -> None:
     img = torch.zeros(3, size, size, dtype=torch.uint8)
     for seed in range(20):
@@ -420,18 +459,20 @@ def test_randaugment_applies_exactly_n_ops_each_call(n: int, monkeypatch: pytest
     assert len(seen) >= 12  # uniform over the 16 ops
 
 
+# The sampling tests run without the small-image path's extra Cutout (pixels="scaled"), which
+# would cover part of every small test image.
 def test_randaugment_always_applies_and_draws_with_replacement() -> None:
     img = rand_img()
-    once = RandAugment(num_ops=1, magnitude=9, ops=["Invert"], seed=0)
+    once = RandAugment(num_ops=1, magnitude=9, ops=["Invert"], seed=0, pixels="scaled")
     assert all(torch.equal(once(img), 255 - img) for _ in range(20))  # never skipped
-    twice = RandAugment(num_ops=2, magnitude=9, ops=["Invert"], seed=0)
+    twice = RandAugment(num_ops=2, magnitude=9, ops=["Invert"], seed=0, pixels="scaled")
     assert torch.equal(twice(img), img)  # the same op twice in one call
 
 
 def test_randaugment_randomises_the_sign_of_geometric_ops() -> None:
     img = rand_img(h=33)
     left, right = F.rotate(img, 27.0, fill=128), F.rotate(img, -27.0, fill=128)
-    ra = RandAugment(num_ops=1, magnitude=9, ops=["Rotate"], seed=0)
+    ra = RandAugment(num_ops=1, magnitude=9, ops=["Rotate"], seed=0, pixels="scaled")
     outs = [ra(img) for _ in range(40)]
     n_left = sum(torch.equal(o, left) for o in outs)
     n_right = sum(torch.equal(o, right) for o in outs)
@@ -451,7 +492,8 @@ def test_randaugment_off_at_m0_or_n0() -> None:
     for ra in (RandAugment(magnitude=0, seed=0), RandAugment(num_ops=0, magnitude=27, seed=0)):
         assert all(torch.equal(ra(img), img) for _ in range(10))
     # The identity subset stays the identity at M=0 even applied through the sampler.
-    ra = RandAugment(num_ops=3, magnitude=0, ops=sorted(IDENTITY_AT_ZERO), seed=0)
+    ra = RandAugment(num_ops=3, magnitude=0, ops=sorted(IDENTITY_AT_ZERO), seed=0,
+                     pixels="scaled")
     assert torch.equal(ra._augment_one(img, ra._generator()), img)
 
 

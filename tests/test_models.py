@@ -243,3 +243,29 @@ def test_frozen_batchnorm_statistics_survive_training_steps() -> None:
     assert not torch.equal(deep_bn.running_mean, before_deep)
     assert model.features[0][0].weight.grad is None
     assert model.classifier[1].weight.grad is not None
+
+
+def test_batchnorm_settings_reach_every_norm_layer() -> None:
+    model = create_model("efficientnet_t0", 10, norm_eps=1e-3, norm_momentum=0.01)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-3 and m.momentum == 0.01 for m in norms)
+    plain = [m for m in create_model("efficientnet_t0", 10).modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in plain)
+
+
+def test_same_padding_pads_strided_convs_as_tensorflow() -> None:
+    import copy
+    import pickle
+
+    model = create_model("efficientnet_b0", 10, same_padding=True).eval()
+    stem = model.features[0][0]
+    assert stem.padding == (0, 0) and stem._forward_pre_hooks
+    x = torch.zeros(1, 3, 8, 8)
+    # TF SAME at stride 2, k 3 on 8 px: 1 px of padding in total, all of it after.
+    padded = next(iter(stem._forward_pre_hooks.values()))(stem, (x,))[0]
+    assert padded.shape[-2:] == (9, 9) and padded[..., -1, :].abs().sum() == 0
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        y = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(clone.eval()(y), model(y))

@@ -63,3 +63,29 @@ def test_fused_ema_update_equals_one_lerp_per_tensor() -> None:
                 reference[k].copy_(v)
     for k, v in ema.module.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_rmsprop_is_tensorflows_update() -> None:
+    """One step on one parameter, from TF's RMSProp equations (training_ops.cc ApplyRMSProp):
+    ms = rho*ms + (1-rho)*g^2 with ms starting at 1; mom = momentum*mom + lr*g/sqrt(ms + eps);
+    w -= mom. torch.optim.RMSprop (eps outside the root, ms from 0, lr outside) is far off."""
+    import math
+
+    g, lr, rho, mom, eps = 1e-4, 0.1, 0.9, 0.9, 1e-3
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = make_optimizer([w], "rmsprop", lr, 0.0)
+    ms_tf, mom_tf, w_tf = 1.0, 0.0, 0.0
+    for step in range(3):
+        w.grad = torch.full_like(w, g)
+        opt.step()
+        ms_tf = rho * ms_tf + (1 - rho) * g * g
+        mom_tf = mom * mom_tf + lr * g / math.sqrt(ms_tf + eps)
+        w_tf -= mom_tf
+        got = float(w.detach())
+        assert got == pytest.approx(w_tf, rel=1e-6)
+        if step == 0:
+            assert got == pytest.approx(-1.05e-5, rel=5e-3)
+    torch_w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    torch_w.grad = torch.full_like(torch_w, g)
+    torch.optim.RMSprop([torch_w], lr=lr, alpha=rho, momentum=mom, eps=eps).step()
+    assert float(torch_w.detach()) < -9e-3  # the step the official code never takes

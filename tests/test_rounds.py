@@ -161,3 +161,23 @@ def test_parameter_counts_need_no_real_model() -> None:
         create_model("efficientnet_t1", 10))
     assert 479e6 < parameter_count("efficientnet_l2", 1000) < 481e6  # allocates nothing
 
+
+
+def test_student_defaults_follow_the_official_size_table(tmp_path: Path, digits_dir: Path,
+                                                         teacher_model: Path) -> None:
+    """Dropout from the compound-scaling table and unlabel_ratio 1 for B0 / 3 above, each
+    overridable; BatchNorm of models trained from scratch: TF's, or PyTorch's with --norm."""
+    from pipeline.config import StudentConfig
+    from pipeline.rounds import model_record, plan_round
+
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    for model, dropout, ratio in (("efficientnet_b0", 0.2, 1.0), ("efficientnet_b4", 0.4, 3.0),
+                                  ("efficientnet_t0", 0.2, 1.0), ("efficientnet_t2", 0.3, 3.0)):
+        p = plan_round(StudentConfig(run="r", root=str(tmp_path), model=model))
+        assert p.cfg.unlabel_ratio == ratio
+        rec = model_record(p.cfg, 10, p.cfg.model_options())
+        assert rec.dropout == dropout and rec.options == {"norm_eps": 1e-3, "norm_momentum": 0.01}
+    p = plan_round(StudentConfig(run="r", root=str(tmp_path), model="efficientnet_b0",
+                                 unlabel_ratio=3.0, dropout=0.5, norm="pytorch"))
+    assert p.cfg.unlabel_ratio == 3.0 and model_record(p.cfg, 10).dropout == 0.5
+    assert p.cfg.model_options() == {}

@@ -52,8 +52,10 @@ def test_randaugment_magnitude_by_student_size() -> None:
 
 def test_student_defaults_follow_the_paper() -> None:
     cfg = parse_config(StudentConfig, "student", ["--run", "r"])
-    assert (cfg.dropout, cfg.drop_path, cfg.threshold, cfg.randaugment_n) == (0.5, 0.2, 0.3, 2)
-    assert cfg.soft_labels and cfg.temperature == 1.0 and cfg.unlabel_ratio == 3.0
+    # dropout and unlabel_ratio: None = by student size (tests/test_rounds.py checks the table)
+    assert (cfg.dropout, cfg.drop_path, cfg.threshold, cfg.randaugment_n) == (None, 0.2, 0.3, 2)
+    assert cfg.soft_labels and cfg.temperature == 1.0 and cfg.unlabel_ratio is None
+    assert cfg.randaugment_pixels == "official" and cfg.norm == "tf" and cfg.optimizer == "rmsprop"
     demo = parse_config(StudentConfig, "student", ["--run", "r", "--preset", "demo",
                                                    "--no-randaugment", "--dropout", "0"])
     assert demo.model == "next" and not demo.randaugment and demo.dropout == 0.0

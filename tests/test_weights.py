@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from models import create_model
 from models.weights import InitPlan, WeightsError, inspect_init, load_init, read_state_dict
-
-timm = pytest.importorskip("timm")  # a dev dependency: CI installs it
 
 
 def _batch(res: int = 64, n: int = 4) -> torch.Tensor:
