@@ -34,6 +34,9 @@ class PseudoLabelConfig:
     """Pseudo-labeling: GPUs per teacher actor; default 1 when the cluster has GPUs, else 0."""
     cpus_per_actor: float = 1.0
     """Pseudo-labeling: CPUs reserved per actor (also its torch threads); the rest read shards."""
+    label_crop_fraction: float | None = None
+    """Pseudo-labeling: centre crop of the shorter side the teacher sees; default official:
+    size / (size + 32) at ImageNet sizes, the whole image up to 64 px."""
     topk: int = 10
     """Soft-label entries kept per image (all classes when there are fewer)."""
     threshold: float = 0.3
@@ -53,6 +56,9 @@ class PseudoLabelConfig:
                 f"{self.label_batch_size}, {self.label_actors} and {self.topk}")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor or 0) < 0:
             raise ConfigError("--cpus-per-actor and --gpus-per-actor must be >= 0")
+        if self.label_crop_fraction is not None and not 0 < self.label_crop_fraction <= 1:
+            raise ConfigError(f"--label-crop-fraction must be in (0, 1], got "
+                              f"{self.label_crop_fraction}")
         if not 0 <= self.threshold < 1:
             raise ConfigError(f"--threshold must be in [0, 1), got {self.threshold}")
         if self.k is not None and self.k < 1:
@@ -115,6 +121,9 @@ class TrainConfig:
     """Stochastic-depth drop probability at the last block (scaled linearly by block index)."""
     crop_scale_min: float = 0.08
     """Smallest area fraction of the random-resized crop."""
+    eval_crop_fraction: float | None = None
+    """Evaluation and FixRes: centre crop of the shorter side; default official: size /
+    (size + 32) at ImageNet sizes (0.875 at 224, bicubic), the whole image up to 64 px."""
     flip: bool = True
     """Random horizontal flips (turn off for data where left and right differ, e.g. digits)."""
     finetune_epochs: float = 0.0
@@ -201,6 +210,9 @@ class TrainConfig:
             raise ConfigError(f"--damage-limit must be in [0, 1], got {self.damage_limit}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.eval_crop_fraction is not None and not 0 < self.eval_crop_fraction <= 1:
+            raise ConfigError(f"--eval-crop-fraction must be in (0, 1], got "
+                              f"{self.eval_crop_fraction}")
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
         if self.max_failures < 0:
@@ -241,6 +253,9 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
     """RandAugment: ops per image."""
     randaugment_m: float | None = None
     """RandAugment magnitude on the paper's 0..10+ scale; default by student size (docs/recipe.md)."""
+    student_epoch: Literal["labeled", "pseudo"] = "labeled"
+    """What an epoch is for the student: one pass over the labeled split (the official code, whose
+    warm-up and decay epochs count so) or over the selected pseudo-labels with their copies."""
     randaugment_pixels: Literal["official", "scaled"] = "official"
     """RandAugment Translate/Cutout in the official code's fixed pixels (100/40 px at ImageNet
     sizes; size // 8 plus an always-on size // 4 Cutout for images up to 64 px) or scaled by
@@ -295,7 +310,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # scaled ones 91.67 -> 92.96 -> 94.44 (README).
     "student": {"demo": dict(_DEMO_COMMON, model="next", epochs=60, unlabel_ratio=3.0,
                              pseudo_loss_weight=1.0, dropout=0.3, drop_path=0.1, randaugment_m=5,
-                             randaugment_pixels="scaled", finetune_epochs=2)},
+                             randaugment_pixels="scaled", finetune_epochs=2,
+                             # its 60 epochs were measured as passes over the pseudo-labels
+                             student_epoch="pseudo")},
 }
 
 C = TypeVar("C", bound=TrainConfig)

@@ -49,7 +49,8 @@ def finetune_steps(job: Job, world_size: int) -> int:
 def finetune_batches(job: Job, ctx: WorkerContext) -> Iterator[tuple[torch.Tensor, Any, Any]]:
     """Endless un-augmented labeled batches at the test resolution: (B, 3, R, R), (B,), keys."""
     cfg = job.config
-    stream = LabeledStream(job.labeled["shards"], eval_transform(job.model["test_resolution"]),
+    stream = LabeledStream(job.labeled["shards"], eval_transform(job.model["test_resolution"],
+                                                                 cfg.eval_crop_fraction),
                            rank=ctx.rank, world_size=ctx.world_size,
                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 17,
                            num_classes=job.num_classes, damage_limit=cfg.damage_limit)

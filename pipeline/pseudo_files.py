@@ -18,7 +18,7 @@ float32 vectors of 1000 classes for 300M images would take 1.2 TB.
 
 The file's Parquet metadata (``META_KEY``) records what decides its bytes: the teacher's sha256,
 k, the inference batch size (an image's probabilities can differ in the last bits with the batch
-it is computed in) and the shard's damaged samples; a resumed stage relabels any file whose
+it is computed in), the crop the teacher saw (None: the default) and the shard's damaged samples; a resumed stage relabels any file whose
 settings differ. Files are written whole and atomically (temp file + rename).
 """
 
@@ -52,7 +52,7 @@ META_KEY = b"noisy_student.pseudo_label"
 FILE_FORMAT = 1
 MAX_BAD_EXAMPLES = 20  # per file and per summary: enough to find the problem, bounded in size
 # Settings that decide a file's bytes; a file made with others is labeled again on resume.
-BYTE_SETTINGS = ("teacher_sha256", "k", "batch_size")
+BYTE_SETTINGS = ("teacher_sha256", "k", "batch_size", "crop_fraction")
 
 Progress = Callable[[str], Any]
 

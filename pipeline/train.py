@@ -237,10 +237,13 @@ def pseudo_weight(cfg: TrainConfig) -> float:
 
 
 def train_steps(job: Job, world_size: int) -> int:
-    """Steps per epoch: a pass over the pseudo-labeled copies for a student, else the labels."""
-    if job.pseudo is None:
-        return steps_per_epoch(job.labeled["count"], job.config.batch_size, world_size)
-    return steps_per_epoch(job.pseudo["count"], pseudo_batch_size(job.config), world_size)
+    """Steps per epoch: one pass over the labeled split, for a student too, as the official code
+    counts (its warm-up and decay are in those epochs); ``--student-epoch pseudo`` makes a
+    student's epoch one pass over its pseudo-labeled copies instead."""
+    cfg = job.config
+    if job.pseudo is not None and _student(cfg).student_epoch == "pseudo":
+        return steps_per_epoch(job.pseudo["count"], pseudo_batch_size(cfg), world_size)
+    return steps_per_epoch(job.labeled["count"], cfg.batch_size, world_size)
 
 
 def build_learner(job: Job, ctx: WorkerContext, *, init: bool = True) -> Learner:
@@ -310,7 +313,8 @@ def train_batches(job: Job, ctx: WorkerContext, epoch: int) -> Iterator[tuple[Ba
 
 def test_loader(job: Job, ctx: WorkerContext) -> Any:
     """This rank's disjoint share of the test split, un-noised at the test resolution."""
-    ds = LabeledStream(job.test["shards"], eval_transform(job.model["test_resolution"]),
+    ds = LabeledStream(job.test["shards"], eval_transform(job.model["test_resolution"],
+                                                          job.config.eval_crop_fraction),
                        rank=ctx.rank, world_size=ctx.world_size, train=False,
                        num_classes=job.num_classes, damage_limit=job.config.damage_limit,
                        split="test")

@@ -14,25 +14,48 @@ from torchvision.transforms import v2
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+CROP_PADDING = 32  # official eval crop: size / (size + 32) of the shorter side (0.875 at 224)
+SMALL_IMAGE_MAX = 64  # up to this size the official small-image path: no eval crop
+
+
+def default_crop_fraction(resolution: int) -> float:
+    """The official evaluation crop: the centre size / (size + 32) of the shorter side on the
+    ImageNet path (``preprocessing.py``, CROP_PADDING 32), the whole image on the small-image
+    path (its CIFAR/SVHN evaluation does not crop)."""
+    return 1.0 if resolution <= SMALL_IMAGE_MAX else resolution / (resolution + CROP_PADDING)
 
 
 def _to_float() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
 
 
-def eval_transform(resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """No noise: resize the shorter side to ``resolution``, center-crop a square, normalise.
+def eval_transform(resolution: int,
+                   crop_fraction: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """No noise: center-crop ``crop_fraction`` of the shorter side (None: the official
+    :func:`default_crop_fraction`), resized to ``resolution``, normalise.
 
     The teacher labels with this at its own test resolution (in two halves: :func:`eval_crop` in
     the readers, :func:`normalize` in the teacher's process); evaluation and the FixRes fine-tune
     use it too.
     """
-    return v2.Compose([eval_crop(resolution), normalize()])
+    return v2.Compose([eval_crop(resolution, crop_fraction), normalize()])
 
 
-def eval_crop(resolution: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The geometric half of :func:`eval_transform`: uint8 in, uint8 (3, R, R) out."""
-    return v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
+def eval_crop(resolution: int,
+              crop_fraction: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The geometric half of :func:`eval_transform`: uint8 in, uint8 (3, R, R) out.
+
+    A crop fraction below 1 resizes the shorter side to ``resolution / fraction`` with bicubic
+    interpolation (the official resize) and takes the centre; the whole image (fraction 1)
+    resizes the shorter side to ``resolution``, bilinear, as the small-image path always has."""
+    f = default_crop_fraction(resolution) if crop_fraction is None else crop_fraction
+    if not 0 < f <= 1:
+        raise ValueError(f"crop fraction must be in (0, 1], got {f}")
+    if f == 1.0:
+        return v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
+    return v2.Compose([v2.Resize(round(resolution / f), antialias=True,
+                                 interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(resolution)])
 
 
 def normalize() -> Callable[[torch.Tensor], torch.Tensor]:

@@ -24,7 +24,7 @@ from pipeline.pseudo_files import (
 from pipeline.storage import sha256_file
 from tests.builders import fake_label_batch
 
-META = {"format": 1, "teacher_sha256": "t" * 64, "k": 3, "batch_size": 64}
+META = {"format": 1, "teacher_sha256": "t" * 64, "k": 3, "batch_size": 64, "crop_fraction": None}
 
 
 def _file(path: Path, rows: int = 5, meta: dict | None = None, copies: list[int] | None = None

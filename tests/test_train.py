@@ -136,3 +136,20 @@ def test_train_worker_refuses_a_config_dict(digits_info: DatasetInfo, tmp_path: 
     job.config = dataclasses.asdict(job.config)  # type: ignore[assignment]
     with pytest.raises(TypeError, match="Job.config must be a TrainConfig"):
         train_worker(job, WorkerContext(), LocalReporter(tmp_path / "ck"))
+
+
+def test_a_student_epoch_is_a_pass_over_the_labeled_split_by_default() -> None:
+    from pipeline.config import StudentConfig
+    from pipeline.train import train_steps
+
+    def job(**cfg) -> Job:
+        config = StudentConfig(run="r", data="d", model="efficientnet_t0", batch_size=32,
+                               unlabel_ratio=3.0, **cfg)
+        return Job(config=config, role="student", classes=[str(i) for i in range(10)],
+                   labeled={"shards": ["l"], "count": 90}, test={"shards": ["t"], "count": 9},
+                   model={}, predictions_dir="p",
+                   pseudo={"shards": ["u"], "dir": "x", "count": 1000})
+
+    assert train_steps(job(), 1) == 3  # ceil(90 / 32): the official steps_per_epoch
+    assert train_steps(job(), 2) == 2  # the global batch: 64
+    assert train_steps(job(student_epoch="pseudo"), 1) == 11  # ceil(1000 / 96)
