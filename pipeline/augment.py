@@ -31,23 +31,14 @@ Invert ignore M; Posterize (1 bit), Solarize (threshold 0 = invert) and the enha
 in that direction. A literal M=0 in the official code is therefore heavy noise, not "none";
 :class:`RandAugment` treats ``magnitude=0`` as "RandAugment off" (the recipe's "B0-B1: none").
 
-Deviations from the official code (each also noted where it happens):
-
-* Contrast blends towards the mean grey level of the image, as PIL's ``ImageEnhance.Contrast``
-  (which the official op says it is equivalent to). The official op computes that "mean" as
-  ``sum(histogram) / 256`` = number of pixels / 256, a bug that makes it blend towards a constant
-  that depends only on the image size (196 at 224 px, 4 at 32 px).
-* Which path applies is decided by image size here (``SMALL_IMAGE_MAX``), by the data set there
-  (``_cifar10_preprocess_for_train`` for CIFAR-10 and SVHN).
-* Posterize bits and Solarize threshold are clamped into the range the op accepts at large M
-  (details at ``_posterize_arg`` and ``_solarize_arg``).
-* AutoContrast, Color and Contrast are written here (a few lines of torch each) rather than taken
-  from torchvision, whose kernels map the brightest pixel to 254 and shift neutral grey pixels
-  (details at ``_autocontrast`` and ``_luma``); they match PIL exactly.
-* Geometry matches TF's formulas exactly on small images; at 224 px a few sample points fall on
-  exact half pixels, where torchvision rounds half to even and TF half away from zero (<1% of
-  pixels). Sharpness (torchvision's kernel) rounds its blurred image where TF truncates: +-1 grey
-  level on some pixels.
+Deviations from the official code are each noted where they happen (``_contrast``,
+``_posterize_arg``, ``_solarize_arg``, ``_autocontrast``, ``_luma``, the warps) and listed in
+docs/recipe.md (D4, D4b): Contrast blends towards the image's mean grey as PIL does (the official
+op's "mean" is a constant set by the image size, a bug); Posterize bits and the Solarize
+threshold are clamped into the op's range at large M; AutoContrast, Color and Contrast match PIL
+exactly where torchvision's kernels do not; which RandAugment path applies is decided by image
+size (``SMALL_IMAGE_MAX``), where the official code decides by data set; geometry matches TF up
+to rounding ties at half pixels.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from models import (
 TINY = ["efficientnet_t0", "efficientnet_t1", "efficientnet_t2", "efficientnet_t3"]
 B_FAMILY = [f"efficientnet_b{k}" for k in range(8)]
 
-# RECIPE.md compound-scaling table: params in millions at 1000 classes, as printed (the last
+# docs/recipe.md compound-scaling table: params in millions at 1000 classes, as printed (the last
 # printed digit is the precision we hold ourselves to).
 TABLE_PARAMS_M = {
     "efficientnet_b0": "5.3",
