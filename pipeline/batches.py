@@ -36,7 +36,8 @@ def labeled_batches(job: Job, ctx: WorkerContext, transform: Any,
     cfg = job.config
     stream = LabeledStream(job.labeled["shards"], transform, rank=ctx.rank,
                            world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-                           num_classes=job.num_classes, damage_limit=cfg.damage_limit)
+                           num_classes=job.num_classes, damage_limit=cfg.damage_limit,
+                           damage_dir=job.damage_dir)
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
 
 

@@ -20,6 +20,7 @@ Why streams look the way they do:
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -106,11 +107,12 @@ class LabeledStream(IterableDataset):
     def __init__(self, shards: list[str], transform: Transform, *, rank: int = 0,
                  world_size: int = 1, train: bool = True, shuffle_buffer: int = 1000,
                  seed: int = 0, num_classes: int | None = None, damage_limit: float = 1.0,
-                 split: str = "labeled") -> None:
+                 split: str = "labeled", damage_dir: str | None = None) -> None:
         self.shards, self.transform = list(shards), transform
         self.rank, self.world_size, self.train = rank, world_size, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.num_classes, self.damage_limit, self.split = num_classes, damage_limit, split
+        self.damage_dir = damage_dir  # where a training stream records its first pass's tally
 
     def _raw(self, mine: list[str], rng: random.Random) -> Iterator[Sample | object]:
         if not self.train:
@@ -138,8 +140,12 @@ class LabeledStream(IterableDataset):
             # when it runs in the training process (loader_workers 0)
             torch.manual_seed(self.seed * 1_000_003 + reader)
         self._damage = Damage()
+        first_pass = True
         for s in self._raw(mine, rng):
             if s is _END_OF_PASS:  # each pass meets the same damage: check it, count afresh
+                if first_pass and self.damage_dir is not None:
+                    _record_damage(self.damage_dir, reader, mine, self._damage)
+                first_pass = False
                 self._damage.check(self.split, self.damage_limit)
                 self._damage = Damage()
                 continue
@@ -151,6 +157,29 @@ class LabeledStream(IterableDataset):
             if image is not None:
                 yield self.transform(image), s.label, s.key
         self._damage.check(self.split, self.damage_limit)
+
+
+def _record_damage(folder: str, reader: int, shards: list[str], damage: Damage) -> None:
+    """One reader's first-pass tally, for the driver to merge (:func:`merge_damage`)."""
+    from pipeline.storage import atomic_write_json
+
+    atomic_write_json(Path(folder) / f"reader-{reader:05d}.json",
+                      {"shards": shards, **damage.to_dict(), "by_shard": dict(damage.by_shard)})
+
+
+def merge_damage(folder: str | Path) -> dict[str, Any] | None:
+    """The training streams' tallies of one split: samples, bad and examples, each reader's share
+    counted once (readers that wrapped around onto the same shards report them twice). None when
+    no reader finished a pass over its shards."""
+    tallies = {}
+    for path in sorted(Path(folder).glob("reader-*.json")):
+        t = json.loads(path.read_text())
+        tallies[tuple(t["shards"])] = t
+    if not tallies:
+        return None
+    examples = [e for t in tallies.values() for e in t["examples"]][:20]
+    return {"samples": sum(t["samples"] for t in tallies.values()),
+            "bad": sum(t["bad"] for t in tallies.values()), "examples": examples}
 
 
 class PseudoStream(IterableDataset):

@@ -73,6 +73,10 @@ class RunLayout:
     def tensorboard_dir(self, round_: int) -> Path:
         return self.artifact_dir(round_) / TENSORBOARD_DIR
 
+    def damage_dir(self, round_: int) -> Path:
+        """Where the training streams record the damaged samples they skipped."""
+        return self.artifact_dir(round_) / "damage"
+
     # -- reports
     @property
     def report_dir(self) -> Path:

@@ -181,6 +181,7 @@ class Job:
     randaugment: dict[str, Any] | None = None  # {"num_ops", "magnitude"}
     init: dict[str, Any] | None = None  # models.weights.InitPlan as a dict: --init-from, checked
     tensorboard_dir: str | None = None  # rank 0 writes its event files here
+    damage_dir: str | None = None  # the training streams record their damage tallies here
 
     @property
     def num_classes(self) -> int:

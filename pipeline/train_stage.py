@@ -48,7 +48,7 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
                predictions_dir=str(layout.predictions_dir(p.round_)), pseudo=pseudo,
                randaugment=randaugment, init=dataclasses.asdict(p.init) if p.init else None,
                tensorboard_dir=str(layout.tensorboard_dir(p.round_)) if cfg.tensorboard
-               else None)
+               else None, damage_dir=str(layout.damage_dir(p.round_)))
 
 
 def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
@@ -77,8 +77,11 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
     preds = pd.concat([pd.read_parquet(x) for x in parts], ignore_index=True)
     preds.sort_values("key").to_parquet(layout.test_predictions(p.round_), index=False)
     seconds = state["seconds"]
+    from pipeline.data import merge_damage
+
     rec.set_stage("train", "complete", seconds=round(seconds.get("train", 0.0), 2),
-                  epochs=state["epoch"], wall_seconds=round(time.time() - t0, 2))
+                  epochs=state["epoch"], wall_seconds=round(time.time() - t0, 2),
+                  damage=merge_damage(layout.damage_dir(p.round_)))
     if state["finetune"]:
         rec.set_stage("finetune", "complete", seconds=round(seconds.get("finetune", 0.0), 2),
                       **state["finetune"])

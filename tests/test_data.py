@@ -85,3 +85,21 @@ def test_evaluation_does_not_reseed_the_trainer(tmp_path: Path) -> None:
     torch.manual_seed(123)
     list(LabeledStream(shards, _as_float, train=False))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_training_streams_record_their_first_pass_and_wrapped_readers_count_once(
+        tmp_path: Path) -> None:
+    from pipeline.data import merge_damage
+
+    shards = _shards(tmp_path / "s", [0] * 6, bad={1}, maxcount=6)  # one shard, 1 of 6 bad
+    folder = tmp_path / "damage"
+    for rank in range(2):  # two ranks, one shard: both wrap around onto it
+        it = iter(LabeledStream(shards, _as_float, rank=rank, world_size=2, num_classes=1,
+                                shuffle_buffer=0, damage_dir=str(folder)))
+        for _ in range(6):  # past the end of the first pass
+            next(it)
+    assert len(list(folder.glob("reader-*.json"))) == 2
+    merged = merge_damage(folder)
+    assert merged["samples"] == 6 and merged["bad"] == 1  # the shard once, not twice
+    assert merged["examples"][0]["key"] == "k01"
+    assert merge_damage(tmp_path / "none") is None

@@ -214,6 +214,7 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
                                      "evaluate"]
         assert m["stages"]["preflight"]["labeled"]["bad"] == 0
         assert m["stages"]["evaluate"]["damaged_skipped"] == 0
+        assert m["stages"]["train"]["damage"] == {"samples": 180, "bad": 0, "examples": []}
         assert all(st["status"] == "complete" for st in m["stages"].values())
         ft = m["stages"]["finetune"]
         assert 0 <= ft["top1_before"] <= 1 and 0 <= ft["top1_after"] <= 1
