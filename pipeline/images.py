@@ -21,8 +21,8 @@ Rules (the same for every format; the numbers are what the tests check):
   and stickers made to be shown on white pages (which is also how they look to the person who
   labels them), so white is the background that matches how they are meant to be seen and how
   similar opaque photos look. Grey (e.g. the ImageNet mean) is neutral after normalisation but
-  is not how anyone sees these images, and black hides dark content. The background is a constant, not a per-call option: consistency
-  across stages matters more than the choice itself.
+  is not how anyone sees these images, and black hides dark content. The background is a
+  constant, not a per-call option: consistency across stages matters more than the choice.
 * **High bit depth.** ``I;16`` (and ``I;16B``/``I;16L``/``I;16N``) keep the high byte,
   ``v >> 8``: 0..65535 is *scaled* to 0..255 (floor of v/256), never clipped. This is the same
   rule PIL applies to 16-bit RGB and RGBA PNGs (it keeps the high byte of each sample) and
@@ -66,13 +66,9 @@ Rules (the same for every format; the numbers are what the tests check):
   thread-safe and resets every module's "already shown" registry, which would make unrelated
   warnings repeat on every image.
 
-Speed (``bench/decode.py``, images per CPU-second, one thread): on 640x480 and 1600x1200
-JPEGs and PNGs this decoder runs at 0.70-0.89x the torchvision decoder it replaces, whose
-tensors were (3, H, W) views of an (H, W, 3) buffer, not contiguous; against that decoder made
-contiguous (the same output as here) it is at 0.9-1.1x. On 32x32 PNGs, where PIL's per-call
-Python overhead dominates, it is at 0.6x (0.75x). A fast path that lets torchvision decode the
-pixels of plain 8-bit RGB/grey JPEGs and PNGs (identical output, checked) after PIL's header
-checks measured 0.76-1.07x of this decoder, so it is not used, which also keeps this module off
+Speed: ``bench/decode.py`` measures it against the torchvision decoder it replaces (figures in
+the README). A fast path through torchvision's decoder for plain 8-bit JPEGs and PNGs gave the
+same pixels but measured no faster, so there is none, which also keeps this module off
 torchvision's image ops (deprecated since torchvision 0.29).
 """
 
