@@ -52,3 +52,18 @@ def test_quiet_ray_restores_streams_levels_and_environment() -> None:
     assert after == before
     with quiet_ray(verbose=True):
         assert not isinstance(sys.stderr, _LineFilter)
+
+
+def test_quiet_console_lowers_only_console_handlers_and_only_inside() -> None:
+    from pipeline.logs import quiet_console
+
+    logger = logging.getLogger("test.quiet.console")
+    console, file = logging.StreamHandler(io.StringIO()), logging.FileHandler(os.devnull)
+    logger.handlers = [console, file]
+    quiet_console("test.quiet.console")  # outside quiet_ray: nothing changes
+    assert console.level == logging.NOTSET
+    with quiet_ray():
+        quiet_console("test.quiet.console")
+        assert console.level == logging.WARNING and file.level == logging.NOTSET
+    assert console.level == logging.NOTSET  # restored
+    file.close()

@@ -103,3 +103,14 @@ def test_truth_files_are_one_hot_single_copies_and_refuse_unknown_keys(tmp_path:
     with pytest.raises(PseudoFileError, match="1 keys have no held-out label"):
         write_truth_files({"b.parquet": ["k1", "zz"]}, {"k1": 3}, tmp_path)
 
+
+
+def test_confidence_summary_mean_and_binned_median(tmp_path: Path) -> None:
+    from pipeline.pseudo_files import confidence_summary
+
+    a, b = _file(tmp_path / "a.parquet", rows=5), _file(tmp_path / "b.parquet", rows=4)
+    conf = np.concatenate([a["batch"]["confidence"], b["batch"]["confidence"]])
+    got = confidence_summary([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    assert got["mean"] == pytest.approx(float(conf.mean()), rel=1e-6)
+    assert abs(got["median"] - float(np.median(conf))) <= 1e-3 + 1e-9  # within one bin
+    assert confidence_summary([]) == {"mean": None, "median": None}

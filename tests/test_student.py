@@ -222,6 +222,11 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
         assert m["pseudo_labels"]["selected_with_copies"] > 0
         assert len(m["history"]) == 3 and "pseudo_loss" in m["history"][0]
         assert m["config"]["randaugment_m"] == 5 and m["config"]["dropout"] == 0.3
+    from tests.test_events import read_scalars
+
+    tags = read_scalars(root / "artifacts" / "e2e" / "round-1" / "tensorboard")
+    assert tags["pseudo/rows"] == [(0, 1077.0)] and "pseudo/confidence_median" in tags
+    assert {"train/loss", "train/pseudo_loss", "fixres/top1_after", "final/top1"} <= set(tags)
     # round 1's pseudo-label stages were done by jobs/pseudo_label.py and not redone
     assert [e["event"] for e in s1["events"]][-1] == "restart"
     assert "resumes_training" in s1["events"][-1]
