@@ -34,3 +34,5 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pseudo_label.py
+	$(BIN)/python bench/train_epoch.py --json bench/latest.json
+	$(BIN)/python bench/decode.py
