@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.images import decode_image
+from pipeline.pseudo_files import pseudo_file_names, read_selected
 from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -197,23 +198,10 @@ class PseudoStream(IterableDataset):
         self.num_classes, self.temperature = num_classes, temperature
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        from pipeline.pseudo_label import pseudo_file_names
-
         self._names = pseudo_file_names(self.shards)
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
-        import pyarrow.parquet as pq
-
-        path = Path(self.pseudo_dir) / self._names[shard]
-        table = pq.read_table(path, columns=["key", "copies", "topk_index", "topk_prob"])
-        keep = table.column("copies").to_numpy() > 0
-        table = table.filter(keep)
-        keys = table.column("key").to_pylist()
-        copies = table.column("copies").to_numpy()
-        idx = table.column("topk_index").to_pylist()
-        prob = table.column("topk_prob").to_pylist()
-        return {k: (int(c), np.asarray(i, np.int64), np.asarray(p, np.float32))
-                for k, c, i, p in zip(keys, copies, idx, prob, strict=True)}
+        return read_selected(Path(self.pseudo_dir) / self._names[shard])
 
     def _repeated(self, shards: list[str]) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
         damage = Damage()  # pseudo-labeling skipped (and recorded) these samples already

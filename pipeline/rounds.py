@@ -90,7 +90,7 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     damage and bad labels are found before anything is written. Damaged samples are counted (the
     split stops past ``damage_limit``); a label outside the class list stops at once."""
     from pipeline.images import decode_image
-    from pipeline.shards import Damage, ShardError, read_samples
+    from pipeline.shards import BadSample, Damage, ShardError, read_shard
 
     total = info.split("labeled").count + info.split("test").count
     if total > limit:
@@ -103,15 +103,19 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
         for path in info.split(split).shards:
             if not Path(path).is_file():
                 raise RunError(f"shard {path} listed in {info.path}/dataset.json does not exist")
-            for s in read_samples([path], damage):
+            for s in read_shard(path):
+                if isinstance(s, BadSample):
+                    damage.bad(s)
+                    continue
                 if s.label is None or not 0 <= s.label < info.num_classes:
                     raise RunError(f"{s.where}: label {s.label} is not one of the dataset's "
                                    f"{info.num_classes} classes")
                 try:
                     decode_image(s.image, s.where)
                 except ShardError as e:
-                    damage.good -= 1  # read_samples counted it as readable
                     damage.bad(s.damaged(e))
+                    continue
+                damage.ok()
         damage.check(split, damage_limit)
         found[split] = damage.to_dict()
         if damage.count:

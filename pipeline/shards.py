@@ -361,8 +361,7 @@ class Damage:
         """Raise ShardError when more than ``limit`` of the samples seen were damaged."""
         if self.count and self.fraction() > limit:
             shard, n = self.by_shard.most_common(1)[0]
-            first = next(e for e in self.examples if e["shard"] == shard) \
-                if any(e["shard"] == shard for e in self.examples) else self.examples[0]
+            first = next((e for e in self.examples if e["shard"] == shard), self.examples[0])
             raise ShardError(
                 f"{split} split: {self.count} of {self.count + self.good} samples are damaged "
                 f"({self.fraction():.1%} > --damage-limit {limit:g}); worst shard {shard} "

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small digits dataset made once per session."""
+"""Shared fixtures: a small digits dataset, a quick teacher model, one local Ray per module."""
 
 from __future__ import annotations
 
@@ -22,3 +22,26 @@ def digits_info(digits_dir: Path) -> DatasetInfo:
     from pipeline.dataset import load_dataset
 
     return load_dataset(digits_dir)
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+    """An untrained t0 made to give varied, confident predictions (tests.builders.make_teacher)."""
+    from tests.builders import make_teacher
+
+    path = tmp_path_factory.mktemp("teacher") / "model.pt"
+    make_teacher(path, digits_dir)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    """A local Ray of 2 CPUs for the module's tests; job subprocesses join it via RAY_ADDRESS."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

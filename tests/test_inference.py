@@ -28,14 +28,6 @@ from pipeline.inference import (
 from pipeline.shards import read_samples
 from pipeline.storage import sha256_file
 from pipeline.transforms import eval_transform, normalize
-from tests.builders import make_teacher
-
-
-@pytest.fixture(scope="module")
-def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "model.pt"
-    make_teacher(path, digits_dir)
-    return path
 
 
 def test_soft_labels_are_a_distribution_over_topk_when_k_is_all_classes() -> None:
@@ -98,18 +90,6 @@ def test_actor_requests_that_would_starve_or_never_schedule_are_refused() -> Non
         check_resources(PseudoLabelConfig(label_actors=2), {"CPU": 2.0})
     with pytest.raises(InferenceError, match="GPUs"):
         check_resources(PseudoLabelConfig(gpus_per_actor=1), {"CPU": 8.0})
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> str:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.slow

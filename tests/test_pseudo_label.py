@@ -28,7 +28,7 @@ from pipeline.pseudo_files import PSEUDO_SCHEMA
 from pipeline.pseudo_label import ShardAssembler, label_shards
 from pipeline.shards import ShardWriter, read_samples
 from pipeline.storage import sha256_file
-from tests.builders import fake_label_batch, make_round0, make_teacher
+from tests.builders import fake_label_batch, make_round0
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,13 +41,6 @@ def run_job(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
 
 def read_all(out_dir: Path) -> dict[str, pd.DataFrame]:
     return {p.name: pq.read_table(p).to_pandas() for p in sorted(out_dir.glob("*.parquet"))}
-
-
-@pytest.fixture(scope="module")
-def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "model.pt"
-    make_teacher(path, digits_dir)
-    return path
 
 
 def test_assembler_writes_a_shard_only_when_complete_in_tar_order(tmp_path: Path) -> None:
@@ -79,18 +72,6 @@ def test_job_user_errors_are_one_line_and_exit_2(tmp_path: Path, digits_dir: Pat
     changed = run_job(["--run", "r", "--round", "1", "--root", str(tmp_path)])
     _, err = changed.communicate(timeout=120)
     assert changed.returncode == 2 and "sha256 mismatch" in err and "Traceback" not in err
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> str:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,11 @@ from pipeline.pseudo_files import PSEUDO_SCHEMA
 from pipeline.pseudo_label import label_shards
 from pipeline.rounds import run_label_stages
 from pipeline.shards import read_samples
-from tests.builders import CLASSES, make_round0, make_teacher, new_round1
+from tests.builders import CLASSES, make_round0, new_round1
 
 
 def read_all(out_dir: Path) -> dict[str, pd.DataFrame]:
     return {p.name: pq.read_table(p).to_pandas() for p in sorted(out_dir.glob("*.parquet"))}
-
-
-@pytest.fixture(scope="module")
-def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "model.pt"
-    make_teacher(path, digits_dir)
-    return path
 
 
 def test_missing_or_unfinished_teacher_round_says_what_to_run(tmp_path: Path,
@@ -56,18 +49,6 @@ def test_teacher_with_wrong_hash_is_refused(tmp_path: Path, digits_dir: Path,
                          new_round1(tmp_path, "r"))
     with pytest.raises(CheckpointError, match="sha256"):
         label_shards(teacher_model, "f" * 64, [], tmp_path / "out", PseudoLabelConfig())
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> str:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.slow
