@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.shards import MAX_BAD_EXAMPLES  # the damage policy's bound, per file and summary
 from pipeline.storage import atomic_write_bytes, sha256_file
 
 PSEUDO_SCHEMA = pa.schema([
@@ -50,7 +51,6 @@ PSEUDO_SCHEMA = pa.schema([
 ])
 META_KEY = b"noisy_student.pseudo_label"
 FILE_FORMAT = 1
-MAX_BAD_EXAMPLES = 20  # per file and per summary: enough to find the problem, bounded in size
 # Settings that decide a file's bytes; a file made with others is labeled again on resume.
 BYTE_SETTINGS = ("teacher_sha256", "k", "batch_size", "crop_fraction")
 
