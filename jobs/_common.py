@@ -17,6 +17,7 @@ def run_job(name: str, body: Callable[[], int]) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.dataset import DatasetError
+    from pipeline.fs import StorageError
     from pipeline.inference import InferenceError
     from pipeline.lock import LockError
     from pipeline.manifest import ManifestError
@@ -26,7 +27,7 @@ def run_job(name: str, body: Callable[[], int]) -> int:
 
     known: tuple[type[BaseException], ...] = (
         ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError,
-        InferenceError, PseudoFileError, WeightsError, LockError)
+        InferenceError, PseudoFileError, WeightsError, LockError, StorageError)
     try:
         return body()
     except known as e:

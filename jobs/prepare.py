@@ -21,6 +21,7 @@ from pipeline.dataset import (  # noqa: E402
     prepare_imagefolder,
     register_shards,
 )
+from pipeline.fs import StorageError, check_location, location  # noqa: E402
 from pipeline.shards import ShardError  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("digits", help="scikit-learn's bundled handwritten digits as 32x32 RGB PNGs")
-    d.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    d.add_argument("--out", required=True, help="dataset folder to write (local or s3://)")
     d.add_argument("--labeled-fraction", type=float, default=0.1,
                    help="share of all 1,797 images that keep their label (default 0.1)")
     d.add_argument("--test-fraction", type=float, default=0.3,
@@ -39,22 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("imagefolder", help="a class-per-subfolder tree (flat for unlabeled)")
     f.add_argument("src", type=Path, help="folder of images")
-    f.add_argument("--out", required=True, type=Path, help="dataset folder (created or extended)")
+    f.add_argument("--out", required=True,
+                   help="dataset folder, created or extended (local or s3://)")
     f.add_argument("--split", choices=SPLITS, default="labeled", help="which split to write")
     f.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
 
     r = sub.add_parser("register", help="describe existing shards without copying them")
     for split in SPLITS:
         r.add_argument(f"--{split}", required=True,
-                       help=f"{split} shards: paths, a glob or a brace pattern")
+                       help=f"{split} shards: paths, a glob or a brace pattern (local or s3://)")
     r.add_argument("--classes", help="comma-separated class names (default: 0..max label)")
-    r.add_argument("--out", required=True, type=Path, help="folder for dataset.json")
+    r.add_argument("--out", required=True, help="folder for dataset.json (local or s3://)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_location(location(args.out))
         if args.command == "digits":
             info = prepare_digits(args.out, labeled_fraction=args.labeled_fraction,
                                   test_fraction=args.test_fraction, seed=args.seed,
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
                                    test=args.test,
                                    classes=args.classes.split(",") if args.classes else None)
-    except (DatasetError, ShardError) as e:
+    except (DatasetError, ShardError, StorageError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in info.counts().items())

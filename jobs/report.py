@@ -19,6 +19,7 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.fs import StorageError  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.report import ReportError, load_run, summary_lines, write_report  # noqa: E402
 
@@ -32,7 +33,7 @@ class ReportConfig:
     round: int | None = None
     """Only this round's pseudo-label tables (default: every round that has pseudo-labels)."""
     root: str = "."
-    """Folder holding manifests/, artifacts/ and reports/."""
+    """Folder holding manifests/, artifacts/ and reports/ (local or s3://bucket/prefix)."""
     format: Literal["md", "html"] = "md"
     """report.md (Markdown) or report.html (tables and images in one page)."""
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = load_run(cfg.root, cfg.run, cfg.round)
         path = write_report(report, fmt=cfg.format)
-    except (ReportError, ManifestError) as e:
+    except (ReportError, ManifestError, StorageError) as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
     for note in report.notes:

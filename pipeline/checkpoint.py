@@ -13,6 +13,7 @@ where it stopped. Both are read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipeline.fs import S3Path, location
 from pipeline.storage import atomic_write_bytes, sha256_file
 
 FORMAT = 1
@@ -66,11 +68,14 @@ def save_model_file(
 
 def read_model_file(path: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
     """The payload of a model file, after checking its hash when one is expected."""
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist; rerun the round that makes it")
+    # From an object store, one download serves both the hash and the load.
+    source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, S3Path) else path
     if expected_sha256 is not None:
-        actual = sha256_file(path)
+        actual = (hashlib.sha256(source.getbuffer()).hexdigest() if isinstance(source, io.BytesIO)
+                  else sha256_file(path))
         if actual != expected_sha256:
             raise CheckpointError(
                 f"model file {path} has sha256 {actual[:12]}..., but its manifest records "
@@ -78,7 +83,7 @@ def read_model_file(path: str | Path, expected_sha256: str | None = None) -> dic
                 "rerun that round with --force"
             )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the file is not ours or is damaged
         raise CheckpointError(f"model file {path} cannot be read ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

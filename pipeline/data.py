@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.fs import S3Path, location
 from pipeline.images import decode_image
 from pipeline.pseudo_files import pseudo_file_names, read_selected
 from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard
@@ -164,16 +165,16 @@ def _record_damage(folder: str, reader: int, shards: list[str], damage: Damage) 
     """One reader's first-pass tally, for the driver to merge (:func:`merge_damage`)."""
     from pipeline.storage import atomic_write_json
 
-    atomic_write_json(Path(folder) / f"reader-{reader:05d}.json",
+    atomic_write_json(location(folder) / f"reader-{reader:05d}.json",
                       {"shards": shards, **damage.to_dict(), "by_shard": dict(damage.by_shard)})
 
 
-def merge_damage(folder: str | Path) -> dict[str, Any] | None:
+def merge_damage(folder: str | Path | S3Path) -> dict[str, Any] | None:
     """The training streams' tallies of one split: samples, bad and examples, each reader's share
     counted once (readers that wrapped around onto the same shards report them twice). None when
     no reader finished a pass over its shards."""
     tallies = {}
-    for path in sorted(Path(folder).glob("reader-*.json")):
+    for path in sorted(location(folder).glob("reader-*.json")):
         t = json.loads(path.read_text())
         tallies[tuple(t["shards"])] = t
     if not tallies:
@@ -201,7 +202,7 @@ class PseudoStream(IterableDataset):
         self._names = pseudo_file_names(self.shards)
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
-        return read_selected(Path(self.pseudo_dir) / self._names[shard])
+        return read_selected(location(self.pseudo_dir) / self._names[shard])
 
     def _repeated(self, shards: list[str]) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
         damage = Damage()  # pseudo-labeling skipped (and recorded) these samples already

@@ -7,7 +7,8 @@ Three ways to make one (``jobs/prepare.py`` is the command line for them):
   images) into shards;
 * :func:`register_shards` describes existing shards in place, scanning them for counts.
 
-Shard paths inside ``DIR`` are stored relative to it, so a dataset folder can be moved.
+Shard paths inside ``DIR`` are stored relative to it, so a dataset folder can be moved. ``DIR``
+and the shards may be local or on object storage (``s3://bucket/prefix``, :mod:`pipeline.fs`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fs import S3Path, location
 from pipeline.shards import (
     IMAGE_SUFFIXES,
     Damage,
@@ -32,7 +34,7 @@ from pipeline.shards import (
     read_samples,
     write_shards,
 )
-from pipeline.storage import atomic_write_json, sha256_file
+from pipeline.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 SPLITS = ("labeled", "unlabeled", "test")
 DATASET_FILE = "dataset.json"
@@ -45,7 +47,7 @@ class DatasetError(ValueError):
 
 @dataclass
 class SplitInfo:
-    shards: list[str]  # absolute paths
+    shards: list[str]  # absolute paths or s3:// URIs
     count: int
     class_counts: dict[str, int] | None = None  # None for unlabeled splits
 
@@ -56,11 +58,11 @@ class SplitInfo:
 
 @dataclass
 class DatasetInfo:
-    path: Path  # the dataset folder
+    path: Path | S3Path  # the dataset folder
     name: str
     classes: list[str]
     splits: dict[str, SplitInfo] = field(default_factory=dict)
-    unlabeled_truth: Path | None = None
+    unlabeled_truth: Path | S3Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -85,9 +87,9 @@ class DatasetInfo:
 # ----------------------------------------------------------------------------- dataset.json
 
 
-def load_dataset(path: str | Path) -> DatasetInfo:
+def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
     """Read ``path/dataset.json`` (``path`` may also be the file itself)."""
-    path = Path(path)
+    path = location(path)
     if path.name == DATASET_FILE:
         path = path.parent
     file = path / DATASET_FILE
@@ -101,8 +103,7 @@ def load_dataset(path: str | Path) -> DatasetInfo:
         classes = [str(c) for c in raw["classes"]]
         splits = {
             name: SplitInfo(
-                shards=[str((path / s) if not Path(s).is_absolute() else Path(s))
-                        for s in spec["shards"]],
+                shards=[str(_under(path, s)) for s in spec["shards"]],
                 count=int(spec["count"]),
                 class_counts=spec.get("class_counts"),
             )
@@ -116,12 +117,18 @@ def load_dataset(path: str | Path) -> DatasetInfo:
                        splits=splits, unlabeled_truth=(path / truth) if truth else None)
 
 
-def save_dataset(info: DatasetInfo) -> Path:
+def _under(folder: Path | S3Path, shard: str) -> Path | S3Path:
+    p = location(shard)
+    return p if p.is_absolute() else folder / shard
+
+
+def save_dataset(info: DatasetInfo) -> Path | S3Path:
     def rel(p: str) -> str:
+        loc = location(p).resolve()
         try:
-            return str(Path(p).resolve().relative_to(info.path.resolve()))
-        except ValueError:
-            return str(Path(p).resolve())
+            return loc.relative_to(info.path.resolve()).as_posix()
+        except (ValueError, TypeError):  # outside the folder (TypeError: local vs s3)
+            return str(loc)
 
     doc: dict[str, Any] = {
         "name": info.name,
@@ -184,7 +191,7 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
     lab_share = labeled_fraction / (1 - test_fraction)
     unlab, lab = train_test_split(rest, test_size=lab_share, stratify=labels[rest],
                                   random_state=seed)
-    out = Path(out)
+    out = location(out)
     classes = [str(i) for i in range(10)]
     info = DatasetInfo(path=out, name="digits", classes=classes)
     for split, ids in (("labeled", lab), ("unlabeled", unlab), ("test", test)):
@@ -199,7 +206,7 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
         _log(f"prepare: {split}: {len(ids)} images in {len(written)} shards under {out / split}")
     truth = pd.DataFrame({"key": [f"digit{i:05d}" for i in np.sort(unlab)],
                           "label": labels[np.sort(unlab)].astype(np.int32)})
-    truth.to_parquet(out / TRUTH_FILE, index=False)
+    atomic_write_bytes(out / TRUTH_FILE, truth.to_parquet(index=False))
     info.unlabeled_truth = out / TRUTH_FILE
     save_dataset(info)
     return info
@@ -250,7 +257,7 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
 
     if split not in SPLITS:
         raise DatasetError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    src, out = Path(src), Path(out)
+    src, out = Path(src), location(out)
     if not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -328,15 +335,16 @@ def scan_shards(paths: list[str], split: str = "") -> tuple[int, Counter[int] | 
     return total, (labels if labels else None), damage
 
 
-def register_shards(out: str | Path, *, labeled: str, unlabeled: str, test: str,
+def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, test: str,
                     classes: list[str] | None = None) -> DatasetInfo:
-    """Describe existing shards (paths, globs or brace patterns) without copying them."""
-    out = Path(out)
+    """Describe existing shards (paths, globs or brace patterns; local or s3://, globs on S3
+    resolved by listing) without copying them."""
+    out = location(out)
     info = DatasetInfo(path=out, name=out.name, classes=[])
     seen: dict[str, Counter[int] | None] = {}
     for split, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test)):
-        paths = [str(Path(p).resolve()) for p in expand_shards(spec)]
-        missing = [p for p in paths if not Path(p).is_file()]
+        paths = [str(location(p).resolve()) for p in expand_shards(spec)]
+        missing = [p for p in paths if not location(p).is_file()]
         if not paths or missing:
             raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
                                "; check the path or pattern")

@@ -6,6 +6,11 @@ who has it (host, pid, start time, command). A second process refuses with one l
 holder. A lock whose process is gone (same host, no such pid) was left by a crash: it is taken
 over, and the log says so. A lock from another host cannot be checked from here; the message
 says which file to delete once that process is known to be gone.
+
+On object storage (an ``s3://`` root) there is no exclusive create through pyarrow: the lock is
+written only when absent, then read back after :data:`REMOTE_SETTLE` seconds, and the process
+whose token is there holds it (S3 reads are strongly consistent). Two processes can then both
+hold it only if one stalls for longer than that between its check and its write.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import json
 import os
 import socket
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.fs import S3Path
 from pipeline.layout import RunLayout
+
+REMOTE_SETTLE = 1.0  # seconds between writing a lock object and reading it back
 
 
 class LockError(RuntimeError):
@@ -36,7 +46,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> dict[str, Any] | None:
+def _holder(path: Path | S3Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -48,7 +58,13 @@ def _describe(h: dict[str, Any]) -> str:
             f"(`{h.get('command', '?')}`)")
 
 
-def _create(path: Path, me: dict[str, Any]) -> bool:
+def _create(path: Path | S3Path, me: dict[str, Any]) -> bool:
+    if isinstance(path, S3Path):
+        if path.exists():
+            return False
+        path.write_text(json.dumps(me))
+        time.sleep(REMOTE_SETTLE)
+        return (_holder(path) or {}).get("token") == me["token"]
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -66,7 +82,8 @@ def round_lock(layout: RunLayout, round_: int) -> Iterator[Path]:
     path = layout.manifest_dir / f"round-{round_}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(),
-          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+          "token": uuid.uuid4().hex}
     if not _create(path, me):
         held = _holder(path) or {}
         stale = held.get("host") == me["host"] and isinstance(held.get("pid"), int) \
@@ -85,5 +102,5 @@ def round_lock(layout: RunLayout, round_: int) -> Iterator[Path]:
     try:
         yield path
     finally:
-        if (_holder(path) or {}).get("pid") == me["pid"]:
+        if (_holder(path) or {}).get("token") == me["token"]:
             path.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.fs import S3Path, location
 from pipeline.layout import RunLayout
 from pipeline.storage import atomic_write_json, sha256_file
 
@@ -337,8 +338,8 @@ def new_round(*, run: str, round_: int, config: Mapping[str, Any], model: ModelR
     return rec
 
 
-def load_round_file(path: str | Path) -> RoundRecord:
-    path = Path(path)
+def load_round_file(path: str | Path | S3Path) -> RoundRecord:
+    path = location(path)
     try:
         text = path.read_text()
     except FileNotFoundError:

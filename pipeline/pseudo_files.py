@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.fs import StorageError, parquet_file, read_table
 from pipeline.shards import MAX_BAD_EXAMPLES  # the damage policy's bound, per file and summary
 from pipeline.storage import atomic_write_bytes, sha256_file
 
@@ -83,8 +84,10 @@ def _stem(path: str) -> str:
 def file_meta(path: Path) -> dict[str, Any] | None:
     """Our metadata of a finished file, or None when it is not a readable file of this stage."""
     try:
-        raw = pq.read_schema(path).metadata or {}
+        raw = parquet_file(path).schema_arrow.metadata or {}
         meta = json.loads(raw[META_KEY])
+    except StorageError:
+        raise  # refused or unreachable is not "missing": relabeling would not help
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
     return meta if meta.get("format") == FILE_FORMAT else None
@@ -147,7 +150,7 @@ def summarize_files(out_dir: Path, names: list[str]) -> dict[str, Any]:
         if meta is None:
             raise PseudoFileError(f"{path} is missing or not a pseudo-label file; rerun the "
                                    "pseudo_label stage")
-        n = pq.ParquetFile(path).metadata.num_rows
+        n = parquet_file(path).metadata.num_rows
         files.append({"name": name, "rows": n, "sha256": sha256_file(path)})
         rows += n
         bad_count += meta.get("bad_count", 0)
@@ -160,7 +163,7 @@ def read_selected(path: str | Path) -> dict[str, tuple[int, np.ndarray, np.ndarr
     """Key -> (copies, top-k indices, top-k probabilities) of the rows selection kept (copies > 0).
 
     One shard's file at a time: a training worker never holds more than one shard's labels."""
-    table = pq.read_table(path, columns=["key", "copies", "topk_index", "topk_prob"])
+    table = read_table(path, columns=["key", "copies", "topk_index", "topk_prob"])
     table = table.filter(table.column("copies").to_numpy() > 0)
     keys = table.column("key").to_pylist()
     copies = table.column("copies").to_numpy()
@@ -187,7 +190,9 @@ def write_truth_files(keys_by_file: dict[str, list[str]], labels: dict[str, int]
             "topk_index": pa.array([[labels[k]] for k in keys], pa.list_(pa.int32())),
             "topk_prob": pa.array([[1.0] for _ in keys], pa.list_(pa.float16())),
         })
-        pq.write_table(table, out_dir / name)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic_write_bytes(out_dir / name, buf.getvalue())
         rows += len(keys)
     return rows
 
@@ -198,7 +203,7 @@ def confidence_summary(paths: list[Path], bins: int = 1000) -> dict[str, float |
     total, n = 0.0, 0
     hist = np.zeros(bins, np.int64)
     for path in paths:
-        conf = pq.read_table(path, columns=["confidence"]).column("confidence").to_numpy()
+        conf = read_table(path, columns=["confidence"]).column("confidence").to_numpy()
         conf = conf[np.isfinite(conf)]
         total += float(conf.sum(dtype=np.float64))
         n += len(conf)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import PseudoLabelConfig
+from pipeline.fs import location
 from pipeline.inference import KIND_END, KIND_OK, data_context, data_settings, inference_dataset
 from pipeline.pseudo_files import (
     FILE_FORMAT,
@@ -115,7 +116,7 @@ def label_shards(model_path: str | Path, model_sha256: str, shards: list[str],
 
     cfg.validate()
     start = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = read_model_file(model_path, model_sha256)  # refuse a changed teacher up front
     k = min(cfg.topk, int(payload["num_classes"]))

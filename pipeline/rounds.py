@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PseudoLabelConfig, StudentConfig, TrainConfig, to_dict
 from pipeline.dataset import DatasetInfo, load_dataset
+from pipeline.fs import location, rmtree
 from pipeline.layout import RunLayout
 from pipeline.lock import round_lock
 from pipeline.manifest import (
@@ -101,7 +101,7 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     for split in ("labeled", "test"):
         damage = Damage()
         for path in info.split(split).shards:
-            if not Path(path).is_file():
+            if not location(path).is_file():
                 raise RunError(f"shard {path} listed in {info.path}/dataset.json does not exist")
             for s in read_shard(path):
                 if isinstance(s, BadSample):
@@ -260,7 +260,7 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
             raise RunError(f"run {cfg.run!r} already has a complete round {p.round_} "
                            f"({layout.manifest_path(p.round_)}); pass --force to train it again")
     if cfg.force and art.exists():
-        shutil.rmtree(art)
+        rmtree(art)
     rec = _start_record(p, use_gpu)
     if damage is not None:
         rec.set_stage("preflight", "complete", **damage)

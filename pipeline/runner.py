@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import STATE_FILE
+from pipeline.fs import S3Path, arrow_fs, location
 from pipeline.train import Job, WorkerContext, train_worker
 
 TRAIN_DIR = "train"  # Ray Train's run folder inside artifacts/<run>/round-<N>/
@@ -33,9 +34,13 @@ def in_job_working_dir(path: Path | None = None) -> bool:
     return "runtime_resources" in here and "working_dir_files" in here
 
 
-def resolve_root(root: str) -> Path:
-    """The absolute root; refuses a relative one inside a Ray job's temporary working dir,
-    where results would vanish with the job."""
+def resolve_root(root: str) -> Path | S3Path:
+    """The absolute root (local or ``s3://``, whose bucket is checked now); refuses a relative
+    one inside a Ray job's temporary working dir, where results would vanish with the job."""
+    loc = location(root)
+    if isinstance(loc, S3Path):
+        loc.check_bucket()
+        return loc
     if not Path(root).is_absolute() and in_job_working_dir():
         raise RunError(
             f"--root {root!r} is relative, and this job runs in Ray's temporary copy of the "
@@ -43,6 +48,15 @@ def resolve_root(root: str) -> Path:
             "it (shared storage on a multi-node cluster), e.g. --root $PWD"
         )
     return Path(root).resolve()
+
+
+# Where the object store is, as the driver sees it: passed on to this job's workers, so that they
+# read and write the same bucket. Credentials are not passed: each node has its own.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def storage_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
 
 
 @contextmanager
@@ -59,14 +73,17 @@ def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterat
         yield False
         return
     started = not os.environ.get("RAY_ADDRESS")
+    env = storage_env()
+    runtime_env = {"env_vars": env} if env else None
     with quiet_ray(verbose):
         if started:
             # The dashboard serves the state API, which Ray Train's placement-group cleaner
             # polls (without it, it logs a warning every few seconds).
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                     dashboard_host="127.0.0.1", logging_level="warning")
+                     dashboard_host="127.0.0.1", logging_level="warning",
+                     runtime_env=runtime_env)
         else:
-            ray.init(logging_level="warning")
+            ray.init(logging_level="warning", runtime_env=runtime_env)
         try:
             yield started
         finally:
@@ -143,16 +160,19 @@ def _ray_entry(config: dict[str, Any]) -> None:
     train_worker(Job(**config), wctx, RayReporter())
 
 
-def has_checkpoint(storage: Path) -> bool:
+def has_checkpoint(storage: Path | S3Path) -> bool:
     return any((storage / TRAIN_DIR).glob("checkpoint_*/" + STATE_FILE))
 
 
-def fit(job: Job, storage: Path, *, use_gpu: bool) -> Path:
+def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
     """Run (or resume) the round's TorchTrainer; returns the final checkpoint folder."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = job.config
+    # Ray Train keeps its run state and checkpoints under storage/train on the same filesystem
+    # as the root: a local folder, or the bucket (every node must be able to reach it).
+    filesystem, storage_path = arrow_fs(storage)
     trainer = TorchTrainer(
         _ray_entry,
         # A shallow copy: dataclasses.asdict(job) would turn the config into a dict too.
@@ -160,7 +180,7 @@ def fit(job: Job, storage: Path, *, use_gpu: bool) -> Path:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
-            name=TRAIN_DIR, storage_path=str(storage),
+            name=TRAIN_DIR, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import PseudoLabelConfig
+from pipeline.fs import S3Path, location, read_table
 from pipeline.pseudo_files import PseudoFileError, file_meta, write_table
 from pipeline.storage import sha256_file
 
@@ -379,21 +379,21 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     Returns the manifest's ``pseudo_labels`` dict, with per-class counts taken from the files.
     """
     cfg.validate()
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     classes = classes or [str(i) for i in range(num_classes)]
     paths = _selection_files(out_dir, names)
     stats = merge_stats(  # pass 1
-        class_stats(pq.read_table(p, columns=["label", "confidence"]).to_pandas(), num_classes,
+        class_stats(read_table(p, columns=["label", "confidence"]).to_pandas(), num_classes,
                     cfg.threshold) for p in paths)
     plan = plan_selection(stats, k=cfg.k, seed=cfg.seed)
     kept = np.zeros(num_classes, np.int64)
     copies = np.zeros(num_classes, np.int64)
     files = []
     for path in paths:  # pass 2
-        labels, file_copies = _apply_plan(path, plan)
+        labels, file_copies, sha = _apply_plan(path, plan)
         kept += np.bincount(labels[file_copies > 0], minlength=num_classes)
         copies += np.bincount(labels, weights=file_copies, minlength=num_classes).astype(np.int64)
-        files.append({"name": path.name, "rows": len(labels), "sha256": sha256_file(path)})
+        files.append({"name": path.name, "rows": len(labels), "sha256": sha})
     progress(f"select: threshold {cfg.threshold}, K {plan.k}: {int(kept.sum())} of "
              f"{stats.rows} images kept, {int(copies.sum())} with copies")
     return {
@@ -405,7 +405,7 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     }
 
 
-def _selection_files(out_dir: Path, names: list[str] | None) -> list[Path]:
+def _selection_files(out_dir: Path | S3Path, names: list[str] | None) -> list[Path | S3Path]:
     if names is None:
         paths = sorted(p for p in out_dir.glob("*.parquet") if file_meta(p) is not None)
     else:
@@ -419,20 +419,22 @@ def _selection_files(out_dir: Path, names: list[str] | None) -> list[Path]:
     return paths
 
 
-def _apply_plan(path: Path, plan: SelectionPlan) -> tuple[np.ndarray, np.ndarray]:
-    """Rewrite one file's ``copies`` (unless it already holds this plan's); (labels, copies)."""
+def _apply_plan(path: Path | S3Path, plan: SelectionPlan
+                ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Rewrite one file's ``copies`` (unless it already holds this plan's); (labels, copies,
+    sha256 of the file)."""
     fingerprint = _plan_fingerprint(plan)
     meta = file_meta(path)
     if meta.get("selection") == fingerprint:
-        done = pq.read_table(path, columns=["label", "copies"])
-        return done["label"].to_numpy(), done["copies"].to_numpy()
-    table = pq.read_table(path)
+        done = read_table(path, columns=["label", "copies"])
+        return done["label"].to_numpy(), done["copies"].to_numpy(), sha256_file(path)
+    table = read_table(path)
     copies = apply_selection(table.select(["key", "shard", "label", "confidence"]).to_pandas(),
                              plan)
     table = table.set_column(table.schema.get_field_index("copies"), "copies",
                              pa.array(copies, pa.int32()))
-    write_table(path, table, {**meta, "selection": fingerprint})
-    return table["label"].to_numpy(), copies
+    sha = write_table(path, table, {**meta, "selection": fingerprint})
+    return table["label"].to_numpy(), copies, sha
 
 
 def _plan_fingerprint(plan: SelectionPlan) -> str:

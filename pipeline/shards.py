@@ -13,7 +13,9 @@ import glob
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.fs import S3Path, StorageError, is_remote, location
 
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 LABEL_SUFFIXES = ("cls", "json")
@@ -93,15 +97,19 @@ class ShardWriter:
     """Writes samples into ``<out_dir>/<prefix>-000000.tar`` ... with at most ``maxcount`` each.
 
     Files are written as ``*.tar.tmp`` and renamed when closed, so an interrupted write never
-    leaves a shard that looks complete.
+    leaves a shard that looks complete. To an ``s3://`` folder, each shard is written to a local
+    temporary file and uploaded whole when closed (an object appears only once complete).
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000) -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: str | Path | S3Path, prefix: str = "shard",
+                 maxcount: int = 1000) -> None:
+        self.out_dir = location(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._staging = (Path(tempfile.mkdtemp(prefix="ns-shards-"))
+                         if isinstance(self.out_dir, S3Path) else None)
         self.prefix = prefix
         self.maxcount = maxcount
-        self.paths: list[Path] = []
+        self.paths: list[Path | S3Path] = []
         self.counts: list[int] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
@@ -110,7 +118,8 @@ class ShardWriter:
     def _open_next(self) -> None:
         self._close_current()
         path = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
-        self._tmp = path.with_suffix(".tar.tmp")
+        self._tmp = (self._staging / (path.name + ".tmp") if self._staging is not None
+                     else path.with_suffix(".tar.tmp"))
         self._tar = tarfile.open(  # noqa: SIM115 (closed in _close_current)
             self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.paths.append(path)
@@ -119,7 +128,12 @@ class ShardWriter:
     def _close_current(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._tmp, self.paths[-1])
+            dest = self.paths[-1]
+            if isinstance(dest, S3Path):
+                dest.upload(self._tmp)
+                self._tmp.unlink()
+            else:
+                os.replace(self._tmp, dest)
             self._tar = None
 
     def _add(self, name: str, data: bytes) -> None:
@@ -147,6 +161,8 @@ class ShardWriter:
 
     def close(self) -> None:
         self._close_current()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -160,6 +176,8 @@ class ShardWriter:
             self.paths.pop()
             self.counts.pop()
             self._tar = None
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def write_shards(
@@ -186,12 +204,27 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
     """
     from braceexpand import braceexpand
 
-    specs = [str(spec)] if isinstance(spec, str | Path) else [str(s) for s in spec]
+    specs = [str(spec)] if isinstance(spec, str | Path | S3Path) else [str(s) for s in spec]
     out: list[str] = []
     for s in specs:
         for expanded in braceexpand(s):
-            out.extend(sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded])
+            if not glob.has_magic(expanded):
+                out.append(expanded)
+            elif is_remote(expanded):
+                out.extend(_glob_remote(expanded))
+            else:
+                out.extend(sorted(glob.glob(expanded)))
     return out
+
+
+def _glob_remote(pattern: str) -> list[str]:
+    """An s3:// glob, resolved by listing the prefix before its first wildcard."""
+    parts = pattern[len("s3://"):].split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    if fixed == 0:
+        raise ShardError(f"{pattern}: a bucket name cannot hold wildcards")
+    base = S3Path("s3://" + "/".join(parts[:fixed]))
+    return [str(p) for p in base.glob("/".join(parts[fixed:]))]
 
 
 def read_shard(path: str | Path) -> Iterator[Sample | BadSample]:
@@ -219,7 +252,7 @@ def read_shard(path: str | Path) -> Iterator[Sample | BadSample]:
         return sample
 
     try:
-        with tarfile.open(shard, "r:*") as tar:
+        with location(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for member in tar:
                 key, suffix = _split_member(member)
                 if key is None:
@@ -234,6 +267,8 @@ def read_shard(path: str | Path) -> Iterator[Sample | BadSample]:
                     current, current_key = {}, key
                 current[suffix] = data
             _check_end_marker(tar)
+    except StorageError:
+        raise  # credentials or endpoint: not the shard's fault, and no sample can be read
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         lost = current_key if current is not None else ""
         detail = " ".join(str(e).split())  # tarfile's messages span lines

@@ -3,8 +3,9 @@
 Every file this tool writes for others to trust (manifests, model files, pseudo-label files,
 dataset descriptions) goes through :func:`atomic_write_bytes`: a reader sees the old file or the
 new one, never half of one. Every file whose integrity a later stage relies on is recorded with
-its :func:`sha256_file`. Keeping both here gives one place for another filesystem (object
-storage) to sit behind the run layout.
+its :func:`sha256_file`. Both take local paths and ``s3://`` locations (:mod:`pipeline.fs`):
+an object store has no rename, but an upload appears only once complete, so there a write is one
+whole upload with the same guarantee.
 """
 
 from __future__ import annotations
@@ -17,18 +18,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.fs import S3Path, location
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+
+def sha256_file(path: str | Path | S3Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with location(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path | S3Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
-    path = Path(path)
+    path = location(path)
+    if isinstance(path, S3Path):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -43,14 +49,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
+def atomic_write_json(path: str | Path | S3Path, obj: Any) -> None:
     # Serialise first: a value json cannot encode must fail before anything touches the disk.
     text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
     atomic_write_bytes(path, text.encode())
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
+    if isinstance(obj, Path | S3Path):
         return str(obj)
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()

@@ -381,17 +381,18 @@ def finetune_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Le
     checkpoint_and_report(reporter, ctx, {"phase": "finetune", **state.finetune}, learner, state)
 
 
-def write_predictions(rows: list[dict[str, Any]], folder: str | Path, rank: int) -> Path:
-    """This rank's predictions as ``folder/rank-<rank>.parquet``, written atomically."""
+def write_predictions(rows: list[dict[str, Any]], folder: str | Path, rank: int) -> Any:
+    """This rank's predictions as ``folder/rank-<rank>.parquet`` (local or s3://), written
+    atomically; returns its path."""
     import pandas as pd
 
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    part = out / f"rank-{rank:05d}.parquet"
+    from pipeline.fs import location
+    from pipeline.storage import atomic_write_bytes
+
+    part = location(folder) / f"rank-{rank:05d}.parquet"
     df = pd.DataFrame(rows, columns=["key", "label", "pred", "confidence"]).astype(
         {"key": "string", "label": "int32", "pred": "int32", "confidence": "float32"})
-    df.to_parquet(part.with_suffix(".tmp"), index=False)
-    os.replace(part.with_suffix(".tmp"), part)
+    atomic_write_bytes(part, df.to_parquet(index=False))
     return part
 
 

@@ -12,8 +12,10 @@ import time
 from typing import TYPE_CHECKING
 
 from pipeline.config import StudentConfig
+from pipeline.fs import read_pandas, read_table
 from pipeline.manifest import FileRef, Metrics, RoundRecord, save_round
 from pipeline.runner import RunError, fit
+from pipeline.storage import atomic_write_bytes
 from pipeline.train import Job
 
 if TYPE_CHECKING:
@@ -74,8 +76,9 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
     finally:
         shutil.rmtree(final, ignore_errors=True)
     parts = sorted(layout.predictions_dir(p.round_).glob("rank-*.parquet"))
-    preds = pd.concat([pd.read_parquet(x) for x in parts], ignore_index=True)
-    preds.sort_values("key").to_parquet(layout.test_predictions(p.round_), index=False)
+    preds = pd.concat([read_pandas(x) for x in parts], ignore_index=True)
+    atomic_write_bytes(layout.test_predictions(p.round_),
+                       preds.sort_values("key").to_parquet(index=False))
     seconds = state["seconds"]
     from pipeline.data import merge_damage
 
@@ -101,8 +104,6 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
 
 def _truth_files(p: Plan, rec: RoundRecord) -> int:
     """The ceiling of an ablation: pseudo-label files whose labels are the held-out truth."""
-    import pandas as pd
-    import pyarrow.parquet as pq
 
     from pipeline.pseudo_files import PseudoFileError, write_truth_files
 
@@ -110,10 +111,10 @@ def _truth_files(p: Plan, rec: RoundRecord) -> int:
     if info.unlabeled_truth is None or not info.unlabeled_truth.exists():
         raise RunError(f"--truth-labels needs {info.path}/unlabeled_truth.parquet (the held-out "
                        "labels of the unlabeled split), which this dataset does not have")
-    truth = pd.read_parquet(info.unlabeled_truth)
+    truth = read_pandas(info.unlabeled_truth)
     labels = dict(zip(truth["key"].astype(str), truth["label"].astype(int), strict=True))
     src = p.layout.resolve(rec.pseudo_labels.uri)
-    keys = {f.name: pq.read_table(f, columns=["key"]).column("key").to_pylist()
+    keys = {f.name: read_table(f, columns=["key"]).column("key").to_pylist()
             for f in sorted(src.glob("*.parquet"))}
     try:
         rows = write_truth_files(keys, labels, p.layout.truth_dir(p.round_))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.fs import location
 from pipeline.layout import RunLayout
 from pipeline.manifest import ManifestError, PseudoFile, RoundRecord, load_round
 from pipeline.report.errors import ReportError
@@ -113,8 +114,8 @@ def load_run(root: str | Path, run: str, round_: int | None = None, *,
     ``round_`` limits the per-round pseudo-label tables to that round (and the agreement to the pair
     ending at it); the run-level and calibration tables always cover every round.
     """
-    root = Path(root)
     layout = RunLayout(root, run)
+    root = layout.root
     manifests = _load_manifests(layout)
     notes: list[str] = []
     if round_ is not None:
@@ -196,7 +197,7 @@ def _load_dataset(root: Path, manifests: dict[int, RoundRecord]) -> tuple[Any, s
         return None, "its manifests record no data.dataset"
     # Relative paths were written relative to the root the jobs ran from; the current folder is
     # the usual root, so it is the second guess.
-    p = Path(path)
+    p = location(path)
     for candidate in [p] if p.is_absolute() else [root / p, p]:
         if (candidate / "dataset.json").exists() or (candidate.name == "dataset.json"
                                                      and candidate.exists()):
@@ -212,31 +213,27 @@ def _truth_path(dataset: Any, notes: list[str]) -> Path | None:
     if dataset is None or dataset.unlabeled_truth is None:
         notes.append("the dataset has no held-out truth for the unlabeled split: no precision")
         return None
-    if not Path(dataset.unlabeled_truth).exists():
+    if not location(dataset.unlabeled_truth).exists():
         notes.append(f"held-out truth {dataset.unlabeled_truth} is missing: no precision")
         return None
-    return Path(dataset.unlabeled_truth)
+    return location(dataset.unlabeled_truth)
 
 
 def _pseudo_label_files(layout: RunLayout, m: RoundRecord, notes: list[str]) -> dict[str, str]:
     """File name -> path (local path or URI) of a round's pseudo-label files that exist."""
     uri = str(_pseudo_label_uri(m))
-    remote = "://" in uri
-    base = uri.rstrip("/") if remote else str(layout.resolve(uri))
+    base = layout.resolve(uri)  # a local folder or an s3:// prefix
     listed: list[PseudoFile] = list(m.pseudo_labels.files) if m.pseudo_labels else []
     if not listed:
-        if remote:
-            raise ReportError(f"round {m.round}: pseudo_labels.files is empty and {uri} is "
-                              "remote; record the files in the manifest")
         # Hidden names are temporary files of a writer (write, then rename).
-        names = sorted(p.name for p in Path(base).glob("*.parquet") if not p.name.startswith("."))
+        names = sorted(p.name for p in base.glob("*.parquet") if not p.name.startswith("."))
         listed = [PseudoFile(name=n) for n in names]
         if not names:
             notes.append(f"round {m.round}: no pseudo-label files under {base}")
     out, missing, mismatched = {}, [], []
     for f in listed:
-        path = f"{base}/{f.name}"
-        if not remote and not Path(path).exists():
+        path = str(base / f.name)
+        if not location(path).exists():
             missing.append(f.name)
             continue
         if f.rows is not None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.fs import parquet_file
 from pipeline.report.errors import ReportError
 
 __all__ = ["BATCH_ROWS", "iter_batches", "num_rows", "schema_names"]
@@ -19,16 +19,16 @@ BATCH_ROWS = 65_536
 def schema_names(path: str | Path) -> list[str]:
     """Column names of a Parquet file (its footer only)."""
     try:
-        return pq.ParquetFile(path).schema_arrow.names
-    except (OSError, pa.ArrowException) as e:
+        return parquet_file(path).schema_arrow.names
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise ReportError(f"{path}: cannot read Parquet ({_first_line(e)})") from None
 
 
 def num_rows(path: str | Path) -> int:
     """Row count of a Parquet file, from its footer."""
     try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, pa.ArrowException) as e:
+        return parquet_file(path).metadata.num_rows
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise ReportError(f"{path}: cannot read Parquet ({_first_line(e)})") from None
 
 
@@ -36,7 +36,7 @@ def iter_batches(path: str | Path, columns: list[str],
                  batch_rows: int = BATCH_ROWS) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``columns`` as numpy arrays; nulls become -1 (integers) or NaN (floats)."""
     try:
-        pf = pq.ParquetFile(path)
+        pf = parquet_file(path)
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
             out = {}
             for name in columns:
@@ -51,7 +51,7 @@ def iter_batches(path: str | Path, columns: list[str],
                 else:
                     out[name] = col.to_numpy(zero_copy_only=False)
             yield out
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise ReportError(f"{path}: cannot read Parquet ({_first_line(e)})") from None
 
 

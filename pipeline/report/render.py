@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
+import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
+from pipeline.fs import S3Path, location
 from pipeline.layout import RunLayout
 from pipeline.report.errors import ReportError
 from pipeline.report.load import RunReport
@@ -40,15 +42,29 @@ _MAX_TABLE_ROWS = 30  # longer tables are excerpted in the report and given whol
 
 
 def write_report(report: RunReport, out_dir: str | Path | None = None,
-                 fmt: str = "md") -> Path:
-    """Write CSVs, PNGs and report.md (or report.html) to ``out_dir`` (default reports/<run>/).
+                 fmt: str = "md") -> Path | S3Path:
+    """Write CSVs, PNGs and report.md (or report.html) to ``out_dir`` (default reports/<run>/;
+    local or s3://, where the files are made in a temporary folder and uploaded one by one).
 
     Returns the report file. Every CSV is written, empty ones with their header, so that files of
     an earlier report never pass for current ones.
     """
     if fmt not in ("md", "html"):
         raise ReportError(f"format must be md or html, got {fmt!r}")
-    out = Path(out_dir) if out_dir is not None else RunLayout(report.root, report.run).report_dir
+    out = (location(out_dir) if out_dir is not None
+           else RunLayout(report.root, report.run).report_dir)
+    if not isinstance(out, S3Path):
+        return _write_files(report, out, fmt)
+    with tempfile.TemporaryDirectory(prefix="ns-report-") as tmp:
+        local = _write_files(report, Path(tmp), fmt)
+        for f in sorted(Path(tmp).iterdir()):  # the report file last: it names the others
+            if f != local:
+                (out / f.name).upload(f)
+        (out / local.name).upload(local)
+    return out / local.name
+
+
+def _write_files(report: RunReport, out: Path, fmt: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, df in report.tables().items():
         df.to_csv(out / f"{name}.csv", index=False)

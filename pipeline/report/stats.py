@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
+from pipeline.fs import parquet_file
 from pipeline.report.errors import ReportError
 from pipeline.report.parquet import BATCH_ROWS, iter_batches, schema_names
 
@@ -327,14 +327,14 @@ def scan_pseudo_labels(
     stats = PseudoLabelStats(num_classes=num_classes, threshold=threshold)
     parts = 1
     if truth is not None:
-        rows = pq.ParquetFile(truth).metadata.num_rows
+        rows = parquet_file(truth).metadata.num_rows
         parts = max(1, math.ceil(rows / max(1, truth_rows_per_pass)))
-    index = _TruthIndex.load(Path(truth), 0, parts, batch_rows) if truth is not None else None
+    index = _TruthIndex.load(truth, 0, parts, batch_rows) if truth is not None else None
     # Pass 1 builds every statistic and the precision of truth partition 0; each further partition
     # rereads only the columns precision needs.
     for part in range(parts):
         if part > 0:
-            index = _TruthIndex.load(Path(truth), part, parts, batch_rows)  # type: ignore[arg-type]
+            index = _TruthIndex.load(truth, part, parts, batch_rows)  # type: ignore[arg-type]
         for path in files:
             have = set(schema_names(path))
             wanted = ["label", "confidence"]
