@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,27 @@ def ray_address() -> str:
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3 server (tests/s3server.py), its AWS variables set in this process for the
+    module, so that the code under test and the Ray workers started after it find it the way a
+    user's jobs would (environment, not options)."""
+    from pipeline.fs import s3_filesystem
+    from tests.s3server import start_server
+
+    server = start_server()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    s3_filesystem.cache_clear()
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3_filesystem.cache_clear()
+        server.stop()

@@ -1,0 +1,170 @@
+"""pipeline.fs against a real S3 server (moto, tests/s3server.py): the path interface, whole-object
+writes, listing and globs, pickling to workers, and the one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.fs import S3Path, StorageError, location, read_table, s3_filesystem
+from pipeline.shards import Sample, expand_shards, read_shard, write_shards
+from pipeline.storage import atomic_write_bytes, atomic_write_json, sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bucket(s3) -> str:
+    return s3.make_bucket("fs-tests")
+
+
+def test_location_picks_the_path_type() -> None:
+    assert isinstance(location("s3://b/k"), S3Path)
+    assert location("data/x") == Path("data/x")
+    with pytest.raises(StorageError, match="unsupported location"):
+        location("gs://b/k")
+    with pytest.raises(StorageError, match="no bucket"):
+        location("s3:///k")
+
+
+def test_pure_path_operations() -> None:
+    p = S3Path("s3://b/runs//a/model.pt", endpoint=False)
+    assert str(p) == "s3://b/runs/a/model.pt"
+    assert (p.name, p.stem, p.suffix) == ("model.pt", "model", ".pt")
+    assert p.parent == S3Path("s3://b/runs/a", endpoint=False)
+    assert S3Path("s3://b/runs", endpoint=False) / "a" / "model.pt" == p
+    assert p.relative_to(S3Path("s3://b/runs", endpoint=False)).as_posix() == "a/model.pt"
+    assert p.with_suffix(".json").name == "model.json"
+    with pytest.raises(ValueError):
+        p.relative_to(S3Path("s3://other/runs", endpoint=False))
+    with pytest.raises(TypeError):  # no __fspath__: builtins.open cannot be handed an object
+        open(p)  # noqa: SIM115
+
+
+def test_write_read_list_delete(s3, bucket: str) -> None:
+    base = S3Path(f"s3://{bucket}/t1")
+    assert not (base / "a.txt").exists()
+    atomic_write_bytes(base / "a.txt", b"hello")
+    atomic_write_json(base / "sub" / "b.json", {"x": 1})
+    assert (base / "a.txt").read_bytes() == b"hello"
+    assert (base / "a.txt").is_file() and (base / "sub").is_dir() and base.exists()
+    assert (base / "a.txt").stat().st_size == 5
+    import hashlib
+
+    assert sha256_file(base / "a.txt") == hashlib.sha256(b"hello").hexdigest()
+    assert [p.name for p in base.iterdir()] == ["a.txt", "sub"]
+    assert [p.name for p in base.glob("*.txt")] == ["a.txt"]
+    assert [str(p) for p in base.glob("*/*.json")] == [f"s3://{bucket}/t1/sub/b.json"]
+    assert [p.name for p in base.rglob("*.json")] == ["b.json"]
+    with (base / "a.txt").open("rb") as f:
+        f.seek(1)
+        assert f.read(3) == b"ell"
+    with (base / "c.txt").open("w") as f:
+        f.write("text")
+    assert (base / "c.txt").read_text() == "text"
+    (base / "a.txt").unlink()
+    assert not (base / "a.txt").exists()
+    (base / "a.txt").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError):
+        (base / "a.txt").read_bytes()
+
+
+def test_pickled_path_keeps_its_endpoint(s3, bucket: str) -> None:
+    p = S3Path(f"s3://{bucket}/x")
+    q = pickle.loads(pickle.dumps(p))
+    assert q == p and q.endpoint == s3.endpoint
+
+
+def test_shards_written_to_and_read_from_s3_match_local(s3, bucket: str, tmp_path: Path) -> None:
+    from pipeline.shards import encode_png
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    samples = [(f"k{i:03d}", encode_png(rng.integers(0, 255, (8, 8, 3), np.uint8)), i % 3)
+               for i in range(25)]
+    local = write_shards(samples, tmp_path, prefix="s", maxcount=10)
+    remote = write_shards(samples, f"s3://{bucket}/shards", prefix="s", maxcount=10)
+    assert [str(p) for p, _ in remote] == [f"s3://{bucket}/shards/s-{i:06d}.tar"
+                                           for i in range(3)]
+    for (lp, _), (rp, _) in zip(local, remote, strict=True):
+        assert rp.read_bytes() == lp.read_bytes()  # the same bytes, uploaded whole
+        got = [(s.key, s.label, s.image) for s in read_shard(str(rp)) if isinstance(s, Sample)]
+        want = [(s.key, s.label, s.image) for s in read_shard(lp)]
+        assert got == want and len(got) > 0
+    assert expand_shards(f"s3://{bucket}/shards/s-{{000000..000001}}.tar") == [
+        f"s3://{bucket}/shards/s-000000.tar", f"s3://{bucket}/shards/s-000001.tar"]
+    assert expand_shards(f"s3://{bucket}/shards/s-*.tar") == [str(p) for p, _ in remote]
+    assert not list(S3Path(f"s3://{bucket}/shards").glob("*.tmp"))
+
+
+def test_parquet_on_s3(s3, bucket: str) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"a": [1, 2, 3]}), buf)
+    atomic_write_bytes(f"s3://{bucket}/p/t.parquet", buf.getvalue())
+    assert read_table(f"s3://{bucket}/p/t.parquet").column("a").to_pylist() == [1, 2, 3]
+
+
+def test_missing_bucket_and_bad_credentials_are_one_clear_line(s3, bucket: str,
+                                                               monkeypatch) -> None:
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist; create it"):
+        S3Path("s3://no-such-bucket/x").check_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    s3_filesystem.cache_clear()
+    try:
+        with pytest.raises(StorageError, match=r"access denied .* check the credentials"):
+            S3Path(f"s3://{bucket}/x").check_bucket()
+        with pytest.raises(StorageError, match=r"access denied"):
+            S3Path(f"s3://{bucket}/x").write_bytes(b"no")
+    finally:
+        s3_filesystem.cache_clear()
+
+
+def _prepare(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_prepare_digits_to_s3_and_register_there(s3, bucket: str) -> None:
+    from pipeline.dataset import load_dataset
+
+    p = _prepare("digits", "--out", f"s3://{bucket}/digits", "--shard-size", "400")
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = load_dataset(f"s3://{bucket}/digits")
+    assert isinstance(info.path, S3Path)
+    assert info.counts() == {"labeled": 180, "unlabeled": 1077, "test": 540}
+    assert all(s.startswith(f"s3://{bucket}/digits/") for s in info.split("unlabeled").shards)
+    # the stored shard paths are relative: the description moves with its folder
+    raw = (info.path / "dataset.json").read_text()
+    assert "s3://" not in raw
+    p = _prepare("register", "--labeled", f"s3://{bucket}/digits/labeled/*.tar",
+                 "--unlabeled", f"s3://{bucket}/digits/unlabeled/unlabeled-{{000000..000002}}.tar",
+                 "--test", f"s3://{bucket}/digits/test/*.tar", "--out", f"s3://{bucket}/reg")
+    assert p.returncode == 0, p.stderr[-2000:]
+    reg = load_dataset(f"s3://{bucket}/reg")
+    assert reg.counts() == info.counts()
+    assert reg.split("labeled").class_counts == info.split("labeled").class_counts
+
+
+def test_prepare_errors_on_s3_exit_2(s3, bucket: str) -> None:
+    import os
+
+    p = _prepare("digits", "--out", "s3://no-such-bucket/digits")
+    assert p.returncode == 2 and "bucket 'no-such-bucket' does not exist" in p.stderr
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    p = _prepare("digits", "--out", f"s3://{bucket}/digits2", env=env)
+    assert p.returncode == 2 and "access denied" in p.stderr
+    p = _prepare("register", "--labeled", f"s3://{bucket}/nothing/*.tar", "--unlabeled",
+                 f"s3://{bucket}/nothing/u.tar", "--test", f"s3://{bucket}/nothing/t.tar",
+                 "--out", f"s3://{bucket}/reg2")
+    assert p.returncode == 2 and "no such shard" in p.stderr
+    for proc in (p,):
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
