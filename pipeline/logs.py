@@ -68,7 +68,8 @@ class _LineFilter(io.TextIOBase):
         self.inner.flush()
 
     def isatty(self) -> bool:
-        return self.inner.isatty()
+        # Ray's colorama asks at interpreter exit, when pytest may have closed the stream.
+        return not getattr(self.inner, "closed", False) and self.inner.isatty()
 
     def fileno(self) -> int:
         return self.inner.fileno()
