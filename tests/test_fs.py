@@ -80,8 +80,9 @@ def test_pickled_path_keeps_its_endpoint(s3, bucket: str) -> None:
 
 
 def test_shards_written_to_and_read_from_s3_match_local(s3, bucket: str, tmp_path: Path) -> None:
-    from pipeline.shards import encode_png
     import numpy as np
+
+    from pipeline.shards import encode_png
 
     rng = np.random.default_rng(0)
     samples = [(f"k{i:03d}", encode_png(rng.integers(0, 255, (8, 8, 3), np.uint8)), i % 3)
