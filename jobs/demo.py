@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from _common import ROOT
 
@@ -52,6 +52,51 @@ def summary_table(root: Path, run: str) -> str:
     return table.to_string(index=False, float_format=lambda x: f"{x:.4f}")
 
 
+def fixres_rows(root: Path, run: str, rounds: int) -> list[dict[str, Any]]:
+    """Per round with a FixRes fine-tune: resolutions, top-1 at the test resolution before and
+    after it, how its BatchNorm statistics were treated, training seconds and the seconds the
+    lower training resolution saved (measured per step at both resolutions)."""
+    from pipeline.layout import RunLayout
+    from pipeline.manifest import load_round
+
+    layout = RunLayout(root, run)
+    rows = []
+    for n in range(rounds + 1):
+        rec = load_round(layout, n)
+        ft = rec.stage("finetune") if rec is not None else None
+        if rec is None or ft is None:
+            continue
+        train = rec.stage("train")
+        info = ft.info
+        rows.append({"round": n, "model": rec.model.name,
+                     "px": f"{rec.model.train_resolution}/{rec.model.test_resolution}",
+                     "before": info.get("top1_before"), "after": info.get("top1_after"),
+                     "batchnorm": info.get("batchnorm", "-"),
+                     "train_s": train.seconds if train is not None else None,
+                     "ratio": info.get("step_time_ratio"),
+                     "saved_s": info.get("train_seconds_saved")})
+    return rows
+
+
+def fixres_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no round ran a FixRes fine-tune)"
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    lines = ["round  model            train/test px  top-1 before FT  after FT  BatchNorm"
+             "                   train s  step time ratio  train s saved"]
+    for r in rows:
+        saved = "-" if r["saved_s"] is None else f"{r['saved_s']:.1f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        train_s = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        lines.append(f"{r['round']:>5}  {r['model']:<16} {r['px']:>13}  {pct(r['before']):>15}  "
+                     f"{pct(r['after']):>8}  {r['batchnorm']:<26} {train_s:>7}  {ratio:>15}  "
+                     f"{saved:>13}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     step("report", ["jobs/report.py", "--run", args.run, "--root", str(root)])
     print(f"\nNoisy Student on digits ({time.time() - t0:.0f}s in all):\n")
     print(summary_table(root, args.run))
+    print("\nFixRes fine-tune (top-1 at the test resolution; step time ratio = measured seconds "
+          "per training step at the training resolution / at the test one; saved = training "
+          "steps x the difference):\n")
+    print(fixres_table(fixres_rows(root, args.run, args.rounds)))
     print(f"\nreport: {root / 'reports' / args.run / 'report.md'}")
     return 0
 

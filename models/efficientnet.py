@@ -14,7 +14,9 @@ paper's B_k -> B_k+1 students do, and every t_k is strictly larger than t_(k-1).
 - Stem stride 1: the four stride-2 stages already divide by 16, so a 32 px input ends at 2x2
   before pooling instead of 1x1 (a stride-2 stem on 64 px up-sampled inputs would cost the same).
 - Train and test resolution 32: the CPU images are 32 px; B_k's resolution step is not copied
-  because up-sampling 32 px images adds CPU time and no information.
+  because up-sampling 32 px images adds CPU time and no information. A FixRes gap (training at
+  24 or 28 px, or testing up-sampled at 40) measured 5 or more points worse on the demo's
+  teacher even after the fine-tune (docs/recipe.md, FixRes); ``--train-resolution`` tries one.
 - Size at 10 classes: t0 0.20M, t1 0.25M, t2 0.30M, t3 0.35M parameters. Channel rounding to
   multiples of 8 flattens width growth at this scale, so depth carries most of it.
 - Speed (batch 128, 32 px, torch.set_num_threads(2), forward+backward+SGD step, best of
@@ -64,9 +66,12 @@ TINY_RESOLUTION = 32
 
 
 def _register_all() -> None:
+    # B0-B7 train and test at their table resolution, as their released Noisy Student
+    # checkpoints (tensorflow/tpu efficientnet README); the paper's FixRes gap is L2's only.
     for key, (width, depth, res, dropout) in _COMPOUND_TABLE.items():
         register_model(ModelSpec(f"efficientnet_{key}", width, depth, res, res, dropout))
-    # Noisy Student trained L2 at 475 px and tested at 800 px (FixRes-style gap).
+    # Noisy Student trained L2 at 475 px and tested at 800 px (paper Section 3.1; tpu README,
+    # "L2-475"), with a 1.5-epoch fine-tune at 800 (pipeline/fixres.py).
     register_model(ModelSpec("efficientnet_l2", 4.3, 5.3, 475, 800, 0.5))
     for k in range(4):
         width, depth, _, dropout = _COMPOUND_TABLE[f"b{k}"]

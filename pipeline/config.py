@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+DEFAULT_FINETUNE_EPOCHS = 1.5  # the paper's FixRes fine-tune of L2 (Section 3.1)
 
 
 class ConfigError(ValueError):
@@ -126,12 +127,29 @@ class TrainConfig:
     (size + 32) at ImageNet sizes (0.875 at 224, bicubic), the whole image up to 64 px."""
     flip: bool = True
     """Random horizontal flips (turn off for data where left and right differ, e.g. digits)."""
-    finetune_epochs: float = 0.0
-    """FixRes: epochs of fine-tuning at the test resolution on un-augmented labeled data; 0 = off."""
+    train_resolution: int | None = None
+    """Training crop size in pixels; default: the model's own (the registry's train/test pair,
+    docs/recipe.md: L2 475/800, the tiny family 28/32, B0-B7 equal)."""
+    test_resolution: int | None = None
+    """Evaluation, FixRes fine-tune and pseudo-labeling size in pixels; default: the model's own."""
+    finetune_epochs: float | None = None
+    """FixRes: epochs of fine-tuning at the test resolution on un-augmented labeled data; 0 = off.
+    Default for the teacher: 1.5 when it trains below its test resolution, else off."""
     finetune_lr_scale: float = 0.1
     """FixRes fine-tune learning rate as a fraction of the peak learning rate."""
     finetune_freeze: float = 0.5
     """FixRes fine-tune: fraction of the network's stages (from the input side) kept frozen."""
+    finetune_norm: Literal["auto", "trainable", "all", "keep"] = "auto"
+    """FixRes fine-tune: BatchNorm statistics after it. trainable (re-estimate those of the
+    trainable stages at the test resolution, the frozen ones keep theirs as in the official code),
+    all (every BatchNorm), keep (no re-estimation); auto: trainable when the training resolution
+    differs from the test one, else keep."""
+    finetune_norm_images: int = 10000
+    """FixRes fine-tune: images (labeled, then unlabeled; no labels needed) that re-estimate the
+    BatchNorm statistics at the test resolution, un-augmented, once over each."""
+    finetune_timing_steps: int = 5
+    """FixRes: training steps timed at each resolution to measure the time the lower training
+    resolution saved (recorded in the finetune stage); 0 = do not measure."""
     num_workers: int = 1
     """Ray Train workers (DDP processes)."""
     cpus_per_worker: float = 1.0
@@ -217,12 +235,35 @@ class TrainConfig:
             raise ConfigError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
-        if self.warmup_epochs < 0 or self.finetune_epochs < 0 or self.loader_workers < 0:
+        if self.warmup_epochs < 0 or (self.finetune_epochs or 0) < 0 or self.loader_workers < 0:
             raise ConfigError("--warmup-epochs, --finetune-epochs and --loader-workers must be >= 0")
+        for name in ("train_resolution", "test_resolution"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 8 pixels (or omitted "
+                                  f"for the model's own), got {value}")
+        if self.finetune_norm_images < 1 or self.finetune_timing_steps < 0:
+            raise ConfigError("--finetune-norm-images must be >= 1 and --finetune-timing-steps "
+                              ">= 0")
 
     def model_options(self) -> dict[str, Any]:
         """create_model's BatchNorm arguments for a model trained from scratch (--norm)."""
         return {"norm_eps": 1e-3, "norm_momentum": 0.01} if self.norm == "tf" else {}
+
+    def with_model_defaults(self: C) -> C:
+        """The config with the model-dependent FixRes values filled in: both resolutions from
+        the registry (unless set) and, when unset, the fine-tune's length: 1.5 epochs (the paper,
+        Section 3.1) when the model trains below its test resolution, else none."""
+        from models import get_model_spec
+
+        spec = get_model_spec(self.model)
+        train = self.train_resolution or spec.train_resolution
+        test = self.test_resolution or spec.test_resolution
+        epochs = self.finetune_epochs
+        if epochs is None:
+            epochs = DEFAULT_FINETUNE_EPOCHS if train != test else 0.0
+        return dataclasses.replace(self, train_resolution=train, test_resolution=test,
+                                   finetune_epochs=epochs)
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else \
@@ -265,8 +306,8 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
     table as in the official code (0.2 for B0 up to 0.5 for B6, B7 and L2)."""
     drop_path: float = 0.2
     """Stochastic depth at the last block (the paper's student: 0.2, survival 0.8)."""
-    finetune_epochs: float = 1.5
-    """FixRes: epochs of fine-tuning at the test resolution (the paper: about 1.5); 0 = off."""
+    finetune_epochs: float | None = 1.5
+    """FixRes: epochs of fine-tuning at the test resolution (the paper: 1.5); 0 = off."""
     data: str = ""
     """Dataset folder; default: the one the teacher used."""
     truth_labels: bool = False

@@ -163,6 +163,7 @@ def plan_round(cfg: TrainConfig) -> Plan:
         cfg = dataclasses.replace(cfg, model=model, data=cfg.data or str(parent.dataset_path),
                                   randaugment_m=magnitude, unlabel_ratio=ratio)
     cfg.validate()
+    cfg = cfg.with_model_defaults()  # resolutions and the teacher's FixRes length, recorded
     if parent is not None and parameter_count(cfg.model) < parameter_count(
             parent.record.model.name):
         log(f"warning: student {cfg.model} is smaller than its teacher "
@@ -205,8 +206,8 @@ def model_record(cfg: TrainConfig, num_classes: int,
 
     spec = get_model_spec(cfg.model)
     return ModelRecord(name=cfg.model, params=parameter_count(cfg.model, num_classes),
-                       train_resolution=spec.train_resolution,
-                       test_resolution=spec.test_resolution,
+                       train_resolution=cfg.train_resolution or spec.train_resolution,
+                       test_resolution=cfg.test_resolution or spec.test_resolution,
                        dropout=spec.dropout if cfg.dropout is None else cfg.dropout,
                        drop_path=cfg.drop_path, options=dict(options or {}))
 

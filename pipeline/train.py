@@ -182,6 +182,7 @@ class Job:
     init: dict[str, Any] | None = None  # models.weights.InitPlan as a dict: --init-from, checked
     tensorboard_dir: str | None = None  # rank 0 writes its event files here
     damage_dir: str | None = None  # the training streams record their damage tallies here
+    norm_shards: list[str] | None = None  # unlabeled shards: more images for FixRes's BatchNorm
 
     @property
     def num_classes(self) -> int:
@@ -358,7 +359,7 @@ def train_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learn
             if learner.ema is not None:  # from here on the EMA weights are the model
                 learner.model.load_state_dict(learner.ema.module.state_dict())
             state.train_metrics = metrics
-            state.phase = "finetune" if cfg.finetune_epochs > 0 else "evaluate"
+            state.phase = "finetune" if (cfg.finetune_epochs or 0) > 0 else "evaluate"
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             checkpoint_and_report(reporter, ctx, {"phase": "train", **row}, learner, state)
 

@@ -50,7 +50,9 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
                predictions_dir=str(layout.predictions_dir(p.round_)), pseudo=pseudo,
                randaugment=randaugment, init=dataclasses.asdict(p.init) if p.init else None,
                tensorboard_dir=str(layout.tensorboard_dir(p.round_)) if cfg.tensorboard
-               else None, damage_dir=str(layout.damage_dir(p.round_)))
+               else None, damage_dir=str(layout.damage_dir(p.round_)),
+               norm_shards=list(info.splits["unlabeled"].shards) if "unlabeled" in info.splits
+               else None)
 
 
 def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:

@@ -77,3 +77,37 @@ def test_bad_values_are_refused_by_name(cls: type, values: dict, message: str) -
     base = {"run": "r", "data": "d", "model": "efficientnet_t0"}
     with pytest.raises(ConfigError, match=message):
         cls(**{**base, **values}).validate()
+
+
+def test_resolutions_and_the_teacher_fine_tune_follow_the_model() -> None:
+    """FixRes defaults come from the registry's train/test pair: L2 trains at 475 and tests at
+    800, so its teacher fine-tunes 1.5 epochs; a model trained at its test resolution does not
+    fine-tune as a teacher, while a student always does (the recipe's 1.5 epochs). Flags win."""
+    l2 = TrainConfig(run="r", data="d", model="efficientnet_l2").with_model_defaults()
+    assert (l2.train_resolution, l2.test_resolution, l2.finetune_epochs) == (475, 800, 1.5)
+    b0 = TrainConfig(run="r", data="d", model="efficientnet_b0").with_model_defaults()
+    assert (b0.train_resolution, b0.test_resolution, b0.finetune_epochs) == (224, 224, 0.0)
+    lower = TrainConfig(run="r", data="d", model="efficientnet_b0",
+                        train_resolution=192).with_model_defaults()
+    assert (lower.train_resolution, lower.test_resolution, lower.finetune_epochs) == (192, 224, 1.5)
+    student = StudentConfig(run="r", data="d", model="efficientnet_b0").with_model_defaults()
+    assert student.finetune_epochs == 1.5 and student.finetune_norm == "auto"
+    off = TrainConfig(run="r", data="d", model="efficientnet_l2",
+                      finetune_epochs=0).with_model_defaults()
+    assert off.finetune_epochs == 0
+    cfg = parse_config(StudentConfig, "student", ["--run", "r", "--train-resolution", "24",
+                                                  "--test-resolution", "40", "--finetune-norm",
+                                                  "all", "--finetune-norm-images", "500"])
+    assert (cfg.train_resolution, cfg.test_resolution, cfg.finetune_norm,
+            cfg.finetune_norm_images) == (24, 40, "all", 500)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"train_resolution": 4}, "--train-resolution must be >= 8"),
+    ({"test_resolution": 0}, "--test-resolution must be >= 8"),
+    ({"finetune_norm_images": 0}, "--finetune-norm-images must be >= 1"),
+    ({"finetune_epochs": -1.0}, "--finetune-epochs"),
+])
+def test_bad_fixres_values_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(run="r", data="d", model="efficientnet_t0", **values).validate()

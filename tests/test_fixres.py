@@ -1,5 +1,6 @@
-"""FixRes: the fine-tune is un-noised, keeps or re-estimates BatchNorm statistics by resolution,
-and leaves no trace on the model other than its weights and statistics."""
+"""FixRes: the fine-tune is un-noised, keeps or re-estimates BatchNorm statistics by resolution
+(re-estimated ones are the test resolution's), leaves no trace on the model other than its
+weights and statistics, and a round records top-1 before and after it and the time saved."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from torchvision.ops import StochasticDepth
 
 from models import create_model
 from pipeline.dataset import DatasetInfo
-from pipeline.fixres import finetune, fixres_mode, quiet_for_finetune
-from pipeline.train import WorkerContext
+from pipeline.fixres import finetune, fixres_mode, quiet_for_finetune, reestimate_norms
+from pipeline.train import LocalReporter, WorkerContext, read_state, train_worker
 from tests.test_train import tiny_job
 
 
@@ -63,8 +64,7 @@ def test_fixres_mode_undoes_every_change(recalibrate: bool) -> None:
         assert not any(p.requires_grad for p in model.features[:4].parameters())
         assert _hooks(model) == ["features"]  # freeze_shallow's pre-hook
         deep = model.features[-1][1]
-        assert (deep.momentum is None) == recalibrate
-        assert deep.training == recalibrate
+        assert deep.training == recalibrate  # batch statistics while the weights move
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         model(torch.randn(4, 3, 32, 32)).sum().backward()
         opt.step()
@@ -94,7 +94,8 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("test_resolution", "batchnorm"), [(32, "kept"), (40, "re-estimated")])
+@pytest.mark.parametrize(("test_resolution", "batchnorm"),
+                         [(32, "kept"), (40, "re-estimated (trainable)")])
 def test_finetune_trains_the_deep_stages_only(digits_info: DatasetInfo, tmp_path: Path,
                                               test_resolution: int, batchnorm: str) -> None:
     job = tiny_job(digits_info, tmp_path, finetune_epochs=0.5)
@@ -105,6 +106,8 @@ def test_finetune_trains_the_deep_stages_only(digits_info: DatasetInfo, tmp_path
     done = finetune(model, job, WorkerContext(), peak_lr=0.1)
     assert done["batchnorm"] == batchnorm and done["resolution"] == test_resolution
     assert done["steps"] == 3 and done["frozen_params"] > 0  # half of 180 images / 32 a batch
+    # re-estimated on every labeled image (this job names no unlabeled shards)
+    assert done["norm_images"] == (180 if test_resolution != 32 else 0)
     after = model.state_dict()
     shallow = [k for k in before if k.startswith(("features.0.", "features.1.", "features.2.",
                                                   "features.3."))]
@@ -115,3 +118,113 @@ def test_finetune_trains_the_deep_stages_only(digits_info: DatasetInfo, tmp_path
     assert _hooks(model) == [] and all(p.requires_grad for p in model.parameters())
     assert [n.momentum for n in _norms(model)] == [n.momentum for n in _norms(
         create_model("efficientnet_t0", 10))]
+
+
+def _inputs_stats(model: nn.Module, norms: list[nn.BatchNorm2d],
+                  batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per norm, the average over ``batches`` of its input's per-channel mean and unbiased
+    variance, seen in the mode re-estimation runs in (everything eval, ``norms`` on batch
+    statistics), on a copy: what the running statistics must be afterwards."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    ref_norms = [dict(ref.named_modules())[n] for n in _names(model, norms)]
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(norms))}
+
+    def hook(i: int):  # noqa: ANN202 - a hook factory
+        def record(_m: nn.Module, args: tuple) -> None:
+            x = args[0].double()  # (B, C, H, W)
+            seen[i].append((x.mean(dim=(0, 2, 3)), x.transpose(0, 1).flatten(1).var(dim=1)))
+        return record
+
+    handles = [n.register_forward_pre_hook(hook(i)) for i, n in enumerate(ref_norms)]
+    for n in ref_norms:
+        n.train()
+    with torch.no_grad():
+        for x in batches:
+            ref(x)
+    for h in handles:
+        h.remove()
+    return [(torch.stack([m for m, _ in seen[i]]).mean(0),
+             torch.stack([v for _, v in seen[i]]).mean(0)) for i in range(len(norms))]
+
+
+def _names(model: nn.Module, modules: list[nn.Module]) -> list[str]:
+    by_id = {id(m): name for name, m in model.named_modules()}
+    return [by_id[id(m)] for m in modules]
+
+
+def test_reestimated_statistics_are_those_of_the_test_resolution() -> None:
+    """After re-estimation every chosen BatchNorm holds the mean and variance of its inputs at the
+    test resolution (averaged over the batches), not the ones it had; the others are untouched."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet_t0", 10)
+    model.train()  # statistics of "training-resolution" images: 24 px, brighter
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 24, 24) + 1.0)
+    model.eval()
+    norms = _norms(model)
+    deep, shallow = norms[len(norms) // 2:], norms[: len(norms) // 2]
+    before = {id(n): (n.running_mean.clone(), n.running_var.clone()) for n in norms}
+    batches = [torch.randn(24, 3, 32, 32) for _ in range(2)]
+    expected = _inputs_stats(model, deep, batches)
+    used = reestimate_norms(model, deep, iter(batches), WorkerContext())
+    assert used == 48
+    for n, (mean, var) in zip(deep, expected, strict=True):
+        assert torch.allclose(n.running_mean.double(), mean, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(n.running_var.double(), var, atol=1e-5, rtol=1e-4)
+        old_mean, old_var = before[id(n)]
+        assert not (torch.allclose(n.running_mean, old_mean, atol=1e-3)
+                    and torch.allclose(n.running_var, old_var, rtol=1e-2))
+    for n in shallow:
+        assert torch.equal(n.running_mean, before[id(n)][0])
+        assert torch.equal(n.running_var, before[id(n)][1])
+    # modes and momenta as they were; an empty stream keeps the statistics
+    assert not any(m.training for m in model.modules())
+    assert all(n.momentum == 0.1 for n in norms)
+    kept = [n.running_mean.clone() for n in deep]
+    assert reestimate_norms(model, deep, iter([]), WorkerContext()) == 0
+    assert all(torch.equal(a, n.running_mean) for a, n in zip(kept, deep, strict=True))
+
+
+@pytest.mark.parametrize("scope", ["trainable", "all"])
+def test_finetune_reestimates_the_chosen_norms_on_labeled_and_unlabeled_images(
+        digits_info: DatasetInfo, tmp_path: Path, scope: str) -> None:
+    job = tiny_job(digits_info, tmp_path, finetune_epochs=0.5, finetune_norm=scope,
+                   finetune_timing_steps=0)
+    job.norm_shards = digits_info.splits["unlabeled"].shards
+    torch.manual_seed(0)
+    model = create_model("efficientnet_t0", 10).to(memory_format=torch.channels_last).eval()
+    stem = model.features[0][1].running_mean.clone()
+    done = finetune(model, job, WorkerContext(), peak_lr=0.1)
+    unlabeled = digits_info.splits["unlabeled"].count
+    assert done["batchnorm"] == f"re-estimated ({scope})"
+    assert done["norm_images"] == 180 + unlabeled  # every labeled image, then the unlabeled ones
+    assert torch.equal(stem, model.features[0][1].running_mean) == (scope == "trainable")
+    assert "step_seconds" not in done  # equal resolutions: nothing was saved, nothing timed
+
+
+def test_a_round_below_its_test_resolution_records_fixres(digits_info: DatasetInfo,
+                                                          tmp_path: Path) -> None:
+    """End to end through every phase: trained at 24 px, tested at 32; the record has top-1 at
+    32 px before and after the fine-tune (different: the statistics were re-estimated) and the
+    measured per-step times with the seconds they saved."""
+    job = tiny_job(digits_info, tmp_path, epochs=4, eval_every=4, finetune_epochs=1.0,
+                   finetune_timing_steps=3)
+    job.model["train_resolution"] = 24
+    state = train_worker(job, WorkerContext(), LocalReporter(tmp_path / "ck"))
+    ft = read_state(tmp_path / "ck")["finetune"]
+    assert ft == state.finetune
+    assert ft["resolution"] == 32 and ft["train_resolution"] == 24
+    assert ft["top1_before"] == state.train_metrics["top1"]
+    assert ft["top1_after"] == state.final_metrics["top1"]
+    assert ft["top1_before"] != ft["top1_after"]
+    assert ft["batchnorm"] == "re-estimated (trainable)" and ft["norm_images"] == 180
+    steps = ft["step_seconds"]  # their order is not asserted: on a shared machine it can flip
+    assert steps["train_resolution"] > 0 and steps["test_resolution"] > 0
+    assert ft["step_time_ratio"] == pytest.approx(
+        steps["train_resolution"] / steps["test_resolution"], abs=1e-3)
+    assert ft["train_steps"] == 4 * 6  # 180 labeled images, 32 a step
+    assert ft["train_seconds_saved"] == pytest.approx(
+        24 * (steps["test_resolution"] - steps["train_resolution"]), abs=0.02)
