@@ -129,7 +129,7 @@ class TrainConfig:
     """Random horizontal flips (turn off for data where left and right differ, e.g. digits)."""
     train_resolution: int | None = None
     """Training crop size in pixels; default: the model's own (the registry's train/test pair,
-    docs/recipe.md: L2 475/800, the tiny family 28/32, B0-B7 equal)."""
+    docs/recipe.md: L2 475/800, B0-B7 and the tiny family equal)."""
     test_resolution: int | None = None
     """Evaluation, FixRes fine-tune and pseudo-labeling size in pixels; default: the model's own."""
     finetune_epochs: float | None = None
