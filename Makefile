@@ -36,3 +36,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pseudo_label.py
 	$(BIN)/python bench/train_epoch.py --json bench/latest.json
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/s3.py
