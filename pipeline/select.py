@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PseudoLabelConfig
 from pipeline.pseudo_files import PseudoFileError, file_meta, write_table
+from pipeline.shards import KeyIndex
 from pipeline.storage import sha256_file
 
 __all__ = [
@@ -382,9 +383,20 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     out_dir = Path(out_dir)
     classes = classes or [str(i) for i in range(num_classes)]
     paths = _selection_files(out_dir, names)
-    stats = merge_stats(  # pass 1
-        class_stats(pq.read_table(p, columns=["label", "confidence"]).to_pandas(), num_classes,
-                    cfg.threshold) for p in paths)
+    # Pass 1 reads every key anyway: a key two shards share is found here (8 bytes a key).
+    keys = KeyIndex("unlabeled", expected=sum(pq.ParquetFile(p).metadata.num_rows for p in paths))
+    shard_of: dict[str, Path] = {}
+    parts = []
+    for p in paths:
+        table = pq.read_table(p, columns=["key", "shard", "label", "confidence"])
+        shard = table.column("shard")[0].as_py() if table.num_rows else str(p)
+        shard_of[shard] = p
+        keys.add(shard, table.column("key").to_numpy(zero_copy_only=False))
+        parts.append(class_stats(table.select(["label", "confidence"]).to_pandas(), num_classes,
+                                 cfg.threshold))
+    keys.check(lambda shard: pq.read_table(shard_of[shard], columns=["key"]).column("key")
+               .to_pylist())
+    stats = merge_stats(parts)
     plan = plan_selection(stats, k=cfg.k, seed=cfg.seed)
     kept = np.zeros(num_classes, np.int64)
     copies = np.zeros(num_classes, np.int64)
@@ -440,3 +452,4 @@ def _plan_fingerprint(plan: SelectionPlan) -> str:
     for arr in (plan.cut_bin, plan.keep_frac, plan.copy_factor):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
+
