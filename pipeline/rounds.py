@@ -282,8 +282,13 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
             run_label_stages(layout, p.round_, cfg.label_settings(), rec, parent=p.parent,
                              progress=log)
         if not rec.stage_complete("evaluate"):
+            from pipeline.runner import has_checkpoint
             from pipeline.train_stage import train_stage
 
+            train = rec.stage("train")
+            if train is not None:  # killed or failed before: Ray Train resumes its checkpoint
+                rec.add_event("resume", stage="train", previous=train.status,
+                              from_checkpoint=has_checkpoint(art))
             train_stage(p, rec, use_gpu)
     except BaseException as e:
         rec.mark_failed(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -322,6 +327,8 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     if not rec.stage_complete("pseudo_label"):
         _label_stage(layout, rec, parent, shards, cfg, progress)
     select = rec.stage("select")
+    if select is not None and select.status != "complete":  # killed or failed: files already
+        rec.add_event("resume", stage="select", previous=select.status)  # rewritten are kept
     if select is not None and select.status == "complete" and _selection_changed(select.info,
                                                                                  cfg):
         progress("select: --threshold, --k or --seed differ from the completed selection; "

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import PseudoLabelConfig
+from pipeline.pause import pause_point
 from pipeline.pseudo_files import PseudoFileError, file_meta, write_table
 from pipeline.shards import KeyIndex
 from pipeline.storage import sha256_file
@@ -401,8 +402,10 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     kept = np.zeros(num_classes, np.int64)
     copies = np.zeros(num_classes, np.int64)
     files = []
-    for path in paths:  # pass 2
+    for i, path in enumerate(paths):  # pass 2
         labels, file_copies = _apply_plan(path, plan)
+        if i == 0:
+            pause_point("select")  # tests only (tests/test_faults.py)
         kept += np.bincount(labels[file_copies > 0], minlength=num_classes)
         copies += np.bincount(labels, weights=file_copies, minlength=num_classes).astype(np.int64)
         files.append({"name": path.name, "rows": len(labels), "sha256": sha256_file(path)})
@@ -452,4 +455,3 @@ def _plan_fingerprint(plan: SelectionPlan) -> str:
     for arr in (plan.cut_bin, plan.keep_frac, plan.copy_factor):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
-
