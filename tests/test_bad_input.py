@@ -214,6 +214,65 @@ def test_register_refuses_a_key_two_shards_share(tmp_path: Path, digits_dir: Pat
     assert "Traceback" not in err and not (tmp_path / "o" / "dataset.json").exists()
 
 
+# ----------------------------------------------------------------------------- damaged shards
+
+
+def _damage(path: Path, kind: str) -> None:
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "not a tar":
+        path.write_bytes(b"this is not a tar archive\n" * 40)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not a tar", "missing"])
+@pytest.mark.parametrize("split", ["labeled", "test"])
+def test_a_damaged_shard_in_a_labeled_or_test_split(tmp_path: Path, digits_dir: Path,
+                                                    split: str, kind: str) -> None:
+    """Preflight: a truncated or non-tar shard is a counted loss (the job stops past
+    --damage-limit, naming it); a missing one stops at once, named."""
+    from pipeline.rounds import preflight
+    from pipeline.runner import RunError
+
+    data = edited_dataset(digits_dir, tmp_path / "d", lambda doc, _: None)
+    info = load_dataset(data)
+    shard = info.split(split).shards[-1]
+    _damage(Path(shard), kind)
+    if kind == "missing":
+        with pytest.raises(RunError, match=f"shard {shard} listed in .* does not exist"):
+            preflight(info, limit=10_000, damage_limit=1.0)
+        return
+    found = preflight(info, limit=10_000, damage_limit=1.0)
+    assert found[split]["bad"] == 1 and found[split]["examples"][0]["shard"] == shard
+    assert "damaged shard" in found[split]["examples"][0]["reason"]
+    with pytest.raises(ShardError, match=f"{split} split: .* worst shard {shard}"):
+        preflight(info, limit=10_000, damage_limit=0.0)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not a tar", "missing"])
+def test_a_damaged_shard_in_the_unlabeled_split_is_one_counted_row(tmp_path: Path,
+                                                                   digits_dir: Path,
+                                                                   kind: str) -> None:
+    """The pseudo-label stage's reader (the Ray Data task, called here directly): the shard
+    ends with one damaged row and its end row, so the stage counts it and goes on."""
+    from pipeline.inference import KIND_BAD, KIND_END, KIND_OK, read_decode_shards
+
+    data = edited_dataset(digits_dir, tmp_path / "d", lambda doc, _: None)
+    good, bad = load_dataset(data).split("unlabeled").shards[:2]
+    _damage(Path(bad), kind)
+    blocks = list(read_decode_shards({"item": np.array([good, bad], dtype=object)}, 32, 64))
+    kinds = {sh: [] for sh in (good, bad)}
+    for b in blocks:
+        for sh, k in zip(b["shard"], b["kind"], strict=True):
+            kinds[str(sh)].append(int(k))
+    assert kinds[good].count(KIND_OK) == 100 and kinds[good][-1] == KIND_END
+    ok_rows = kinds[bad].count(KIND_OK)
+    assert kinds[bad].count(KIND_BAD) == 1 and kinds[bad][-1] == KIND_END
+    assert (0 < ok_rows < 100) if kind == "truncated" else ok_rows == 0
+
+
 # ----------------------------------------------------------------------------- empty splits
 
 
