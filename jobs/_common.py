@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,16 @@ def run_job(name: str, body: Callable[[], int]) -> int:
         return body()
     except known as e:
         print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written whole or not at all (pipeline/storage.py), so what was finished
+        # before is intact; the stage that failed is redone from its last finished file.
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{name}: error: {what}{where}; free space on the volume of --root and run the "
+              "same command again: finished stages and files are kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted; run the same command again to continue", file=sys.stderr)

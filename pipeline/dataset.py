@@ -28,10 +28,13 @@ from pipeline.fs import S3Path, location
 from pipeline.shards import (
     IMAGE_SUFFIXES,
     Damage,
+    KeyIndex,
+    Sample,
     ShardError,
     encode_png,
     expand_shards,
     read_samples,
+    read_shard,
     write_shards,
 )
 from pipeline.storage import atomic_write_bytes, atomic_write_json, sha256_file
@@ -317,14 +320,20 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
 def scan_shards(paths: list[str], split: str = "") -> tuple[int, Counter[int] | None, Damage]:
     """Count samples (and labels, when every sample has one) in existing shards. Damaged samples
     are counted, not fatal (the stages skip them too); a split that mixes labeled and unlabeled
-    samples is refused."""
+    samples, or in which two shards share a key, is refused."""
     total, labels, unlabeled, damage = 0, Counter(), 0, Damage()
-    for s in read_samples(paths, damage):
-        total += 1
-        if s.label is None:
-            unlabeled += 1
-        else:
-            labels[s.label] += 1
+    keys = KeyIndex(split)  # a key that two shards share is refused
+    for path in paths:
+        shard_keys = []
+        for s in read_samples([path], damage):
+            total += 1
+            shard_keys.append(s.key)
+            if s.label is None:
+                unlabeled += 1
+            else:
+                labels[s.label] += 1
+        keys.add(path, shard_keys)
+    keys.check(lambda shard: (s.key for s in read_shard(shard) if isinstance(s, Sample)))
     if labels and unlabeled:
         raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
                            "labeled split needs a .cls or .json label on every sample")

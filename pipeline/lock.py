@@ -69,8 +69,12 @@ def _create(path: Path | S3Path, me: dict[str, Any]) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+    except BaseException:  # a full disk: an empty lock would refuse every later run
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 

@@ -88,9 +88,10 @@ def parameter_count(name: str, num_classes: int = 10) -> int:
 def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, Any] | None:
     """Read and decode every labeled and test image when the splits are small enough, so that
     damage and bad labels are found before anything is written. Damaged samples are counted (the
-    split stops past ``damage_limit``); a label outside the class list stops at once."""
+    split stops past ``damage_limit``); a label outside the class list, or a key that two shards
+    of the split share, stops at once."""
     from pipeline.images import decode_image
-    from pipeline.shards import BadSample, Damage, ShardError, read_shard
+    from pipeline.shards import BadSample, Damage, KeyIndex, ShardError, read_shard
 
     total = info.split("labeled").count + info.split("test").count
     if total > limit:
@@ -100,13 +101,16 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     found = {}
     for split in ("labeled", "test"):
         damage = Damage()
+        keys = KeyIndex(split, expected=info.split(split).count)  # a key in two shards
         for path in info.split(split).shards:
             if not location(path).is_file():
                 raise RunError(f"shard {path} listed in {info.path}/dataset.json does not exist")
+            shard_keys = []
             for s in read_shard(path):
                 if isinstance(s, BadSample):
                     damage.bad(s)
                     continue
+                shard_keys.append(s.key)
                 if s.label is None or not 0 <= s.label < info.num_classes:
                     raise RunError(f"{s.where}: label {s.label} is not one of the dataset's "
                                    f"{info.num_classes} classes")
@@ -116,6 +120,8 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
                     damage.bad(s.damaged(e))
                     continue
                 damage.ok()
+            keys.add(path, shard_keys)
+        keys.check(lambda shard: (s.key for s in read_shard(shard) if not isinstance(s, BadSample)))
         damage.check(split, damage_limit)
         found[split] = damage.to_dict()
         if damage.count:
@@ -169,11 +175,15 @@ def plan_round(cfg: TrainConfig) -> Plan:
         log(f"warning: student {cfg.model} is smaller than its teacher "
             f"{parent.record.model.name}; Noisy Student expects an equal or larger student")
     info = load_dataset(cfg.data)
-    if info.split("labeled").count == 0:
-        raise RunError(f"dataset {info.path} has no labeled samples; the teacher needs some")
-    info.split("test")
+    needed = {"labeled": "the teacher needs some", "test": "every round is evaluated on it"}
     if parent is not None:
-        info.split("unlabeled")
+        needed["unlabeled"] = "a student round pseudo-labels it"
+    for split, why in needed.items():  # a split without shards is refused by info.split
+        if info.split(split).count == 0:
+            raise RunError(f"dataset {info.path} has no {split} samples ({why}); its "
+                           f"dataset.json lists {len(info.split(split).shards)} shard(s) "
+                           f"holding none: add some with `python jobs/prepare.py imagefolder "
+                           f"SRC --out {info.path} --split {split}` or register other shards")
     get_model_spec(cfg.model)
     existing = load_round(layout, round_)
     if existing is not None and existing.status == "complete" and not cfg.force:
@@ -273,8 +283,13 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
             run_label_stages(layout, p.round_, cfg.label_settings(), rec, parent=p.parent,
                              progress=log)
         if not rec.stage_complete("evaluate"):
+            from pipeline.runner import has_checkpoint
             from pipeline.train_stage import train_stage
 
+            train = rec.stage("train")
+            if train is not None:  # killed or failed before: Ray Train resumes its checkpoint
+                rec.add_event("resume", stage="train", previous=train.status,
+                              from_checkpoint=has_checkpoint(art))
             train_stage(p, rec, use_gpu)
     except BaseException as e:
         rec.mark_failed(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -313,6 +328,8 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     if not rec.stage_complete("pseudo_label"):
         _label_stage(layout, rec, parent, shards, cfg, progress)
     select = rec.stage("select")
+    if select is not None and select.status != "complete":  # killed or failed: files already
+        rec.add_event("resume", stage="select", previous=select.status)  # rewritten are kept
     if select is not None and select.status == "complete" and _selection_changed(select.info,
                                                                                  cfg):
         progress("select: --threshold, --k or --seed differ from the completed selection; "

@@ -47,8 +47,10 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import PseudoLabelConfig
-from pipeline.fs import S3Path, location, read_table
+from pipeline.fs import S3Path, location, parquet_file, read_table
+from pipeline.pause import pause_point
 from pipeline.pseudo_files import PseudoFileError, file_meta, write_table
+from pipeline.shards import KeyIndex
 from pipeline.storage import sha256_file
 
 __all__ = [
@@ -382,15 +384,28 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     out_dir = location(out_dir)
     classes = classes or [str(i) for i in range(num_classes)]
     paths = _selection_files(out_dir, names)
-    stats = merge_stats(  # pass 1
-        class_stats(read_table(p, columns=["label", "confidence"]).to_pandas(), num_classes,
-                    cfg.threshold) for p in paths)
+    # Pass 1 reads every key anyway: a key two shards share is found here (8 bytes a key).
+    keys = KeyIndex("unlabeled", expected=sum(parquet_file(p).metadata.num_rows for p in paths))
+    shard_of: dict[str, Path | S3Path] = {}
+    parts = []
+    for p in paths:
+        table = read_table(p, columns=["key", "shard", "label", "confidence"])
+        shard = table.column("shard")[0].as_py() if table.num_rows else str(p)
+        shard_of[shard] = p
+        keys.add(shard, table.column("key").to_numpy(zero_copy_only=False))
+        parts.append(class_stats(table.select(["label", "confidence"]).to_pandas(), num_classes,
+                                 cfg.threshold))
+    keys.check(lambda shard: read_table(shard_of[shard], columns=["key"]).column("key")
+               .to_pylist())
+    stats = merge_stats(parts)
     plan = plan_selection(stats, k=cfg.k, seed=cfg.seed)
     kept = np.zeros(num_classes, np.int64)
     copies = np.zeros(num_classes, np.int64)
     files = []
-    for path in paths:  # pass 2
+    for i, path in enumerate(paths):  # pass 2
         labels, file_copies, sha = _apply_plan(path, plan)
+        if i == 0:
+            pause_point("select")  # tests only (tests/test_faults.py)
         kept += np.bincount(labels[file_copies > 0], minlength=num_classes)
         copies += np.bincount(labels, weights=file_copies, minlength=num_classes).astype(np.int64)
         files.append({"name": path.name, "rows": len(labels), "sha256": sha})

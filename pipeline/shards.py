@@ -17,7 +17,7 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,3 +406,76 @@ class Damage:
     def to_dict(self) -> dict[str, Any]:
         return {"samples": self.good + self.count, "bad": self.count,
                 "examples": list(self.examples)}
+
+
+# ----------------------------------------------------------------------------- keys across shards
+
+
+def key_hashes(keys: Sequence[str] | np.ndarray) -> np.ndarray:
+    """(N,) uint64 hashes of sample keys: pandas' SipHash of the text with its fixed key, so the
+    same key has the same hash in every process."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(keys, dtype=object), categorize=False)
+
+
+class KeyIndex:
+    """Finds a sample key that two shards of one split share, at 8 bytes a key.
+
+    Pseudo-labels, test predictions and the report join rows on the key, so a split's keys must be
+    unique (a shard's own duplicates are already damaged samples, :func:`read_shard`). Callers
+    :meth:`add` every shard's keys during a pass that reads them anyway; :meth:`check` sorts the
+    64-bit hashes in place (numpy) and only when two are equal reads the keys of the shards again
+    (``keys_of``) to name the key and both shards. Two different keys with one hash (odds about
+    n^2 / 2^65: 3e-4 at 1e8 keys) are told apart by that second read and pass. Memory is the hash
+    array, 8 bytes a key (``expected`` sizes it once; without it, it grows by doubling).
+    """
+
+    def __init__(self, split: str, expected: int = 0) -> None:
+        self.split = split
+        self._hashes = np.empty(max(0, int(expected)), np.uint64)
+        self._n = 0
+        self.shards: list[str] = []
+
+    def add(self, shard: str, keys: Sequence[str] | np.ndarray) -> None:
+        """The keys of one shard (each shard once)."""
+        h = key_hashes(keys)
+        end = self._n + len(h)
+        if end > len(self._hashes):
+            grown = np.empty(max(end, 2 * len(self._hashes), 1024), np.uint64)
+            grown[: self._n] = self._hashes[: self._n]
+            self._hashes = grown
+        self._hashes[self._n : end] = h
+        self._n = end
+        self.shards.append(shard)
+
+    def check(self, keys_of: Callable[[str], Iterable[str]]) -> None:
+        """Raise ShardError naming a key found in two shards; ``keys_of(shard)`` reads a shard's
+        keys again, and is called only when two hashes are equal."""
+        h = self._hashes[: self._n]
+        h.sort()
+        same = h[1:] == h[:-1]
+        if not same.any():
+            return
+        suspects = set(np.unique(h[1:][same]).tolist())
+        first: dict[str, str] = {}  # key -> the shard it was first seen in
+        for shard in self.shards:
+            keys = list(keys_of(shard))
+            hit = np.isin(key_hashes(keys), list(suspects)) if keys else []
+            for key, suspect in zip(keys, hit, strict=True):
+                if not suspect:
+                    continue
+                if key in first:
+                    raise ShardError(duplicate_key_message(self.split, key, first[key], shard))
+                first[key] = shard
+        # only hash collisions of different keys: nothing to report
+
+
+def duplicate_key_message(split: str, key: str, a: str, b: str) -> str:
+    if a == b:
+        return (f"{split} split: shard {a} is listed twice (key {key!r} is in both copies); "
+                "remove the repeated entry from dataset.json")
+    return (f"{split} split: sample key {key!r} is in two shards, {a} and {b}; keys must be "
+            "unique within a split (pseudo-labels, predictions and reports are joined on them): "
+            "remove the shard that repeats samples from dataset.json, or give its samples other "
+            "keys (e.g. prefixed with the shard name) and register the shards again")

@@ -43,6 +43,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import steps_per_epoch
 from pipeline.events import Events
 from pipeline.optim import EMA, lr_factor, make_optimizer
+from pipeline.pause import pause_point
 
 PHASES = ("train", "finetune", "evaluate", "done")
 
@@ -367,6 +368,7 @@ def train_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learn
 def finetune_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learner,
                    state: RunState) -> None:
     """FixRes (:func:`pipeline.fixres.finetune`), with the test top-1 before and after."""
+    pause_point("finetune")  # tests only (tests/test_faults.py)
     t0 = time.time()
     tests = test_loader(job, ctx)
     before = state.train_metrics or evaluate(learner.model, tests, ctx)[0]
@@ -399,6 +401,7 @@ def write_predictions(rows: list[dict[str, Any]], folder: str | Path, rank: int)
 
 def final_evaluate(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learner,
                    state: RunState) -> None:
+    pause_point("evaluate")  # tests only (tests/test_faults.py)
     t0 = time.time()
     metrics, rows = evaluate(learner.model, test_loader(job, ctx), ctx, collect=True)
     write_predictions(rows, job.predictions_dir, ctx.rank)
