@@ -199,11 +199,13 @@ def stage_run(name: str, model_path: Path, sha: str, shards: list[str], out: Pat
         start = time.perf_counter()
         result = label_shards(model_path, sha, shards, out, cfg, progress=progress)
         wall = time.perf_counter() - start
+    disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())  # every file it left
     # Steady state: after the first shard is out the actor is warm and is the bottleneck.
     steady_rows = sum(rows for _, rows in done[1:])
     steady_s = done[-1][0] - done[0][0] if len(done) > 1 else float("nan")
     return {"name": name, "rows": result["rows"], "wall": wall,
             "e2e_rate": result["rows"] / wall, "steady_rate": steady_rows / steady_s,
+            "bytes_per_row": disk / max(result["rows"], 1),
             "driver_peak": sampler.driver_peak if sampler else 0,
             "tree_peak": sampler.tree_peak if sampler else 0}
 
@@ -224,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         "where start-up is a small share of the wall time)")
     p.add_argument("--forward-seconds", type=float, default=6.0)
     p.add_argument("--work", type=Path, help="keep the corpus here (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="merge the figures into this file (make bench: bench/latest.json)")
     args = p.parse_args(argv)
 
     import ray
@@ -262,7 +266,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     report(args, fwd, runs, idle_driver, idle_tree)
+    if args.json is not None:
+        from bench.results import merge
+
+        merge(figures(runs, args.throughput_repeat), args.json)
     return 0
+
+
+def figures(runs: list[dict], repeat: int) -> dict[str, float]:
+    """The latest.json figures of the largest corpus (named after its size: 40x by default)."""
+    small, large = runs[0], runs[-1]
+    return {f"pseudo_label_end_to_end_{repeat}x": large["e2e_rate"] / large["forward"],
+            f"pseudo_label_steady_{repeat}x": large["steady_rate"] / large["forward"],
+            f"memory_{repeat}x_over_1x": large["tree_peak"] / small["tree_peak"],
+            "bytes_per_pseudo_label_row": large["bytes_per_row"]}
 
 
 def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_driver: int,
@@ -282,6 +299,8 @@ def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_dr
     fixed = ", ".join(f"{r['name']} {r['startup']:.1f} s" for r in runs)
     print(f"  fixed cost (wall - images / steady rate: Ray Data start-up, actor start, model "
           f"load): {fixed}")
+    print("  on disk: " + ", ".join(f"{r['name']} {r['bytes_per_row']:.1f} bytes/row"
+                                    for r in runs))
     print(f"  memory, idle Ray: driver {mib(idle_driver)}, process tree {mib(idle_tree)}")
     for r in runs:
         print(f"  memory peak {r['name']:>4}: driver {mib(r['driver_peak'])}, process tree "
