@@ -169,19 +169,37 @@ def make_model(work: Path) -> tuple[Path, str, torch.nn.Module]:
 
 
 def forward_rate(model: torch.nn.Module, images: torch.Tensor, batch_size: int, threads: int,
-                 seconds: float) -> float:
-    """Images/s of the bare forward pass on decoded tensors, full batches only."""
+                 seconds: float, device: str = "cpu") -> float:
+    """Images/s of the bare forward pass on decoded tensors, full batches only; on a GPU the
+    tensors are on it already and the precision and layout are the teacher actor's (bf16
+    autocast, channels_last: pipeline.inference.TeacherPredictor)."""
     torch.set_num_threads(threads)
     reps = -(-batch_size // len(images)) + 1
-    pool = images.repeat(reps, 1, 1, 1)
-    with torch.inference_mode():
+    pool = images.repeat(reps, 1, 1, 1).to(device)
+    cast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if device == "cuda":
+        model = model.to(device, memory_format=torch.channels_last)
+        pool = pool.contiguous(memory_format=torch.channels_last)
+        cast = torch.autocast("cuda", dtype=torch.bfloat16)
+    with torch.inference_mode(), cast:
         model(pool[:batch_size])  # warm-up: first call plans the kernels
+        _sync(device)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             offset = (n // batch_size * 7) % (len(pool) - batch_size)
             model(pool[offset : offset + batch_size])
             n += batch_size
-    return n / (time.perf_counter() - start)
+            if device == "cuda" and n % (8 * batch_size) == 0:
+                _sync(device)  # the clock must see the work, not its queueing
+        _sync(device)
+    rate = n / (time.perf_counter() - start)
+    model.to("cpu")
+    return rate
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def stage_run(name: str, model_path: Path, sha: str, shards: list[str], out: Path,
@@ -226,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                         "where start-up is a small share of the wall time)")
     p.add_argument("--forward-seconds", type=float, default=6.0)
     p.add_argument("--work", type=Path, help="keep the corpus here (default: a temp dir)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="the teacher's device (cuda: one GPU actor, forward baseline on the GPU)")
     p.add_argument("--json", type=Path, default=None,
                    help="merge the figures into this file (make bench: bench/latest.json)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
 
     import ray
 
@@ -240,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     tf = eval_transform(32)
     images = torch.stack([tf(decode_image(s.image)) for s in read_samples(one)])
     cfg = PseudoLabelConfig(label_batch_size=args.batch_size, label_actors=1,
-                            cpus_per_actor=1)
+                            cpus_per_actor=1, gpus_per_actor=1.0 if args.device == "cuda" else 0.0)
     threads = int(cfg.cpus_per_actor)
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
@@ -250,12 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         # forward pass is timed before and after every run: this machine's speed drifts by up
         # to 30% over minutes, so each run is compared with the forward rate of its own time.
         corpora = {"1x": one, f"{args.repeat}x": big, f"{args.throughput_repeat}x": huge}
-        fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds)]
+        fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds,
+                            args.device)]
         runs = []
         for name, shards in corpora.items():
             runs.append(stage_run(name, model_path, sha, shards, work / "out", cfg))
             fwd.append(forward_rate(model, images, args.batch_size, threads,
-                                    args.forward_seconds))
+                                    args.forward_seconds, args.device))
             runs[-1]["forward"] = (fwd[-2] + fwd[-1]) / 2
         for r in runs:
             m = stage_run(r["name"], model_path, sha, corpora[r["name"]], work / "out", cfg,

@@ -25,6 +25,7 @@ the loop, not the cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -109,10 +110,10 @@ def make_job(data: Path, batch: int, student: bool) -> Job:
                predictions_dir=tempfile.mkdtemp(), pseudo=pseudo, randaugment=randaugment)
 
 
-def ours(job: Job, epochs: int) -> tuple[list[float], float]:
+def ours(job: Job, epochs: int, device: torch.device) -> tuple[list[float], float]:
     """images/s of each epoch of our loop, and of the whole run from nothing built."""
     start = clock()
-    ctx = WorkerContext()
+    ctx = WorkerContext(device=device)
     learner = build_learner(job, ctx)
     batches = train_batches(job, ctx, 0)
     steps = train_steps(job, 1)
@@ -126,7 +127,7 @@ def ours(job: Job, epochs: int) -> tuple[list[float], float]:
     return rates, total / (clock() - start)
 
 
-def plain(job: Job, epochs: int) -> tuple[list[float], float]:
+def plain(job: Job, epochs: int, device: torch.device) -> tuple[list[float], float]:
     """images/s of each epoch of a plain PyTorch loop over the same images, decoded in memory,
     and of the whole run from nothing built."""
     start = clock()
@@ -172,7 +173,10 @@ def plain(job: Job, epochs: int) -> tuple[list[float], float]:
     torch.manual_seed(cfg.seed)
     model = create_model(MODEL, len(job.classes), dropout=0.2, drop_path=0.2,
                          **cfg.model_options())
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
+    # The precision our loop trains in on this device (pipeline.train._autocast): bf16 on a GPU.
+    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else contextlib.nullcontext())
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model.parameters(), cfg.optimizer, 1e-3, cfg.weight_decay)
     steps = train_steps(job, 1)
@@ -182,12 +186,17 @@ def plain(job: Job, epochs: int) -> tuple[list[float], float]:
         t0, n = clock(), 0
         for _ in range(steps):
             x, y = next(loaders[0])
+            x, y = x.to(device), y.to(device)
             if len(loaders) == 1:
-                out = model(x.contiguous(memory_format=torch.channels_last))
+                with cast:
+                    out = model(x.contiguous(memory_format=torch.channels_last)).float()
                 loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             else:
                 xu, tu = next(loaders[1])
-                out = model(torch.cat([x, xu]).contiguous(memory_format=torch.channels_last))
+                with cast:
+                    out = model(torch.cat([x, xu.to(device)]).contiguous(
+                        memory_format=torch.channels_last)).float()
+                tu = tu.to(device)
                 soft = -(tu * F.log_softmax(out[len(x):], dim=1)).sum(dim=1).mean()
                 loss = F.cross_entropy(out[: len(x)], y, label_smoothing=cfg.label_smoothing) \
                     + weight * soft
@@ -202,11 +211,11 @@ def plain(job: Job, epochs: int) -> tuple[list[float], float]:
     return rates, total / (clock() - start)
 
 
-def measure(job: Job, epochs: int, repeat: int) -> dict[str, float]:
+def measure(job: Job, epochs: int, repeat: int, device: torch.device) -> dict[str, float]:
     steady, startup = [], []
     for r in range(repeat):
-        a, a_all = ours(job, epochs)
-        b, b_all = plain(job, epochs)
+        a, a_all = ours(job, epochs, device)
+        b, b_all = plain(job, epochs, device)
         a_warm, b_warm = statistics.mean(a[1:]), statistics.mean(b[1:])
         steady.append(a_warm / b_warm)
         startup.append(a_all / b_all)
@@ -228,10 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="time by this process's CPU time (default: robust to other jobs) or by "
                          "wall time")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="train on this device (cuda: wall time, whatever --clock says)")
     ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch")
     global clock
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    # GPU work runs beside the process, so only wall time measures it.
+    wall = args.clock == "wall" or args.device == "cuda"
+    clock = time.perf_counter if wall else time.process_time
     if args.epochs < 2 or args.repeat < 1:
         ap.error("--epochs must be >= 2 (the first is warm-up) and --repeat >= 1")
     torch.set_num_threads(1)
@@ -241,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_digits(data, labeled_fraction=0.5, shard_size=100)
         for role in args.roles:
             figures.update(measure(make_job(data, args.batch_size, role == "student"),
-                                   args.epochs, args.repeat))
+                                   args.epochs, args.repeat, torch.device(args.device)))
     print()
     for name, value in figures.items():
         print(f"{name} (ours / plain PyTorch, median of {args.repeat}): {value:.3f}")
