@@ -89,3 +89,15 @@ def test_augment_bench_writes_its_figures(tmp_path: Path) -> None:
     data = read(path)
     assert set(data) == {"other", "augment_vs_plain", "augment_vs_plain_digits"}
     assert all(0 < data[k] < 100 for k in data)
+
+
+def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:
+    from bench.pseudo_label import figures
+
+    runs = [{"e2e_rate": 100.0, "steady_rate": 500.0, "forward": 1000.0, "tree_peak": 2000,
+             "bytes_per_row": 41.0},
+            {"e2e_rate": 900.0, "steady_rate": 950.0, "forward": 1000.0, "tree_peak": 2100,
+             "bytes_per_row": 40.0}]
+    assert figures(runs, 40) == {"pseudo_label_end_to_end_40x": 0.9,
+                                 "pseudo_label_steady_40x": 0.95, "memory_40x_over_1x": 1.05,
+                                 "bytes_per_pseudo_label_row": 40.0}
