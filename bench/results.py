@@ -47,13 +47,13 @@ FIGURES: dict[str, Figure] = {
         "teacher epoch (our streams, EMA) / plain PyTorch loop, warm epochs", ">= 0.95",
         "train_epoch.py"),
     "train_epoch_teacher_with_startup": Figure(
-        "the same, wall time from nothing built to the last epoch's end", ">= 0.95",
+        "the same, timed from nothing built to the last epoch's end", ">= 0.95",
         "train_epoch.py"),
     "train_epoch_student_steady": Figure(
         "student epoch (labeled + pseudo-labeled streams) / plain PyTorch loop, warm epochs",
         ">= 0.95", "train_epoch.py"),
     "train_epoch_student_with_startup": Figure(
-        "the same, wall time from nothing built to the last epoch's end", ">= 0.95",
+        "the same, timed from nothing built to the last epoch's end", ">= 0.95",
         "train_epoch.py"),
     "augment_vs_plain": Figure(
         "decode + crop + flip + RandAugment, 640x480 JPEG -> 224 px, images/s / plain PIL + "
