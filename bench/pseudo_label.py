@@ -2,6 +2,8 @@
 
     python bench/pseudo_label.py                 # about 3-4 minutes on 2 CPU cores
     python bench/pseudo_label.py --repeat 3 --throughput-repeat 3   # smaller corpora, faster
+    python bench/pseudo_label.py --json bench/latest.json   # what make bench runs
+    python bench/pseudo_label.py --device cuda --num-cpus 16  # teacher on a GPU (gpu_check.sh)
 
 (a) Throughput: images/s of ``label_shards`` (read tar -> decode -> teacher -> Parquet, through
     Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
@@ -19,6 +21,8 @@
     many shards. Flat memory means the pipeline streams: nothing scales with the corpus.
 
 The teacher is an untrained ``efficientnet_t0`` (throughput does not depend on the weights).
+``--json`` merges the largest corpus's figures into that file (bench/results.py): end to end and
+steady over forward, tree memory over 1x, and the bytes on disk per pseudo-label row.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python bench/train_epoch.py                   # about 4 minutes on 2 CPU cores
     python bench/train_epoch.py --epochs 3 --repeat 1 --json bench/latest.json
+    python bench/train_epoch.py --device cuda     # both loops on a GPU, bf16 (gpu_check.sh)
 
 Ours: :func:`pipeline.train.train_epoch` fed by the job's streams (:func:`pipeline.batches.
 train_batches`): shards read and decoded by the stage's reader and decoder, shuffled, augmented,
