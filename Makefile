@@ -32,8 +32,18 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Each script merges its figures into bench/latest.json and keeps its full report in bench/logs/;
+# the table at the end prints every figure the file holds. PYTHONPATH: Ray's workers import this
+# checkout too, not whatever the venv points at.
+BENCH_JSON ?= bench/latest.json
+BENCH_LOGS := bench/logs
+BENCH_ENV := PYTHONPATH=$(CURDIR)
+
 bench: $(STAMP)
-	$(BIN)/python bench/pseudo_label.py
-	$(BIN)/python bench/train_epoch.py --json bench/latest.json
-	$(BIN)/python bench/decode.py
-	$(BIN)/python bench/s3.py
+	@mkdir -p $(BENCH_LOGS)
+	@for s in "pseudo_label.py" "train_epoch.py" "augment.py" "s3.py"; do \
+	  echo "bench/$$s ... (report: $(BENCH_LOGS)/$${s%.py}.log)"; \
+	  $(BENCH_ENV) $(BIN)/python bench/$$s --json $(BENCH_JSON) > $(BENCH_LOGS)/$${s%.py}.log 2>&1 \
+	    || { tail -20 $(BENCH_LOGS)/$${s%.py}.log; exit 1; }; \
+	done
+	@$(BENCH_ENV) $(BIN)/python bench/table.py --json $(BENCH_JSON)

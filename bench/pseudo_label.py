@@ -2,6 +2,8 @@
 
     python bench/pseudo_label.py                 # about 3-4 minutes on 2 CPU cores
     python bench/pseudo_label.py --repeat 3 --throughput-repeat 3   # smaller corpora, faster
+    python bench/pseudo_label.py --json bench/latest.json   # what make bench runs
+    python bench/pseudo_label.py --device cuda --num-cpus 16  # teacher on a GPU (gpu_check.sh)
 
 (a) Throughput: images/s of ``label_shards`` (read tar -> decode -> teacher -> Parquet, through
     Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
@@ -19,6 +21,8 @@
     many shards. Flat memory means the pipeline streams: nothing scales with the corpus.
 
 The teacher is an untrained ``efficientnet_t0`` (throughput does not depend on the weights).
+``--json`` merges the largest corpus's figures into that file (bench/results.py): end to end and
+steady over forward, tree memory over 1x, and the bytes on disk per pseudo-label row.
 """
 
 from __future__ import annotations
@@ -169,19 +173,37 @@ def make_model(work: Path) -> tuple[Path, str, torch.nn.Module]:
 
 
 def forward_rate(model: torch.nn.Module, images: torch.Tensor, batch_size: int, threads: int,
-                 seconds: float) -> float:
-    """Images/s of the bare forward pass on decoded tensors, full batches only."""
+                 seconds: float, device: str = "cpu") -> float:
+    """Images/s of the bare forward pass on decoded tensors, full batches only; on a GPU the
+    tensors are on it already and the precision and layout are the teacher actor's (bf16
+    autocast, channels_last: pipeline.inference.TeacherPredictor)."""
     torch.set_num_threads(threads)
     reps = -(-batch_size // len(images)) + 1
-    pool = images.repeat(reps, 1, 1, 1)
-    with torch.inference_mode():
+    pool = images.repeat(reps, 1, 1, 1).to(device)
+    cast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if device == "cuda":
+        model = model.to(device, memory_format=torch.channels_last)
+        pool = pool.contiguous(memory_format=torch.channels_last)
+        cast = torch.autocast("cuda", dtype=torch.bfloat16)
+    with torch.inference_mode(), cast:
         model(pool[:batch_size])  # warm-up: first call plans the kernels
+        _sync(device)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             offset = (n // batch_size * 7) % (len(pool) - batch_size)
             model(pool[offset : offset + batch_size])
             n += batch_size
-    return n / (time.perf_counter() - start)
+            if device == "cuda" and n % (8 * batch_size) == 0:
+                _sync(device)  # the clock must see the work, not its queueing
+        _sync(device)
+    rate = n / (time.perf_counter() - start)
+    model.to("cpu")
+    return rate
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def stage_run(name: str, model_path: Path, sha: str, shards: list[str], out: Path,
@@ -199,11 +221,13 @@ def stage_run(name: str, model_path: Path, sha: str, shards: list[str], out: Pat
         start = time.perf_counter()
         result = label_shards(model_path, sha, shards, out, cfg, progress=progress)
         wall = time.perf_counter() - start
+    disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())  # every file it left
     # Steady state: after the first shard is out the actor is warm and is the bottleneck.
     steady_rows = sum(rows for _, rows in done[1:])
     steady_s = done[-1][0] - done[0][0] if len(done) > 1 else float("nan")
     return {"name": name, "rows": result["rows"], "wall": wall,
             "e2e_rate": result["rows"] / wall, "steady_rate": steady_rows / steady_s,
+            "bytes_per_row": disk / max(result["rows"], 1),
             "driver_peak": sampler.driver_peak if sampler else 0,
             "tree_peak": sampler.tree_peak if sampler else 0}
 
@@ -224,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                         "where start-up is a small share of the wall time)")
     p.add_argument("--forward-seconds", type=float, default=6.0)
     p.add_argument("--work", type=Path, help="keep the corpus here (default: a temp dir)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="the teacher's device (cuda: one GPU actor, forward baseline on the GPU)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="merge the figures into this file (make bench: bench/latest.json)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
 
     import ray
 
@@ -236,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     tf = eval_transform(32)
     images = torch.stack([tf(decode_image(s.image)) for s in read_samples(one)])
     cfg = PseudoLabelConfig(label_batch_size=args.batch_size, label_actors=1,
-                            cpus_per_actor=1)
+                            cpus_per_actor=1, gpus_per_actor=1.0 if args.device == "cuda" else 0.0)
     threads = int(cfg.cpus_per_actor)
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
@@ -246,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         # forward pass is timed before and after every run: this machine's speed drifts by up
         # to 30% over minutes, so each run is compared with the forward rate of its own time.
         corpora = {"1x": one, f"{args.repeat}x": big, f"{args.throughput_repeat}x": huge}
-        fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds)]
+        fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds,
+                            args.device)]
         runs = []
         for name, shards in corpora.items():
             runs.append(stage_run(name, model_path, sha, shards, work / "out", cfg))
             fwd.append(forward_rate(model, images, args.batch_size, threads,
-                                    args.forward_seconds))
+                                    args.forward_seconds, args.device))
             runs[-1]["forward"] = (fwd[-2] + fwd[-1]) / 2
         for r in runs:
             m = stage_run(r["name"], model_path, sha, corpora[r["name"]], work / "out", cfg,
@@ -262,7 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     report(args, fwd, runs, idle_driver, idle_tree)
+    if args.json is not None:
+        from bench.results import merge
+
+        merge(figures(runs, args.throughput_repeat), args.json)
     return 0
+
+
+def figures(runs: list[dict], repeat: int) -> dict[str, float]:
+    """The latest.json figures of the largest corpus (named after its size: 40x by default)."""
+    small, large = runs[0], runs[-1]
+    return {f"pseudo_label_end_to_end_{repeat}x": large["e2e_rate"] / large["forward"],
+            f"pseudo_label_steady_{repeat}x": large["steady_rate"] / large["forward"],
+            f"memory_{repeat}x_over_1x": large["tree_peak"] / small["tree_peak"],
+            "bytes_per_pseudo_label_row": large["bytes_per_row"]}
 
 
 def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_driver: int,
@@ -282,6 +326,8 @@ def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_dr
     fixed = ", ".join(f"{r['name']} {r['startup']:.1f} s" for r in runs)
     print(f"  fixed cost (wall - images / steady rate: Ray Data start-up, actor start, model "
           f"load): {fixed}")
+    print("  on disk: " + ", ".join(f"{r['name']} {r['bytes_per_row']:.1f} bytes/row"
+                                    for r in runs))
     print(f"  memory, idle Ray: driver {mib(idle_driver)}, process tree {mib(idle_tree)}")
     for r in runs:
         print(f"  memory peak {r['name']:>4}: driver {mib(r['driver_peak'])}, process tree "

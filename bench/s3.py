@@ -29,23 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pseudo_label import make_corpus, make_model  # noqa: E402
 
+from bench.results import LATEST, merge  # noqa: E402
 from pipeline.config import PseudoLabelConfig  # noqa: E402
 from pipeline.fs import S3Path, rmtree, s3_filesystem  # noqa: E402
 from pipeline.pseudo_label import label_shards  # noqa: E402
 from tests.s3server import start_server  # noqa: E402
-
-LATEST = Path(__file__).resolve().parent / "latest.json"
-
-
-def merge_latest(figures: dict[str, float], path: Path = LATEST) -> None:
-    """Add ``figures`` to bench/latest.json, keeping the other scripts' keys (atomic write)."""
-    import json
-
-    from pipeline.storage import atomic_write_json
-
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update({k: round(v, 4) for k, v in figures.items()})
-    atomic_write_json(path, dict(sorted(data.items())))
 
 
 def run(model_path: Path, sha: str, shards: list[str], out: Path | S3Path,
@@ -114,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         figures[f"pseudo_label_s3_over_local_{repeat}x"] = s3 / local
         print(f"{repeat:>7}x {r['local'][0]['rows']:>8,} {local:>12,.0f} {s3:>10,.0f} "
               f"{s3 / local:>9.2f}")
-    merge_latest(figures, args.json)
+    merge(figures, args.json)
     print(f"wrote {', '.join(figures)} to {args.json}")
     return 0
 

@@ -118,10 +118,16 @@ class LocalReporter:
 # ----------------------------------------------------------------------------- pieces
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many rows have their label among the top ``k`` logits, as a 0-d tensor on the logits'
+    device: summing these and reading the sum once keeps the GPU from waiting on the host."""
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices  # (B, k)
-    return int((top == labels[:, None]).any(dim=1).sum())
+    return (top == labels[:, None]).any(dim=1).sum()
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    return int(topk_hits(logits, labels, k))
 
 
 @torch.no_grad()
@@ -129,24 +135,26 @@ def evaluate(model: torch.nn.Module, loader: Any, ctx: WorkerContext,
              collect: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Top-1 / top-5 / loss summed over every rank's share of the test split."""
     model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top1, top5, n
+    # loss, top1, top5 summed on the device and read once at the end (not per batch: each read
+    # waits for the GPU to finish); the image count is known on the host.
+    acc = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    n = 0
     rows: list[dict[str, Any]] = []
     for images, labels, keys in loader:
         images = images.to(ctx.device, non_blocking=True)  # (B, 3, R, R)
         labels = labels.to(ctx.device)  # (B,)
         with _autocast(ctx.device):
             logits = model(_channels_last(images)).float()  # (B, C)
-        sums[0] += float(F.cross_entropy(logits, labels, reduction="sum"))
-        sums[1] += topk_correct(logits, labels, 1)
-        sums[2] += topk_correct(logits, labels, 5)
-        sums[3] += len(labels)
+        acc += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                            topk_hits(logits, labels, 1), topk_hits(logits, labels, 5)])
+        n += len(labels)
         if collect:
             prob = logits.softmax(dim=1)
             conf, pred = prob.max(dim=1)  # (B,), (B,)
             rows += [{"key": k, "label": int(y), "pred": int(p), "confidence": float(c)}
                      for k, y, p, c in zip(keys, labels.tolist(), pred.tolist(), conf.tolist(),
                                            strict=True)]
-    loss, top1, top5, n = ctx.all_reduce_sum(sums)
+    loss, top1, top5, n = ctx.all_reduce_sum([*acc.tolist(), float(n)])
     n = max(n, 1.0)
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "n": int(n)}, rows
 
@@ -260,10 +268,17 @@ def build_learner(job: Job, ctx: WorkerContext, *, init: bool = True) -> Learner
 # ----------------------------------------------------------------------------- phases
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, labeled: Batch,
-               pseudo: Batch | None, *, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One optimizer step on a labeled batch (B) and, for a student, a pseudo-labeled one (U)."""
-    from pipeline.losses import noisy_student_loss
+def step_on_device(model: torch.nn.Module, optimizer: torch.optim.Optimizer, labeled: Batch,
+                   pseudo: Batch | None, *, cfg: TrainConfig,
+                   device: torch.device) -> dict[str, Any]:
+    """One optimizer step on a labeled batch (B) and, for a student, a pseudo-labeled one (U).
+
+    Returns the step's metrics without reading anything back from the device: ``loss``,
+    ``labeled_loss``, ``pseudo_loss`` (0 for a teacher) and ``correct`` (labeled top-1 hits) as
+    detached 0-d tensors, ``n`` (labeled images) and ``images`` (all of them) as ints. A read of a
+    GPU value (.item(), int(), float()) makes the host wait for every queued kernel, which
+    stalls the step after it; :func:`train_epoch` sums these on the device instead."""
+    from pipeline.losses import noisy_student_terms
 
     images, labels = labeled[0].to(device), labeled[1].to(device)  # (B, 3, R, R), (B,)
     if pseudo is not None:
@@ -271,22 +286,35 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, labeled
         batch = torch.cat([images, p_images])  # (B + U, 3, R, R): one forward, BatchNorm sees both
         with _autocast(device):
             logits = model(_channels_last(batch)).float()  # (B + U, C)
-        loss, parts = noisy_student_loss(
+        loss, labeled_loss, pseudo_loss = noisy_student_terms(
             logits[: len(images)], labels, logits[len(images):], p_targets,
             unlabel_ratio=pseudo_weight(cfg), label_smoothing=cfg.label_smoothing)
     else:
         with _autocast(device):
             logits = model(_channels_last(images)).float()  # (B, C)
-        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        parts = {"labeled_loss": loss.item()}
+        loss = labeled_loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        pseudo_loss = torch.zeros((), device=logits.device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    correct = topk_correct(logits[: len(images)].detach(), labels, 1)
-    return {"loss": loss.item(), "correct": correct, "n": len(images),
-            "images": len(logits), **parts}
+    correct = topk_hits(logits[: len(images)].detach(), labels, 1)
+    return {"loss": loss.detach(), "labeled_loss": labeled_loss.detach(),
+            "pseudo_loss": pseudo_loss.detach(), "correct": correct, "n": len(images),
+            "images": len(logits)}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, labeled: Batch,
+               pseudo: Batch | None, *, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """:func:`step_on_device` with its metrics read as Python numbers (one step on its own, as
+    tests take it; the epoch loop reads its sums once per epoch instead)."""
+    out = step_on_device(model, optimizer, labeled, pseudo, cfg=cfg, device=device)
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+# The metrics train_epoch sums, in the order it returns them.
+EPOCH_SUMS = ("loss", "correct", "n", "images", "pseudo_loss")
 
 
 def train_epoch(learner: Learner, net: torch.nn.Module, batches: Iterator[tuple[Batch, Any]], *,
@@ -294,9 +322,15 @@ def train_epoch(learner: Learner, net: torch.nn.Module, batches: Iterator[tuple[
                 base_lr: float) -> tuple[list[float], float]:
     """Epoch ``epoch`` (0-based): ``steps`` steps of ``net`` (the model, DDP-wrapped on several
     ranks), each setting the scheduled lr and updating the EMA. Returns the sums over all ranks
-    of (loss, labeled correct, labeled images, images, pseudo loss), and the last lr."""
+    of :data:`EPOCH_SUMS` (loss, labeled correct, labeled images, images, pseudo loss), and the
+    last lr.
+
+    The loop logs once per epoch, so its metrics are read from the device once per epoch: the
+    losses and hit counts are summed on the device (float64, exact for counts) and copied to
+    the host in one transfer after the last step; nothing in a step waits for the GPU."""
     net.train()
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+    acc = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, correct, pseudo loss
+    n = images = 0
     lr = base_lr
     for i in range(steps):
         f = lr_factor(epoch * steps + i, steps_per_epoch=steps, warmup_epochs=cfg.warmup_epochs,
@@ -306,13 +340,14 @@ def train_epoch(learner: Learner, net: torch.nn.Module, batches: Iterator[tuple[
         for g in learner.optimizer.param_groups:
             g["lr"] = lr
         labeled, pseudo = next(batches)
-        out = train_step(net, learner.optimizer, labeled, pseudo, cfg=cfg, device=ctx.device)
+        out = step_on_device(net, learner.optimizer, labeled, pseudo, cfg=cfg, device=ctx.device)
         if learner.ema is not None:
             learner.ema.update(learner.model)
-        sums = [a + b for a, b in zip(sums, (out["loss"], out["correct"], out["n"],
-                                             out["images"], out.get("pseudo_loss", 0.0)),
-                                      strict=True)]
-    return ctx.all_reduce_sum(sums), lr
+        acc += torch.stack([out["loss"], out["correct"], out["pseudo_loss"]])
+        n += out["n"]
+        images += out["images"]
+    loss, correct, pseudo_loss = acc.tolist()  # the epoch's one read from the device
+    return ctx.all_reduce_sum([loss, correct, float(n), float(images), pseudo_loss]), lr
 
 
 def train_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learner,

@@ -153,3 +153,114 @@ def test_a_student_epoch_is_a_pass_over_the_labeled_split_by_default() -> None:
     assert train_steps(job(), 1) == 3  # ceil(90 / 32): the official steps_per_epoch
     assert train_steps(job(), 2) == 2  # the global batch: 64
     assert train_steps(job(student_epoch="pseudo"), 1) == 11  # ceil(1000 / 96)
+
+
+# ----------------------------------------------------------------------------- the hot path
+
+
+@pytest.mark.parametrize("student,optimizer,grad_clip", [
+    (False, "adamw", 0.0), (True, "rmsprop", 1.0), (True, "sgd", 0.0)])
+def test_an_epoch_reads_the_device_once_whatever_its_length(student: bool, optimizer: str,
+                                                            grad_clip: float) -> None:
+    """No per-step host reads (each one waits for the GPU): the metrics are summed on the device
+    and read once per epoch. Before, a teacher step read 3 values and a student step 4."""
+    from bench.host_syncs import count_host_reads, host_scalars, synthetic_batches, tiny_job
+    from pipeline.train import build_learner, train_epoch
+
+    job = tiny_job(student)
+    job.config = dataclasses.replace(job.config, optimizer=optimizer, grad_clip=grad_clip)
+    ctx = WorkerContext()
+    totals = []
+    for steps in (1, 3):
+        learner = build_learner(job, ctx)
+        batches = synthetic_batches(steps, 8, 16 if student else 0, 10)
+        with count_host_reads(host_scalars(learner.optimizer)) as counter:
+            train_epoch(learner, learner.model, counter.pause(iter(batches)), cfg=job.config,
+                        ctx=ctx, epoch=0, steps=steps, base_lr=1e-3)
+        totals.append(counter.counts)
+    assert totals == [{"tolist": 1}, {"tolist": 1}]
+
+
+def test_the_read_counter_sees_every_kind_of_read() -> None:
+    from bench.host_syncs import READS, count_host_reads
+
+    t = torch.tensor(2.0)
+    before = {name: getattr(torch.Tensor, name) for name in READS}
+    with count_host_reads(ignore=lambda x: x is t) as counter:
+        x = torch.tensor(3.0)
+        float(x), int(x), x.item(), x.tolist(), x.cpu(), x.numpy(), bool(x)
+        [0, 1, 2, 3][torch.tensor(1)]  # __index__
+        float(t)  # ignored
+    assert set(counter.counts) == set(READS) and counter.total == len(READS)
+    assert all(getattr(torch.Tensor, name) is fn for name, fn in before.items())  # restored
+
+
+def _record_steps(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Patch the step so that each call records its labeled labels, pseudo targets and the
+    logits of the forward pass that made its loss."""
+    import pipeline.train as train
+
+    steps: list[dict] = []
+    original = train.step_on_device
+
+    def recording(model, optimizer, labeled, pseudo, **kw):
+        rec = {"labels": labeled[1].clone(), "targets": None if pseudo is None else
+               pseudo[1].clone()}
+        hook = model.register_forward_hook(
+            lambda _m, _i, out: rec.__setitem__("logits", out.detach().float().clone()))
+        try:
+            out = original(model, optimizer, labeled, pseudo, **kw)
+        finally:
+            hook.remove()
+        steps.append(rec)
+        return out
+
+    monkeypatch.setattr(train, "step_on_device", recording)
+    return steps
+
+
+def test_logged_epoch_metrics_equal_the_per_step_computation(
+        digits_info: DatasetInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The epoch's train_loss / train_top1 (summed on the device, read once) are the mean of
+    each step's loss and the top-1 of each step's logits, computed step by step on the host."""
+    import torch.nn.functional as F
+
+    steps = _record_steps(monkeypatch)
+    job = tiny_job(digits_info, tmp_path, epochs=2, eval_every=10, finetune_epochs=0,
+                   ema_decay=0.9)
+    train_worker(job, WorkerContext(), LocalReporter(tmp_path / "ck"))
+    history = read_state(tmp_path / "ck")["history"]
+    per_epoch = len(steps) // 2
+    assert per_epoch >= 2 and len(steps) == 2 * per_epoch
+    for epoch, row in enumerate(history):
+        mine = steps[epoch * per_epoch:(epoch + 1) * per_epoch]
+        losses = [F.cross_entropy(s["logits"], s["labels"],
+                                  label_smoothing=job.config.label_smoothing).item()
+                  for s in mine]
+        correct = sum(topk_correct(s["logits"], s["labels"], 1) for s in mine)
+        n = sum(len(s["labels"]) for s in mine)
+        assert row["train_loss"] == pytest.approx(sum(losses) / per_epoch, rel=1e-6)
+        assert row["train_top1"] == correct / n
+
+
+def test_student_epoch_sums_equal_the_per_step_computation(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from bench.host_syncs import synthetic_batches, tiny_job
+    from pipeline.losses import soft_cross_entropy
+    from pipeline.train import EPOCH_SUMS, build_learner, pseudo_weight, train_epoch
+
+    steps = _record_steps(monkeypatch)
+    job = tiny_job(student=True)
+    learner, ctx = build_learner(job, WorkerContext()), WorkerContext()
+    sums, _ = train_epoch(learner, learner.model, iter(synthetic_batches(3, 8, 16, 10)),
+                          cfg=job.config, ctx=ctx, epoch=0, steps=3, base_lr=1e-3)
+    got = dict(zip(EPOCH_SUMS, sums, strict=True))
+    w, ls = pseudo_weight(job.config), job.config.label_smoothing
+    labeled = [torch.nn.functional.cross_entropy(s["logits"][:8], s["labels"],
+                                                 label_smoothing=ls).item() for s in steps]
+    pseudo = [soft_cross_entropy(s["logits"][8:], s["targets"]).item() for s in steps]
+    total = sum(a + w * b for a, b in zip(labeled, pseudo, strict=True))
+    assert got["loss"] == pytest.approx(total, rel=1e-6)
+    assert got["pseudo_loss"] == pytest.approx(sum(pseudo), rel=1e-6)
+    assert got["correct"] == sum(topk_correct(s["logits"][:8], s["labels"], 1) for s in steps)
+    assert (got["n"], got["images"]) == (24, 72)

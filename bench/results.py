@@ -1,0 +1,129 @@
+"""``bench/latest.json``: every benchmark's figures in one flat file (figure name -> number).
+
+Each bench script measures its own figures and merges them with :func:`merge`, a read-modify-
+write under an exclusive lock with an atomic replace: scripts may run one after the other or at
+once, and a figure written by one script is never lost or half-written by another. A figure is
+a ratio against a baseline measured in the same run unless :data:`FIGURES` says otherwise.
+:func:`table` prints whatever the file holds: the known figures with their baseline and target,
+then any others (a new script's keys show up without a change here), sorted by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+LATEST = Path(__file__).resolve().parent / "latest.json"
+
+
+@dataclass(frozen=True)
+class Figure:
+    what: str  # what is measured, against which baseline
+    target: str = ""  # e.g. ">= 0.9"; empty when there is none
+    script: str = ""
+
+
+FIGURES: dict[str, Figure] = {
+    "pseudo_label_end_to_end_40x": Figure(
+        "pseudo-label stage, 40x digits, wall time incl. start-up / teacher's bare forward",
+        ">= 0.9", "pseudo_label.py"),
+    "pseudo_label_steady_40x": Figure(
+        "pseudo-label stage, 40x digits, first to last shard / teacher's bare forward",
+        "", "pseudo_label.py"),
+    "memory_40x_over_1x": Figure(
+        "peak PSS of the whole process tree, labeling 40x digits / 1x", "<= 1.1",
+        "pseudo_label.py"),
+    "bytes_per_pseudo_label_row": Figure(
+        "bytes on disk per pseudo-label row (Parquet, top-10 of 10 classes; bytes, no baseline)",
+        "", "pseudo_label.py"),
+    "train_epoch_teacher_steady": Figure(
+        "teacher epoch (our streams, EMA) / plain PyTorch loop, warm epochs", ">= 0.95",
+        "train_epoch.py"),
+    "train_epoch_teacher_with_startup": Figure(
+        "the same, timed from nothing built to the last epoch's end", ">= 0.95",
+        "train_epoch.py"),
+    "train_epoch_student_steady": Figure(
+        "student epoch (labeled + pseudo-labeled streams) / plain PyTorch loop, warm epochs",
+        ">= 0.95", "train_epoch.py"),
+    "train_epoch_student_with_startup": Figure(
+        "the same, timed from nothing built to the last epoch's end", ">= 0.95",
+        "train_epoch.py"),
+    "augment_vs_plain": Figure(
+        "decode + crop + flip + RandAugment, 640x480 JPEG -> 224 px, images/s / plain PIL + "
+        "torchvision v2 loop", "", "augment.py"),
+    "augment_vs_plain_digits": Figure(
+        "the same on the 32x32 PNG digits -> 32 px", "", "augment.py"),
+}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read(path: Path = LATEST) -> dict[str, float]:
+    """The figures in ``path`` ({} when there is no file yet)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of figure name -> number")
+    return data
+
+
+def merge(figures: dict[str, float], path: Path = LATEST) -> dict[str, float]:
+    """Add or replace ``figures`` in ``path``, keeping every other key; returns the whole file."""
+    bad = [k for k, v in figures.items() if not isinstance(v, int | float) or isinstance(v, bool)
+           or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"figures must be finite numbers; not so: {bad}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        data = {**read(path), **{k: round(float(v), 4) for k, v in figures.items()}}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(dict(sorted(data.items())), indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    return data
+
+
+def _meets(value: float, target: str) -> str:
+    if not target:
+        return ""
+    op, bound = target.split()
+    ok = value >= float(bound) if op == ">=" else value <= float(bound)
+    return "yes" if ok else "no"
+
+
+def table(data: dict[str, float]) -> str:
+    """One Markdown table of every figure in ``data``: the known ones first, in FIGURES' order."""
+    rows = ["| figure | value | target | met | what (baseline measured in the same run) |",
+            "|---|---|---|---|---|"]
+    known = [k for k in FIGURES if k in data]
+    for name in known + sorted(k for k in data if k not in FIGURES):
+        fig = FIGURES.get(name, Figure("(no description in bench/results.py)"))
+        value = data[name]
+        shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}"
+        rows.append(f"| `{name}` | {shown} | {fig.target} | {_meets(value, fig.target)} | "
+                    f"{fig.what} |")
+    return "\n".join(rows)

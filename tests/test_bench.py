@@ -1,0 +1,103 @@
+"""bench/: latest.json's merge (read-modify-write, atomic, concurrent writers), the table printer,
+and quick runs of the benchmark scripts that need no Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.results import FIGURES, merge, read, table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_merge_keeps_other_scripts_keys_and_replaces_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"train_epoch_teacher_steady": 0.97}, path)
+    merge({"s3_over_local_read": 1.234567, "train_epoch_teacher_steady": 0.99}, path)
+    assert json.loads(path.read_text()) == {"s3_over_local_read": 1.2346,
+                                            "train_epoch_teacher_steady": 0.99}
+    assert {p.name for p in tmp_path.iterdir()} == {"latest.json", "latest.json.lock"}  # no temp
+
+
+def test_merge_refuses_non_numbers_and_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"a": 1.0}, path)
+    before = path.read_bytes()
+    for bad in ({"b": float("nan")}, {"b": "fast"}, {"b": True}):
+        with pytest.raises(ValueError, match="finite numbers"):
+            merge(bad, path)
+    assert path.read_bytes() == before
+
+
+def test_concurrent_writers_lose_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    code = ("import sys; from bench.results import merge; from pathlib import Path\n"
+            "for i in range(25): merge({f'{sys.argv[1]}_{i}': i}, Path(sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, name, str(path)], cwd=ROOT)
+             for name in ("a", "b", "c")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert read(path) == {f"{n}_{i}": i for n in "abc" for i in range(25)}
+
+
+def test_table_shows_known_figures_first_then_any_new_key() -> None:
+    text = table({"zz_new_figure": 2.5, "memory_40x_over_1x": 1.02,
+                  "pseudo_label_end_to_end_40x": 0.81})
+    lines = text.splitlines()
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == [
+        "`pseudo_label_end_to_end_40x`", "`memory_40x_over_1x`", "`zz_new_figure`"]
+    assert "| 0.810 | >= 0.9 | no |" in lines[2] and "| 1.020 | <= 1.1 | yes |" in lines[3]
+    assert "no description" in lines[4]
+
+
+def test_every_issue_figure_has_a_description() -> None:
+    wanted = {"pseudo_label_end_to_end_40x", "pseudo_label_steady_40x",
+              "train_epoch_teacher_steady", "train_epoch_student_steady",
+              "train_epoch_teacher_with_startup", "train_epoch_student_with_startup",
+              "augment_vs_plain", "memory_40x_over_1x", "bytes_per_pseudo_label_row"}
+    assert wanted <= set(FIGURES)
+
+
+def test_table_script_prints_the_file_and_refuses_a_missing_or_broken_one(tmp_path: Path
+                                                                         ) -> None:
+    path = tmp_path / "latest.json"
+    merge({"augment_vs_plain": 0.9}, path)
+    run = lambda p: subprocess.run([sys.executable, "bench/table.py", "--json", str(p)],  # noqa: E731
+                                   cwd=ROOT, capture_output=True, text=True)
+    ok = run(path)
+    assert ok.returncode == 0 and "`augment_vs_plain` | 0.900" in ok.stdout
+    missing = run(tmp_path / "none.json")
+    assert missing.returncode == 2 and "make bench" in missing.stderr
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = run(tmp_path / "bad.json")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_augment_bench_writes_its_figures(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"other": 1.0}, path)
+    r = subprocess.run([sys.executable, "bench/augment.py", "--rounds", "1", "--min-seconds",
+                        "0.05", "--json", str(path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = read(path)
+    assert set(data) == {"other", "augment_vs_plain", "augment_vs_plain_digits"}
+    assert all(0 < data[k] < 100 for k in data)
+
+
+def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:
+    from bench.pseudo_label import figures
+
+    runs = [{"e2e_rate": 100.0, "steady_rate": 500.0, "forward": 1000.0, "tree_peak": 2000,
+             "bytes_per_row": 41.0},
+            {"e2e_rate": 900.0, "steady_rate": 950.0, "forward": 1000.0, "tree_peak": 2100,
+             "bytes_per_row": 40.0}]
+    assert figures(runs, 40) == {"pseudo_label_end_to_end_40x": 0.9,
+                                 "pseudo_label_steady_40x": 0.95, "memory_40x_over_1x": 1.05,
+                                 "bytes_per_pseudo_label_row": 40.0}
