@@ -169,3 +169,25 @@ def test_prepare_errors_on_s3_exit_2(s3, bucket: str) -> None:
     assert p.returncode == 2 and "no such shard" in p.stderr
     for proc in (p,):
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_imagefolder_to_s3(s3, bucket: str, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.dataset import load_dataset
+    from pipeline.shards import read_samples
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), np.uint8)).save(
+                tmp_path / "src" / cls / f"{i}.png")
+    p = _prepare("imagefolder", str(tmp_path / "src"), "--out", f"s3://{bucket}/folder",
+                 "--split", "labeled", "--shard-size", "4")
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = load_dataset(f"s3://{bucket}/folder")
+    assert info.classes == ["cat", "dog"] and info.split("labeled").count == 6
+    labels = sorted(s.label for s in read_samples(info.split("labeled").shards))
+    assert labels == [0, 0, 0, 1, 1, 1]
