@@ -172,8 +172,10 @@ def test_reestimated_statistics_are_those_of_the_test_resolution() -> None:
     used = reestimate_norms(model, deep, iter(batches), WorkerContext())
     assert used == 48
     for n, (mean, var) in zip(deep, expected, strict=True):
-        assert torch.allclose(n.running_mean.double(), mean, atol=1e-5, rtol=1e-4)
-        assert torch.allclose(n.running_var.double(), var, atol=1e-5, rtol=1e-4)
+        # BatchNorm sums in float32, the reference in float64; how the float32 sums round
+        # depends on torch's thread count (up to ~2e-4 relative with one thread).
+        assert torch.allclose(n.running_mean.double(), mean, atol=1e-5, rtol=1e-3)
+        assert torch.allclose(n.running_var.double(), var, atol=1e-5, rtol=1e-3)
         old_mean, old_var = before[id(n)]
         assert not (torch.allclose(n.running_mean, old_mean, atol=1e-3)
                     and torch.allclose(n.running_var, old_var, rtol=1e-2))
