@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(StudentConfig, "student", argv, description=__doc__)
         rec = run_round(cfg)
         met = rec.metrics
+        teacher = "n/a" if met.teacher_top1 is None else f"{met.teacher_top1:.4f}"
         print(f"student: round {cfg.round} of {cfg.run!r} complete: test top-1 "
-              f"{met.top1:.4f} ({rec.model.name}), teacher {met.teacher_top1:.4f}; "
+              f"{met.top1:.4f} ({rec.model.name}), teacher {teacher}; "
               f"manifest {cfg.root}/manifests/{cfg.run}/round-{cfg.round}.json")
         return 0
 
