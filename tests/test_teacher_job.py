@@ -183,8 +183,9 @@ def test_kill_and_resume_continues_from_checkpoint(tmp_path: Path, tiny: Path) -
     assert p.returncode == 0, p.stderr[-3000:]
     m = load_manifest(tmp_path, "kr", 0)
     assert m["status"] == "complete"
-    assert [e["event"] for e in m["events"]] == ["start", "restart"]
+    assert [e["event"] for e in m["events"]] == ["start", "restart", "resume"]
     assert m["events"][1]["resumes_training"] is True
+    assert m["events"][2]["stage"] == "train" and m["events"][2]["previous"] == "running"
     (resumed,) = m["resumed_from"]
     assert resumed["phase"] == "train" and 1 <= resumed["epoch"] < 8  # not from scratch
     assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
