@@ -14,11 +14,11 @@ import contextlib
 import fcntl
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.storage import atomic_write_json
 
 LATEST = Path(__file__).resolve().parent / "latest.json"
 
@@ -93,17 +93,7 @@ def merge(figures: dict[str, float], path: Path = LATEST) -> dict[str, float]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         data = {**read(path), **{k: round(float(v), 4) for k, v in figures.items()}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(dict(sorted(data.items())), indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write_json(path, dict(sorted(data.items())))
     return data
 
 

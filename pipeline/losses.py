@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dense_targets", "noisy_student_loss", "noisy_student_terms", "soft_cross_entropy"]
+__all__ = ["dense_targets", "noisy_student_loss", "soft_cross_entropy"]
 
 
 def dense_targets(
@@ -71,34 +71,14 @@ def noisy_student_loss(
     *,
     unlabel_ratio: float = 1.0,
     label_smoothing: float = 0.1,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labeled CE (label smoothing) + ``unlabel_ratio`` x soft CE on the pseudo-labeled batch.
 
     Each term is a mean over its own batch, so the pseudo term's weight is ``unlabel_ratio`` whatever
-    the two batch sizes (the ratio also sets how many pseudo-labeled samples come per labeled one). An empty pseudo batch contributes 0. Returns the loss and detached float parts
-    for logging; reading them synchronises with the GPU once per call.
+    the two batch sizes (the ratio also sets how many pseudo-labeled samples come per labeled one).
+    An empty pseudo batch contributes 0. Returns (loss, labeled loss, pseudo loss) as tensors,
+    nothing read back to the host: the training loop sums them on the device.
     """
-    loss, labeled_loss, pseudo_loss = noisy_student_terms(
-        labeled_logits, labels, pseudo_logits, pseudo_targets,
-        unlabel_ratio=unlabel_ratio, label_smoothing=label_smoothing,
-    )
-    return loss, {
-        "labeled_loss": float(labeled_loss.detach()),
-        "pseudo_loss": float(pseudo_loss.detach()),
-    }
-
-
-def noisy_student_terms(
-    labeled_logits: torch.Tensor,
-    labels: torch.Tensor,
-    pseudo_logits: torch.Tensor,
-    pseudo_targets: torch.Tensor,
-    *,
-    unlabel_ratio: float = 1.0,
-    label_smoothing: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`noisy_student_loss` as tensors: (loss, labeled loss, pseudo loss), nothing read
-    back to the host, for a training loop that sums its metrics on the GPU."""
     labeled_loss = F.cross_entropy(
         labeled_logits.float(), labels.long(), label_smoothing=label_smoothing
     )

@@ -83,14 +83,19 @@ def _stem(path: str) -> str:
 
 def file_meta(path: Path) -> dict[str, Any] | None:
     """Our metadata of a finished file, or None when it is not a readable file of this stage."""
+    return file_footer(path)[0]
+
+
+def file_footer(path: Path) -> tuple[dict[str, Any] | None, int]:
+    """(our metadata or None, row count) from one read of the file's footer."""
     try:
-        raw = parquet_file(path).schema_arrow.metadata or {}
-        meta = json.loads(raw[META_KEY])
+        footer = parquet_file(path).metadata
+        meta = json.loads((footer.metadata or {})[META_KEY])
     except StorageError:
         raise  # refused or unreachable is not "missing": relabeling would not help
     except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None
-    return meta if meta.get("format") == FILE_FORMAT else None
+        return None, 0
+    return (meta, footer.num_rows) if meta.get("format") == FILE_FORMAT else (None, 0)
 
 
 def write_table(path: Path, table: pa.Table, meta: dict[str, Any]) -> str:

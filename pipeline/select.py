@@ -47,9 +47,9 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import PseudoLabelConfig
-from pipeline.fs import S3Path, location, parquet_file, read_table
+from pipeline.fs import S3Path, location, read_table
 from pipeline.pause import pause_point
-from pipeline.pseudo_files import PseudoFileError, file_meta, write_table
+from pipeline.pseudo_files import PseudoFileError, file_footer, file_meta, write_table
 from pipeline.shards import KeyIndex
 from pipeline.storage import sha256_file
 
@@ -374,7 +374,8 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
                          progress: Callable[[str], Any] = print) -> dict[str, Any]:
     """Threshold + per-class balancing over all files in ``out_dir``; rewrites ``copies``.
 
-    Pass 1 reads only label and confidence; pass 2 rewrites one file at a time (atomically), so
+    Pass 1 reads key, shard, label and confidence (and checks keys are unique across shards);
+    pass 2 rewrites one file at a time (atomically), so
     memory is one shard's table. Idempotent: running it again gives the same files, and a file
     already written with the same plan is not rewritten (resume after a kill).
     ``names`` limits it to these files (default: every pseudo-label file in ``out_dir``).
@@ -383,9 +384,10 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     cfg.validate()
     out_dir = location(out_dir)
     classes = classes or [str(i) for i in range(num_classes)]
-    paths = _selection_files(out_dir, names)
+    rows = _selection_files(out_dir, names)
+    paths = list(rows)
     # Pass 1 reads every key anyway: a key two shards share is found here (8 bytes a key).
-    keys = KeyIndex("unlabeled", expected=sum(parquet_file(p).metadata.num_rows for p in paths))
+    keys = KeyIndex("unlabeled", expected=sum(rows.values()))
     shard_of: dict[str, Path | S3Path] = {}
     parts = []
     for p in paths:
@@ -420,18 +422,19 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
     }
 
 
-def _selection_files(out_dir: Path | S3Path, names: list[str] | None) -> list[Path | S3Path]:
-    if names is None:
-        paths = sorted(p for p in out_dir.glob("*.parquet") if file_meta(p) is not None)
-    else:
-        paths = sorted(out_dir / n for n in names)
-        missing = [p for p in paths if file_meta(p) is None]
-        if missing:
-            raise PseudoFileError(f"{missing[0]} is missing or not a pseudo-label file; run the "
-                                   "pseudo_label stage again")
-    if not paths:
+def _selection_files(out_dir: Path | S3Path,
+                     names: list[str] | None) -> dict[Path | S3Path, int]:
+    """The files to select over, sorted, with their row counts (one footer read each)."""
+    listed = sorted(out_dir.glob("*.parquet") if names is None else (out_dir / n for n in names))
+    footers = {p: file_footer(p) for p in listed}
+    missing = [p for p, (meta, _) in footers.items() if meta is None]
+    if names is not None and missing:
+        raise PseudoFileError(f"{missing[0]} is missing or not a pseudo-label file; run the "
+                               "pseudo_label stage again")
+    rows = {p: n for p, (meta, n) in footers.items() if meta is not None}
+    if not rows:
         raise PseudoFileError(f"no pseudo-label files in {out_dir}; run the pseudo_label stage")
-    return paths
+    return rows
 
 
 def _apply_plan(path: Path | S3Path, plan: SelectionPlan

@@ -278,7 +278,7 @@ def step_on_device(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lab
     detached 0-d tensors, ``n`` (labeled images) and ``images`` (all of them) as ints. A read of a
     GPU value (.item(), int(), float()) makes the host wait for every queued kernel, which
     stalls the step after it; :func:`train_epoch` sums these on the device instead."""
-    from pipeline.losses import noisy_student_terms
+    from pipeline.losses import noisy_student_loss
 
     images, labels = labeled[0].to(device), labeled[1].to(device)  # (B, 3, R, R), (B,)
     if pseudo is not None:
@@ -286,7 +286,7 @@ def step_on_device(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lab
         batch = torch.cat([images, p_images])  # (B + U, 3, R, R): one forward, BatchNorm sees both
         with _autocast(device):
             logits = model(_channels_last(batch)).float()  # (B + U, C)
-        loss, labeled_loss, pseudo_loss = noisy_student_terms(
+        loss, labeled_loss, pseudo_loss = noisy_student_loss(
             logits[: len(images)], labels, logits[len(images):], p_targets,
             unlabel_ratio=pseudo_weight(cfg), label_smoothing=cfg.label_smoothing)
     else:

@@ -158,16 +158,16 @@ def test_prepare_digits_to_s3_and_register_there(s3, bucket: str) -> None:
 def test_prepare_errors_on_s3_exit_2(s3, bucket: str) -> None:
     import os
 
-    p = _prepare("digits", "--out", "s3://no-such-bucket/digits")
-    assert p.returncode == 2 and "bucket 'no-such-bucket' does not exist" in p.stderr
+    missing = _prepare("digits", "--out", "s3://no-such-bucket/digits")
+    assert missing.returncode == 2 and "bucket 'no-such-bucket' does not exist" in missing.stderr
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong"}
-    p = _prepare("digits", "--out", f"s3://{bucket}/digits2", env=env)
-    assert p.returncode == 2 and "access denied" in p.stderr
+    refused = _prepare("digits", "--out", f"s3://{bucket}/digits2", env=env)
+    assert refused.returncode == 2 and "access denied" in refused.stderr
     p = _prepare("register", "--labeled", f"s3://{bucket}/nothing/*.tar", "--unlabeled",
                  f"s3://{bucket}/nothing/u.tar", "--test", f"s3://{bucket}/nothing/t.tar",
                  "--out", f"s3://{bucket}/reg2")
     assert p.returncode == 2 and "no such shard" in p.stderr
-    for proc in (p,):
+    for proc in (missing, refused, p):
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -106,21 +106,22 @@ def test_noisy_student_loss_equals_hand_computed_sum():
     labels = torch.tensor([1, 4, 0])
     pseudo = torch.randn(6, 5)
     targets = dense_targets(torch.randint(0, 5, (6, 1)), torch.ones(6, 1), 5)
-    loss, parts = noisy_student_loss(labeled, labels, pseudo, targets, unlabel_ratio=3.0)
+    loss, labeled_loss, pseudo_loss = noisy_student_loss(labeled, labels, pseudo, targets,
+                                                         unlabel_ratio=3.0)
 
     smoothed = F.one_hot(labels, 5).float() * 0.9 + 0.1 / 5
     labeled_ce = -(smoothed * F.log_softmax(labeled, dim=1)).sum(dim=1).mean()
     pseudo_ce = -(targets * F.log_softmax(pseudo, dim=1)).sum(dim=1).mean()
     torch.testing.assert_close(loss, labeled_ce + 3.0 * pseudo_ce)
-    assert parts["labeled_loss"] == pytest.approx(labeled_ce.item(), rel=1e-5)
-    assert parts["pseudo_loss"] == pytest.approx(pseudo_ce.item(), rel=1e-5)
-    assert isinstance(parts["labeled_loss"], float) and isinstance(parts["pseudo_loss"], float)
+    assert labeled_loss.item() == pytest.approx(labeled_ce.item(), rel=1e-5)
+    assert pseudo_loss.item() == pytest.approx(pseudo_ce.item(), rel=1e-5)
+    assert labeled_loss.dim() == 0 and pseudo_loss.dim() == 0  # summable on the device
 
 
 def test_label_smoothing_zero_is_plain_cross_entropy():
     labeled = torch.randn(3, 5)
     labels = torch.tensor([1, 4, 0])
-    loss, _ = noisy_student_loss(
+    loss, _, _ = noisy_student_loss(
         labeled, labels, torch.empty(0, 5), torch.empty(0, 5), label_smoothing=0.0
     )
     torch.testing.assert_close(loss, F.cross_entropy(labeled, labels))
@@ -130,7 +131,7 @@ def test_gradients_flow_to_both_batches():
     labeled = torch.randn(2, 4, requires_grad=True)
     pseudo = torch.randn(5, 4, requires_grad=True)
     targets = torch.softmax(torch.randn(5, 4), dim=1)
-    loss, _ = noisy_student_loss(labeled, torch.tensor([0, 3]), pseudo, targets)
+    loss, _, _ = noisy_student_loss(labeled, torch.tensor([0, 3]), pseudo, targets)
     loss.backward()
     assert labeled.grad is not None and labeled.grad.abs().sum() > 0
     assert pseudo.grad is not None and pseudo.grad.abs().sum() > 0
@@ -140,9 +141,10 @@ def test_empty_pseudo_batch_gives_labeled_loss_only():
     labeled = torch.randn(2, 4, requires_grad=True)
     labels = torch.tensor([0, 3])
     pseudo = torch.empty(0, 4, requires_grad=True)
-    loss, parts = noisy_student_loss(labeled, labels, pseudo, torch.empty(0, 4), unlabel_ratio=3.0)
+    loss, _, pseudo_loss = noisy_student_loss(labeled, labels, pseudo, torch.empty(0, 4),
+                                              unlabel_ratio=3.0)
     torch.testing.assert_close(loss, F.cross_entropy(labeled, labels, label_smoothing=0.1))
-    assert parts["pseudo_loss"] == 0.0
+    assert pseudo_loss.item() == 0.0
     assert math.isfinite(loss.item())
     loss.backward()
     assert torch.isfinite(labeled.grad).all()
