@@ -1,12 +1,14 @@
 """Our training epochs against a plain PyTorch loop: same model, batch, optimizer, transforms, images.
 
-    python bench/train_epoch.py                   # about 4 minutes on 2 CPU cores
+    python bench/train_epoch.py                   # about 9 minutes on 2 idle CPU cores
     python bench/train_epoch.py --epochs 3 --repeat 1 --json bench/latest.json
     python bench/train_epoch.py --device cuda     # both loops on a GPU, bf16 (gpu_check.sh)
 
 Ours: :func:`pipeline.train.train_epoch` fed by the job's streams (:func:`pipeline.batches.
-train_batches`): shards read and decoded by the stage's reader and decoder, shuffled, augmented,
-batched by a DataLoader, EMA updated every step, metrics summed on the device. The baseline: the
+train_batches`): shards read and decoded by the stage's reader and decoder in the first epoch,
+replayed from the streams' decoded cache after it (``--decoded-cache-mb 0``: read and decoded
+every epoch), shuffled, augmented, batched by a DataLoader, EMA updated every step, metrics
+summed on the device. The baseline: the
 same images decoded once into memory by the same decoder, the same transform per image,
 ``torch.utils.data.DataLoader`` over a list, the same model, optimizer, loss and EMA, written the
 way a PyTorch user would (logging its loss each step). Both in this process, one after the other,
@@ -87,11 +89,13 @@ def write_pseudo_files(shards: list[str], out: Path, classes: int) -> None:
             {"format": "bench"})
 
 
-def make_job(data: Path, batch: int, student: bool) -> Job:
+def make_job(data: Path, batch: int, student: bool, cache_mb: float | None = None) -> Job:
     info = load_dataset(data)
     cfg: TrainConfig = dataclasses.replace(TrainConfig(**PRESETS["teacher"]["demo"]), run="b",
                                            data=str(data), batch_size=batch, loader_workers=0,
                                            ema_decay=0.99, model=MODEL)
+    if cache_mb is not None:
+        cfg = dataclasses.replace(cfg, decoded_cache_mb=cache_mb)
     split = {s: {"shards": info.split(s).shards, "count": info.split(s).count}
              for s in ("labeled", "test")}
     model = {"name": MODEL, "train_resolution": 32, "test_resolution": 32, "dropout": 0.2,
@@ -240,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                          "wall time")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="train on this device (cuda: wall time, whatever --clock says)")
+    ap.add_argument("--decoded-cache-mb", type=float, default=None,
+                    help="our streams' decoded cache (default: the job's own, which holds the "
+                         "digits; 0 streams and decodes every epoch, as before the cache)")
     ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -256,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(d) / "digits"
         prepare_digits(data, labeled_fraction=0.5, shard_size=100)
         for role in args.roles:
-            figures.update(measure(make_job(data, args.batch_size, role == "student"),
+            figures.update(measure(make_job(data, args.batch_size, role == "student",
+                                            args.decoded_cache_mb),
                                    args.epochs, args.repeat, torch.device(args.device)))
     print()
     for name, value in figures.items():

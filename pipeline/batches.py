@@ -27,6 +27,11 @@ def _student(cfg: TrainConfig) -> StudentConfig:
     return cfg
 
 
+def cache_bytes(cfg: TrainConfig) -> int:
+    """Each training stream's decoded-cache budget (:class:`pipeline.data.DecodedCache`)."""
+    return int(cfg.decoded_cache_mb * 2**20)
+
+
 def pseudo_batch_size(cfg: TrainConfig) -> int:
     return max(1, round(cfg.batch_size * _student(cfg).unlabel_ratio))
 
@@ -37,7 +42,7 @@ def labeled_batches(job: Job, ctx: WorkerContext, transform: Any,
     stream = LabeledStream(job.labeled["shards"], transform, rank=ctx.rank,
                            world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                            num_classes=job.num_classes, damage_limit=cfg.damage_limit,
-                           damage_dir=job.damage_dir)
+                           damage_dir=job.damage_dir, cache_bytes=cache_bytes(cfg))
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
 
 
@@ -48,7 +53,8 @@ def pseudo_batches(job: Job, ctx: WorkerContext, transform: Any, seed: int) -> I
                           num_classes=job.num_classes,
                           temperature=cfg.temperature if cfg.soft_labels else -1.0,
                           rank=ctx.rank, world_size=ctx.world_size,
-                          shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+                          shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                          cache_bytes=cache_bytes(cfg))
     return iter(make_loader(stream, pseudo_batch_size(cfg), cfg.loader_workers))
 
 

@@ -160,6 +160,11 @@ class TrainConfig:
     """DataLoader processes per worker (0 decodes in the training process)."""
     shuffle_buffer: int = 1000
     """Samples held for shuffling in each data stream."""
+    decoded_cache_mb: float = 256.0
+    """Each training data stream (labeled, pseudo-labeled; one per DataLoader process) keeps its
+    share of the images decoded in memory after its first pass when the share fits in this many
+    MiB, so later epochs neither read nor decode it again (same samples, same order, same
+    result); a larger share is streamed every epoch. 0 = off."""
     eval_batch_size: int = 256
     """Images per evaluation step on each worker."""
     eval_every: int = 1
@@ -235,8 +240,10 @@ class TrainConfig:
             raise ConfigError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
-        if self.warmup_epochs < 0 or (self.finetune_epochs or 0) < 0 or self.loader_workers < 0:
-            raise ConfigError("--warmup-epochs, --finetune-epochs and --loader-workers must be >= 0")
+        if self.warmup_epochs < 0 or (self.finetune_epochs or 0) < 0 or self.loader_workers < 0 \
+                or self.decoded_cache_mb < 0:
+            raise ConfigError("--warmup-epochs, --finetune-epochs, --loader-workers and "
+                              "--decoded-cache-mb must be >= 0")
         for name in ("train_resolution", "test_resolution"):
             value = getattr(self, name)
             if value is not None and value < 8:

@@ -16,6 +16,12 @@ Why streams look the way they do:
   :func:`pipeline.images.decode_image`, as in every other stage. A damaged sample is skipped and
   counted; after a stream's first pass over its shards, a labeled or test share with more than
   ``damage_limit`` of its samples damaged stops the job, naming the worst shard.
+* Decoded cache: a training stream whose share of the split fits in ``cache_bytes`` keeps its
+  images decoded after the first pass (:class:`DecodedCache`) and replays them from memory, so
+  a small labeled set (or a small pseudo-labeled one) is read and decoded once per job, not once
+  per epoch. The replay yields the same samples in the same order as reading again would (the
+  shuffles draw the same numbers), so a run gives the same result with or without it. A share
+  that does not fit is streamed as before, and the memory is given back at once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +68,89 @@ def _reader_index(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def _samples(shards: list[str], damage: Damage) -> Iterator[Sample]:
-    """The readable samples of ``shards`` in order; the rest counted in ``damage``."""
+@dataclass(frozen=True)
+class Decoded(Sample):
+    """A sample as the decoded cache keeps it: the image decoded (``pixels``), or why it did not
+    decode (``error``); the encoded bytes are dropped."""
+
+    pixels: torch.Tensor | None = None
+    error: str = ""
+
+
+def decode_sample(s: Sample) -> Decoded:
+    try:
+        pixels, error = decode_image(s.image, s.where), ""
+    except ShardError as e:
+        pixels, error = None, str(e)
+    return Decoded(s.key, b"", s.label, s.shard, s.image_format, s.index, pixels, error)
+
+
+class DecodedCache:
+    """One training stream's shards, decoded, kept for the passes after the first (module doc).
+
+    Each shard's entries are what reading it yields, in order: damaged samples and decoded ones.
+    All or nothing: the first shard that would take the stream past ``budget`` bytes ends the
+    caching for good and drops what was kept, since a share that only partly fits would hold
+    the memory for a small saving.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.shards: dict[str, list[Any]] = {}
+        self.full = budget <= 0
+
+    def add(self, shard: str, entries: list[Any], nbytes: int) -> None:
+        if self.full:
+            return
+        if self.used + nbytes > self.budget:
+            self.full, self.shards, self.used = True, {}, 0
+            return
+        self.shards[shard] = entries
+        self.used += nbytes
+
+
+def _nbytes(entry: Any) -> int:
+    pixels = getattr(entry, "pixels", None)
+    return 200 + (pixels.nbytes if pixels is not None else 0)  # + the record's own overhead
+
+
+def _samples(shards: list[str], damage: Damage,
+             cache: DecodedCache | None = None) -> Iterator[Sample]:
+    """The readable samples of ``shards`` in order; the rest counted in ``damage``. With a
+    cache that has room, the samples come decoded and each shard read whole is kept; a shard
+    it holds is replayed from memory."""
     for shard in shards:
+        kept = cache.shards.get(shard) if cache is not None else None
+        if kept is not None:
+            for s in kept:
+                if isinstance(s, BadSample):
+                    damage.bad(s)
+                else:
+                    yield s
+            continue
+        entries: list[Any] | None = [] if cache is not None and not cache.full else None
         for s in read_shard(shard):
+            if entries is not None and not isinstance(s, BadSample):
+                s = decode_sample(s)
+            if entries is not None:
+                entries.append(s)
             if isinstance(s, BadSample):
                 damage.bad(s)
             else:
                 yield s
+        if entries is not None and cache is not None:
+            cache.add(shard, entries, sum(_nbytes(e) for e in entries))
 
 
 def _decoded(s: Sample, damage: Damage) -> torch.Tensor | None:
     """The sample's image as a (3, H, W) uint8 tensor, or None (counted) when it does not decode."""
+    if isinstance(s, Decoded):
+        if s.pixels is None:
+            damage.bad(s.damaged(s.error))
+            return None
+        damage.ok()
+        return s.pixels
     try:
         image = decode_image(s.image, s.where)
     except ShardError as e:
@@ -109,21 +187,24 @@ class LabeledStream(IterableDataset):
     def __init__(self, shards: list[str], transform: Transform, *, rank: int = 0,
                  world_size: int = 1, train: bool = True, shuffle_buffer: int = 1000,
                  seed: int = 0, num_classes: int | None = None, damage_limit: float = 1.0,
-                 split: str = "labeled", damage_dir: str | None = None) -> None:
+                 split: str = "labeled", damage_dir: str | None = None,
+                 cache_bytes: int = 0) -> None:
         self.shards, self.transform = list(shards), transform
         self.rank, self.world_size, self.train = rank, world_size, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.num_classes, self.damage_limit, self.split = num_classes, damage_limit, split
         self.damage_dir = damage_dir  # where a training stream records its first pass's tally
+        self.cache_bytes = cache_bytes  # a training stream's decoded cache (module doc); 0 = off
 
     def _raw(self, mine: list[str], rng: random.Random) -> Iterator[Sample | object]:
         if not self.train:
             yield from _samples(mine, self._damage)
             return
+        cache = DecodedCache(self.cache_bytes) if self.cache_bytes > 0 else None
         while True:  # endless: the training loop decides where an epoch ends
             order = mine[:]
             rng.shuffle(order)
-            yield from _shuffled(_samples(order, self._damage), self.shuffle_buffer, rng)
+            yield from _shuffled(_samples(order, self._damage, cache), self.shuffle_buffer, rng)
             yield _END_OF_PASS
 
     def _label_problem(self, label: int | None) -> str:
@@ -194,25 +275,43 @@ class PseudoStream(IterableDataset):
 
     def __init__(self, shards: list[str], pseudo_dir: str, transform: Transform, *,
                  num_classes: int, temperature: float, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 1000, seed: int = 0) -> None:
+                 shuffle_buffer: int = 1000, seed: int = 0, cache_bytes: int = 0) -> None:
         self.shards, self.pseudo_dir, self.transform = list(shards), pseudo_dir, transform
         self.num_classes, self.temperature = num_classes, temperature
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.cache_bytes = cache_bytes
         self._names = pseudo_file_names(self.shards)
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
         return read_selected(location(self.pseudo_dir) / self._names[shard])
 
-    def _repeated(self, shards: list[str]) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+    def _repeated(self, shards: list[str], cache: DecodedCache | None = None
+                  ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+        """Each selected sample ``copies`` times, shard by shard; with a cache that has room, the
+        selected samples of a shard read whole are kept decoded with their labels."""
         damage = Damage()  # pseudo-labeling skipped (and recorded) these samples already
         for shard in shards:
+            kept = cache.shards.get(shard) if cache is not None else None
+            if kept is not None:
+                for s, copies, idx, prob in kept:
+                    for _ in range(copies):
+                        yield s, idx, prob
+                continue
+            entries: list[Any] | None = [] if cache is not None and not cache.full else None
             labels = self._labels_of(shard)
             for s in _samples([shard], damage):
                 hit = labels.get(s.key)  # by key, never by position
-                if hit is not None:
-                    for _ in range(hit[0]):
-                        yield s, hit[1], hit[2]
+                if hit is None or hit[0] == 0:
+                    continue
+                if entries is not None:
+                    s = decode_sample(s)
+                    entries.append((s, *hit))
+                for _ in range(hit[0]):
+                    yield s, hit[1], hit[2]
+            if entries is not None and cache is not None:
+                cache.add(shard, entries, sum(_nbytes(e[0]) + e[2].nbytes + e[3].nbytes
+                                              for e in entries))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from pipeline.losses import dense_targets
@@ -221,11 +320,12 @@ class PseudoStream(IterableDataset):
         mine = assign_shards(self.shards, reader, readers, exhaustive=False)
         rng = random.Random(self.seed * 1_000_003 + 7919 + reader)
         torch.manual_seed(self.seed * 1_000_003 + 7919 + reader)
+        cache = DecodedCache(self.cache_bytes) if self.cache_bytes > 0 else None
         while True:
             order = mine[:]
             rng.shuffle(order)
             produced = 0
-            for s, idx, prob in _shuffled(self._repeated(order), self.shuffle_buffer, rng):
+            for s, idx, prob in _shuffled(self._repeated(order, cache), self.shuffle_buffer, rng):
                 image = _decoded(s, Damage())  # it decoded for the teacher: same decoder
                 if image is None:
                     continue

@@ -68,6 +68,7 @@ def test_unknown_options_list_what_is_allowed() -> None:
     (TrainConfig, {"epochs": 0}, "--epochs must be > 0"),
     (TrainConfig, {"dropout": 1.0}, r"--dropout must be in \[0, 1\)"),
     (TrainConfig, {"damage_limit": 1.5}, r"--damage-limit must be in \[0, 1\]"),
+    (TrainConfig, {"decoded_cache_mb": -1}, "--decoded-cache-mb must be >= 0"),
     (StudentConfig, {"round": 0}, "--round must be >= 1 for a student"),
     (StudentConfig, {"threshold": 1.0}, r"--threshold must be in \[0, 1\)"),
     (StudentConfig, {"label_actors": 0}, "--label-actors must be >= 1|--label-batch-size"),

@@ -103,3 +103,133 @@ def test_training_streams_record_their_first_pass_and_wrapped_readers_count_once
     assert merged["samples"] == 6 and merged["bad"] == 1  # the shard once, not twice
     assert merged["examples"][0]["key"] == "k01"
     assert merge_damage(tmp_path / "none") is None
+
+
+# ----------------------------------------------------------------------------- decoded cache
+
+
+def _varied_shards(tmp: Path, n: int, bad: set[int] = frozenset(), maxcount: int = 5
+                   ) -> list[str]:
+    """n distinct 12x12 images (image i has value 10 i), labels i % 3; ``bad`` do not decode."""
+    samples = [(f"k{i:02d}", b"garbage" if i in bad
+                else encode_png(np.full((12, 12, 3), 10 * i, np.uint8)), i % 3)
+               for i in range(n)]
+    return [str(p) for p, _ in write_shards(samples, tmp, prefix="v", maxcount=maxcount)]
+
+
+def _noisy() -> object:
+    from pipeline.augment import RandAugment
+    from pipeline.transforms import train_transform
+
+    return train_transform(8, crop_scale=(0.5, 1.0), randaugment=RandAugment(2, 9))
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import pipeline.data as data
+
+    reads: list[str] = []
+    real = data.read_shard
+
+    def counted(shard: str):
+        reads.append(shard)
+        return real(shard)
+
+    monkeypatch.setattr(data, "read_shard", counted)
+    return reads
+
+
+def test_decoded_cache_replays_the_same_stream_without_reading_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three passes with the cache equal three passes without, image for image (RandAugment and
+    crops included: the shuffles and the augmentation draw the same numbers), and the shards
+    are read once, in the first pass only."""
+    shards = _varied_shards(tmp_path, 23, bad={4, 17})
+    reads = _count_reads(monkeypatch)
+
+    def passes(cache_bytes: int) -> list[tuple[torch.Tensor, int, str]]:
+        it = iter(LabeledStream(shards, _noisy(), num_classes=3, damage_limit=0.2,
+                                shuffle_buffer=8, seed=5, cache_bytes=cache_bytes))
+        return [next(it) for _ in range(3 * 21)]  # 21 good samples a pass
+
+    plain = passes(0)
+    assert len(reads) == 3 * len(shards)
+    reads.clear()
+    cached = passes(2**20)
+    assert len(reads) == len(shards)  # the first pass only
+    assert [(y, k) for _, y, k in cached] == [(y, k) for _, y, k in plain]
+    assert all(torch.equal(a, b) for (a, _, _), (b, _, _) in zip(cached, plain, strict=True))
+    assert [k for _, _, k in plain[:21]] != [k for _, _, k in plain[21:42]]  # reshuffled
+
+
+def test_decoded_cache_keeps_the_damage_policy(tmp_path: Path) -> None:
+    """Replayed passes meet the same damage: each pass is checked against the limit."""
+    from pipeline.data import merge_damage
+
+    shards = _varied_shards(tmp_path / "s", 10, bad={2, 6})
+    strict = iter(LabeledStream(shards, _as_float, num_classes=3, damage_limit=0.1,
+                                shuffle_buffer=0, cache_bytes=2**20))
+    with pytest.raises(ShardError, match=r"labeled split: 2 of 10"):
+        for _ in range(20):
+            next(strict)
+    folder = tmp_path / "damage"
+    ok = iter(LabeledStream(shards, _as_float, num_classes=3, damage_limit=0.5,
+                            shuffle_buffer=0, cache_bytes=2**20, damage_dir=str(folder)))
+    keys = [next(ok)[2] for _ in range(16)]  # two passes of 8
+    assert keys[:8] == keys[8:] and "k02" not in keys and "k06" not in keys
+    assert merge_damage(folder)["bad"] == 2
+
+
+def test_a_share_over_the_budget_is_streamed_and_the_cache_let_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.data import DecodedCache, _samples
+    from pipeline.shards import Damage
+
+    shards = _varied_shards(tmp_path, 12)  # 3 shards of 5, 5, 2 images of 432 bytes decoded
+    cache = DecodedCache(budget=3000)  # room for the first shard (5 x 632), not the second
+    first = [s.key for s in _samples(shards, Damage(), cache)]
+    assert cache.full and cache.shards == {} and cache.used == 0
+    reads = _count_reads(monkeypatch)
+    again = [s.key for s in _samples(shards, Damage(), cache)]
+    assert again == first and len(reads) == 3  # read again, every shard
+    roomy = DecodedCache(budget=2**20)
+    list(_samples(shards, Damage(), roomy))
+    assert not roomy.full and len(roomy.shards) == 3 and roomy.used == 12 * (200 + 432)
+
+
+def test_pseudo_stream_cache_replays_copies_without_reading_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipeline.data as data
+    from pipeline.data import PseudoStream
+
+    shards = _varied_shards(tmp_path / "unl", 9, maxcount=3)
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    for n in range(3):
+        keys = [f"k{3 * n + i:02d}" for i in range(3)]
+        pq.write_table(pa.table({
+            "key": keys, "copies": pa.array([n % 2, 2, 1], pa.int32()),  # some not selected
+            "topk_index": pa.array([[0, 1]] * 3, pa.list_(pa.int32())),
+            "topk_prob": pa.array([[0.75, 0.25]] * 3, pa.list_(pa.float16()))}),
+            out / f"v-{n:06d}.parquet")
+    reads = _count_reads(monkeypatch)
+    label_reads: list[object] = []
+    real_selected = data.read_selected
+    monkeypatch.setattr(data, "read_selected",
+                        lambda path: label_reads.append(path) or real_selected(path))
+
+    def passes(cache_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        it = iter(PseudoStream(shards, str(out), _noisy(), num_classes=3, temperature=1.0,
+                               shuffle_buffer=4, seed=3, cache_bytes=cache_bytes))
+        return [next(it) for _ in range(3 * 10)]  # 0+2+1, 1+2+1, 0+2+1 = 10 copies a pass
+
+    plain = passes(0)
+    assert len(reads) == len(label_reads) == 9
+    reads.clear()
+    label_reads.clear()
+    cached = passes(2**20)
+    assert len(reads) == len(label_reads) == 3
+    assert all(torch.equal(a, b) and torch.equal(t, u)
+               for (a, t), (b, u) in zip(cached, plain, strict=True))
