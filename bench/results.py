@@ -60,6 +60,10 @@ FIGURES: dict[str, Figure] = {
         "torchvision v2 loop", "", "augment.py"),
     "augment_vs_plain_digits": Figure(
         "the same on the 32x32 PNG digits -> 32 px", "", "augment.py"),
+    "pseudo_label_s3_over_local_10x": Figure(
+        "pseudo-label stage from and to a local S3 server (moto) / the same on local disk, end "
+        "to end, 10x digits", "", "s3.py"),
+    "pseudo_label_s3_over_local_40x": Figure("the same at 40x digits", "", "s3.py"),
 }
 
 
