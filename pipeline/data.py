@@ -78,6 +78,7 @@ class Decoded(Sample):
 
 
 def decode_sample(s: Sample) -> Decoded:
+    """``s`` decoded once, as the cache keeps it (a decode error is kept, not raised)."""
     try:
         pixels, error = decode_image(s.image, s.where), ""
     except ShardError as e:
