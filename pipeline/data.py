@@ -140,25 +140,18 @@ def _samples(shards: list[str], damage: Damage,
                 damage.bad(s)
             else:
                 yield s
-        if entries is not None and cache is not None:
+        if cache is not None and entries is not None:
             cache.add(shard, entries, sum(_nbytes(e) for e in entries))
 
 
 def _decoded(s: Sample, damage: Damage) -> torch.Tensor | None:
     """The sample's image as a (3, H, W) uint8 tensor, or None (counted) when it does not decode."""
-    if isinstance(s, Decoded):
-        if s.pixels is None:
-            damage.bad(s.damaged(s.error))
-            return None
-        damage.ok()
-        return s.pixels
-    try:
-        image = decode_image(s.image, s.where)
-    except ShardError as e:
-        damage.bad(s.damaged(e))
+    d = s if isinstance(s, Decoded) else decode_sample(s)  # a cached sample is decoded already
+    if d.pixels is None:
+        damage.bad(d.damaged(d.error))
         return None
     damage.ok()
-    return image
+    return d.pixels
 
 
 def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
