@@ -91,8 +91,10 @@ class DatasetInfo:
 
 
 def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
-    """Read ``path/dataset.json`` (``path`` may also be the file itself)."""
-    path = location(path)
+    """Read ``path/dataset.json`` (``path`` may also be the file itself). A relative local path
+    is made absolute against the working directory now, and so are the shards under it: Ray's
+    workers run in directories of their own, where a relative path would name nothing."""
+    path = location(path).resolve()
     if path.name == DATASET_FILE:
         path = path.parent
     file = path / DATASET_FILE

@@ -36,7 +36,14 @@ from pipeline.manifest import (
     new_round,
     save_round,
 )
-from pipeline.runner import RunError, check_resources, cluster_summary, ray_session, resolve_root
+from pipeline.runner import (
+    RunError,
+    check_data,
+    check_resources,
+    cluster_summary,
+    ray_session,
+    resolve_root,
+)
 
 if TYPE_CHECKING:
     from models.weights import InitPlan
@@ -174,7 +181,9 @@ def plan_round(cfg: TrainConfig) -> Plan:
             parent.record.model.name):
         log(f"warning: student {cfg.model} is smaller than its teacher "
             f"{parent.record.model.name}; Noisy Student expects an equal or larger student")
+    check_data(cfg.data)
     info = load_dataset(cfg.data)
+    cfg = dataclasses.replace(cfg, data=str(info.path))  # absolute: the workers' cwd differs
     needed = {"labeled": "the teacher needs some", "test": "every round is evaluated on it"}
     if parent is not None:
         needed["unlabeled"] = "a student round pseudo-labels it"

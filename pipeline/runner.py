@@ -34,6 +34,17 @@ def in_job_working_dir(path: Path | None = None) -> bool:
     return "runtime_resources" in here and "working_dir_files" in here
 
 
+def check_data(data: str) -> None:
+    """Refuse a relative ``--data`` inside a Ray job's temporary working dir: it would name a
+    folder in that copy of the project (usually absent: the copy skips ignored files)."""
+    if data and not isinstance(location(data), S3Path) and not Path(data).is_absolute() \
+            and in_job_working_dir():
+        raise RunError(
+            f"--data {data!r} is relative, and this job runs in Ray's temporary copy of the "
+            "working dir: pass an absolute --data (a folder every node can read, or s3://), "
+            "e.g. --data $PWD/" + data)
+
+
 def resolve_root(root: str) -> Path | S3Path:
     """The absolute root (local or ``s3://``, whose bucket is checked now); refuses a relative
     one inside a Ray job's temporary working dir, where results would vanish with the job."""

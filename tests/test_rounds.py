@@ -144,6 +144,23 @@ def test_parameter_counts_need_no_real_model() -> None:
 
 
 
+def test_a_relative_data_reaches_the_workers_absolute(tmp_path: Path, digits_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's workers run in folders of their own: the plan hands them the dataset and its shards
+    as absolute paths, resolved against the driver's working directory."""
+    from pipeline.config import TrainConfig
+    from pipeline.rounds import plan_round
+
+    monkeypatch.chdir(digits_dir.parent)
+    p = plan_round(TrainConfig(run="r", root=str(tmp_path), data=digits_dir.name))
+    assert p.cfg.data == str(digits_dir.resolve())
+    for split in ("labeled", "unlabeled", "test"):
+        shards = p.info.split(split).shards
+        assert shards and all(Path(s).is_absolute() and Path(s).exists() for s in shards)
+    monkeypatch.chdir(tmp_path)  # where a worker would stand: the plan's paths still hold
+    assert all(Path(s).exists() for s in p.info.split("labeled").shards)
+
+
 def test_student_defaults_follow_the_official_size_table(tmp_path: Path, digits_dir: Path,
                                                          teacher_model: Path) -> None:
     """Dropout from the compound-scaling table and unlabel_ratio 1 for B0 / 3 above, each

@@ -14,6 +14,7 @@ from pipeline.runner import (
     TRAIN_DIR,
     RunError,
     _root_cause,
+    check_data,
     has_checkpoint,
     in_job_working_dir,
     resolve_root,
@@ -40,6 +41,21 @@ def test_resolve_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RunError, match=r"--root 'out' is relative.*pass an absolute --root"):
         resolve_root("out")
     assert resolve_root(str(tmp_path)) == tmp_path.resolve()  # an absolute one is fine there
+
+
+def test_check_data_refuses_a_relative_data_only_in_a_job_working_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    check_data("data/digits")  # a plain driver: made absolute when the dataset is read
+    inside = tmp_path.joinpath(*JOB_DIR)
+    inside.mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    with pytest.raises(RunError, match=r"--data 'data/digits' is relative.*"
+                                       r"pass an absolute --data .*--data \$PWD/data/digits"):
+        check_data("data/digits")
+    check_data(str(tmp_path))
+    check_data("s3://bucket/data")
+    check_data("")  # a student's default: the teacher's dataset, recorded absolute
 
 
 def test_has_checkpoint(tmp_path: Path) -> None:
