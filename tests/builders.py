@@ -28,6 +28,17 @@ from pipeline.storage import sha256_file
 CLASSES = [str(i) for i in range(10)]
 
 
+def job_env(ray_address: str | None, **extra: str) -> dict[str, str]:
+    """The environment for a job subprocess: it joins the Ray at ``ray_address`` (the module's,
+    from the ``ray_address`` fixture) or, given None, starts one of its own, as a user's
+    ``python jobs/...`` does."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
 def make_teacher(path: Path, digits_dir: Path) -> str:
     """An untrained t0 made to give varied, confident predictions (no training: seconds, not
     minutes): batch-norm statistics from real images, a random classifier centred on them."""

@@ -9,6 +9,13 @@ import pytest
 
 from pipeline.dataset import DatasetInfo, prepare_digits
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s unless
+# set), and a fit waits on those polls to see its workers start and finish: several seconds of a
+# test's fit that trains for a few. Set here, before any Ray starts, so that the in-process Rays
+# and every job subprocess (which inherit this environment) poll faster; users keep Ray's
+# default, which suits fits of hours.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -37,12 +44,15 @@ def teacher_model(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) ->
 
 @pytest.fixture(scope="module")
 def ray_address() -> str:
-    """A local Ray of 2 CPUs for the module's tests; job subprocesses join it via RAY_ADDRESS."""
+    """A local Ray of 2 CPUs for the module's tests; job subprocesses join it via RAY_ADDRESS
+    (tests.builders.job_env), which spares each job starting and stopping a Ray of its own.
+    With the dashboard: it serves the state API that Ray Train's placement-group cleaner polls."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()

@@ -2,7 +2,7 @@
 prepare to s3://, a teacher and a round-1 student with --root s3://, the report; a kill -9 during
 pseudo-labeling, then the student round that resumes it, gives the rows of an uninterrupted run;
 unusable buckets, refused credentials and missing objects end a job with one line and exit
-code 2."""
+code 2. The jobs join the module's Ray (the `ray_address` fixture), as on a cluster."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from pipeline.fs import S3Path, read_table
 from pipeline.layout import RunLayout
 from pipeline.storage import sha256_file
+from tests.builders import job_env
 
 pytestmark = pytest.mark.slow
 
@@ -30,25 +31,27 @@ DATA = f"s3://{BUCKET}/data"
 RUN_ROOT = f"s3://{BUCKET}/runs"
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each job starts its Ray
-    return {**env, **extra}
+@pytest.fixture(scope="module")
+def ray_env(s3, ray_address: str) -> dict[str, str]:
+    """Jobs join the module's Ray, started after the S3 server so that its workers see the
+    server's variables the way a user's cluster is given its credentials."""
+    return job_env(ray_address)
 
 
-def _job(script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def _job(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args],
-                          capture_output=True, text=True, timeout=900, env=_env(**env))
+                          capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
-def s3_teacher(s3) -> RunLayout:
+def s3_teacher(s3, ray_env: dict[str, str]) -> RunLayout:
     """Digits in 18 unlabeled shards on S3 and a 1-epoch teacher whose run root is on S3."""
     from pipeline.dataset import prepare_digits
 
     s3.make_bucket(BUCKET)
     prepare_digits(DATA, shard_size=60)
     p = _job("teacher.py", "--run", "t", "--data", DATA, "--root", RUN_ROOT, *QUICK,
-             "--epochs", "1")
+             "--epochs", "1", env=ray_env)
     assert p.returncode == 0, p.stderr[-3000:]
     return RunLayout(RUN_ROOT, "t")
 
@@ -62,7 +65,7 @@ def _rows(paths: list) -> list[tuple]:
 
 
 def test_kill_during_pseudo_labeling_then_the_student_round_resumes_it(
-        s3_teacher: RunLayout, tmp_path: Path) -> None:
+        s3_teacher: RunLayout, ray_env: dict[str, str], tmp_path: Path) -> None:
     """kill -9 of jobs/pseudo_label.py after its first file; then jobs/student.py resumes the
     labeling (the rows equal an uninterrupted labeling of the same shards), trains with Ray
     Train's checkpoints in the bucket, and the report is written there too."""
@@ -70,7 +73,7 @@ def test_kill_during_pseudo_labeling_then_the_student_round_resumes_it(
     pseudo = layout.pseudo_dir(1)
     cmd = [sys.executable, str(ROOT / "jobs" / "pseudo_label.py"), "--run", "t", "--round", "1",
            "--root", RUN_ROOT, "--threshold", "0", "--label-batch-size", "16"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=ray_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     done_at_kill = 0
     try:
@@ -91,7 +94,7 @@ def test_kill_during_pseudo_labeling_then_the_student_round_resumes_it(
     # The rerun is the whole student round, with the labeling settings of the killed job.
     p = _job("student.py", "--run", "t", "--round", "1", "--root", RUN_ROOT, *QUICK,
              "--epochs", "1", "--finetune-epochs", "1", "--threshold", "0",
-             "--label-batch-size", "16")
+             "--label-batch-size", "16", env=ray_env)
     assert p.returncode == 0, p.stderr[-3000:]
     done = re.search(r"pseudo-label: (\d+) of 18 shards already done", p.stdout + p.stderr)
     assert done and done_at_kill <= int(done[1]) < 18, (p.stdout + p.stderr)[-3000:]
@@ -132,7 +135,7 @@ def test_kill_during_pseudo_labeling_then_the_student_round_resumes_it(
     assert list((layout.artifact_dir(1) / "train").glob("checkpoint_*/state.pt"))
     assert list(layout.tensorboard_dir(1).glob("events.out.tfevents.*"))
 
-    p = _job("report.py", "--run", "t", "--root", RUN_ROOT)
+    p = _job("report.py", "--run", "t", "--root", RUN_ROOT, env=ray_env)
     assert p.returncode == 0, p.stderr[-3000:]
     report = layout.report_dir / "report.md"
     assert "round 1" in report.read_text().lower()
@@ -140,7 +143,8 @@ def test_kill_during_pseudo_labeling_then_the_student_round_resumes_it(
     assert pngs and all(x.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for x in pngs)
 
 
-def test_job_errors_on_s3_are_one_line_exit_2(s3_teacher: RunLayout) -> None:
+def test_job_errors_on_s3_are_one_line_exit_2(s3_teacher: RunLayout,
+                                              ray_env: dict[str, str]) -> None:
     cases = [
         (("teacher.py", "--run", "x", "--data", DATA, "--root", "s3://no-such-bucket/r",
           *QUICK), {}, "bucket 'no-such-bucket' does not exist"),
@@ -151,7 +155,7 @@ def test_job_errors_on_s3_are_one_line_exit_2(s3_teacher: RunLayout) -> None:
         (("report.py", "--run", "nope", "--root", RUN_ROOT), {}, "nope"),
     ]
     for args, env, message in cases:
-        p = _job(*args, **env)
+        p = _job(*args, env={**ray_env, **env})
         assert p.returncode == 2, (args, p.stderr[-2000:])
         assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not RunLayout(RUN_ROOT, "x").manifest_dir.exists()

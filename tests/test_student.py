@@ -25,6 +25,7 @@ from pipeline.rounds import default_magnitude, next_model
 from pipeline.shards import encode_png, write_shards
 from pipeline.storage import sha256_file
 from pipeline.train import LocalReporter, WorkerContext, read_state, train_worker
+from tests.builders import job_env
 from tests.test_train import tiny_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,30 +169,32 @@ def test_student_refused_without_previous_round(tmp_path: Path) -> None:
 QUICK = ["--preset", "demo", "--loader-workers", "0", "--eval-every", "10"]
 
 
-def _job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _job(script: str, *args: str, ray_address: str | None = None
+         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, str(ROOT / "jobs" / script), *args], capture_output=True,
-                          text=True, timeout=900, env=env)
+                          text=True, timeout=900, env=job_env(ray_address))
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prepare -> teacher (4 epochs) -> pseudo_label job -> student 1 -> student 2 (3 epochs)."""
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Path:
+    """prepare -> teacher (4 epochs) -> pseudo_label job -> student 1 -> student 2 (3 epochs),
+    each job joining the module's Ray."""
     from pipeline.dataset import prepare_digits
 
     root = tmp_path_factory.mktemp("e2e")
     prepare_digits(root / "data", shard_size=150)
     p = _job("teacher.py", "--run", "e2e", "--data", str(root / "data"), "--root", str(root),
-             *QUICK, "--epochs", "4")
+             *QUICK, "--epochs", "4", ray_address=ray_address)
     assert p.returncode == 0, p.stderr[-3000:]
     # the pseudo-label stages alone first: the student must pick up from them
     # a 4-epoch teacher is unsure of everything: keep every pseudo-label (threshold 0)
     p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(root),
-             "--threshold", "0")
+             "--threshold", "0", ray_address=ray_address)
     assert p.returncode == 0, p.stderr[-3000:]
     for n in (1, 2):
         p = _job("student.py", "--run", "e2e", "--round", str(n), "--root", str(root), *QUICK,
-                 "--epochs", "3", "--finetune-epochs", "1", "--threshold", "0")
+                 "--epochs", "3", "--finetune-epochs", "1", "--threshold", "0",
+                 ray_address=ray_address)
         assert p.returncode == 0, p.stderr[-3000:]
     return root
 
@@ -233,13 +236,14 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_complete_student_round_needs_force(tiny_run: Path) -> None:
+def test_complete_student_round_needs_force(tiny_run: Path, ray_address: str) -> None:
     before = RunLayout(tiny_run, "e2e").manifest_path(1).read_bytes()
-    p = _job("student.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run), *QUICK)
+    p = _job("student.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run), *QUICK,
+             ray_address=ray_address)
     assert p.returncode == 2 and "already has a complete round 1" in p.stderr
     # its student trained on these pseudo-labels: the stages alone may not change them either
     p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run),
-             "--threshold", "0.9")
+             "--threshold", "0.9", ray_address=ray_address)
     assert p.returncode == 2 and "is complete and its student was trained on" in p.stderr
     assert "Traceback" not in p.stderr
     assert RunLayout(tiny_run, "e2e").manifest_path(1).read_bytes() == before

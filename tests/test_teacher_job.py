@@ -21,6 +21,7 @@ from pipeline.dataset import prepare_digits
 from pipeline.layout import RunLayout
 from pipeline.shards import write_shards
 from pipeline.storage import sha256_file
+from tests.builders import job_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -37,11 +38,12 @@ def manifest_path(root: Path, run: str, round_: int) -> Path:
     return RunLayout(root, run).manifest_path(round_)
 
 
-def teacher(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS")
+def teacher(*args: str, timeout: int = 300, ray_address: str | None = None,
+            **kw) -> subprocess.CompletedProcess[str]:
+    """The job as a user runs it: it starts a Ray of its own unless given one to join."""
     return subprocess.run([PY, str(ROOT / "jobs" / "teacher.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=kw.get("cwd", ROOT), env=env)
+                          text=True, timeout=timeout, cwd=kw.get("cwd", ROOT),
+                          env=job_env(ray_address))
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +139,15 @@ def test_more_workers_than_cluster_fails_up_front(tmp_path: Path, tiny: Path) ->
 
 @pytest.mark.slow
 def test_two_workers_complete_manifest_and_refuse_rerun(tmp_path: Path, tiny: Path) -> None:
-    p = teacher("--run", "two", "--data", str(tiny), "--root", str(tmp_path), *FAST,
-                "--num-workers", "2", "--cpus-per-worker", "1", timeout=600)
+    # --data relative to the driver's working directory: the workers, which run elsewhere,
+    # must still find its shards
+    p = teacher("--run", "two", "--data", tiny.name, "--root", str(tmp_path), *FAST,
+                "--num-workers", "2", "--cpus-per-worker", "1", timeout=600, cwd=tiny.parent)
     assert p.returncode == 0, p.stderr[-3000:]
     m = load_manifest(tmp_path, "two", 0)
     assert m["status"] == "complete" and m["role"] == "teacher"
     assert m["cluster"]["num_workers"] == 2
+    assert m["data"]["dataset"] == str(tiny.resolve())  # recorded absolute, for the students
     ckpt = tmp_path / m["checkpoint"]["uri"]
     assert sha256_file(ckpt) == m["checkpoint"]["sha256"]
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
@@ -269,44 +274,6 @@ def test_ray_job_submit_against_local_cluster(tmp_path: Path, tiny: Path) -> Non
 
 
 @pytest.mark.slow
-def test_teacher_starts_from_a_pretrained_file_at_a_new_class_count(tmp_path: Path,
-                                                                    tiny: Path) -> None:
-    """A locally saved state dict of 7 classes starts a 10-class teacher: the classifier is new,
-    every other weight is the file's (a learning rate of 1e-12 leaves them where they start)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from models import create_model
-    from pipeline.checkpoint import read_model_file
-
-    torch.manual_seed(3)
-    src = create_model("efficientnet_t0", 7).state_dict()
-    weights = tmp_path / "pretrained.safetensors"
-    save_file({k: v.contiguous() for k, v in src.items()}, str(weights))
-    p = teacher("--run", "init", "--data", str(tiny), "--root", str(tmp_path), *FAST,
-                "--epochs", "1", "--eval-every", "1", "--lr", "1e-12", "--ema-decay", "0",
-                "--init-from", str(weights))
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout + p.stderr
-    assert "classifier (7 classes) is re-initialised for the dataset's 10" in out
-    assert "Requesting resources" not in out and "Token authentication" not in out  # quiet
-    assert "PreemptionWatcher" not in out  # a worker's known-harmless line, filtered
-    assert "[teacher] epoch 1/1" in out
-    m = load_manifest(tmp_path, "init", 0)
-    assert m["init"]["file"] == "pretrained.safetensors"
-    assert m["init"]["sha256"] == sha256_file(weights)
-    assert m["init"]["classifier"] == "re-initialised" and m["init"]["source_classes"] == 7
-    model = read_model_file(tmp_path / m["checkpoint"]["uri"])["state_dict"]
-    conv = "features.2.0.block.0.0.weight"
-    assert torch.allclose(model[conv], src[conv], atol=1e-6)
-    assert model["classifier.1.weight"].shape[0] == 10
-    from tests.test_events import read_scalars
-
-    tags = read_scalars(tmp_path / "artifacts" / "init" / "round-0" / "tensorboard")
-    assert {"train/loss", "train/lr", "test/top1", "final/top1"} <= set(tags)
-
-
-@pytest.mark.slow
 def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
                                                                   tiny: Path) -> None:
     """kill -9 of the Ray Train worker mid-run: with --max-failures 1 Ray Train restarts it from
@@ -314,7 +281,7 @@ def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
     import psutil
 
     args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "mf", "--data", str(tiny),
-            "--root", str(tmp_path), "--preset", "demo", "--epochs", "20", "--eval-every", "20",
+            "--root", str(tmp_path), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
             "--loader-workers", "0", "--checkpoint-every", "1", "--max-failures", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -342,8 +309,8 @@ def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
     m = load_manifest(tmp_path, "mf", 0)
     assert m["status"] == "complete"
     assert [r["phase"] for r in m["resumed_from"]] == ["train"]  # the restart, recorded
-    assert 1 <= m["resumed_from"][0]["epoch"] < 20
-    assert [h["epoch"] for h in m["history"]] == list(range(1, 21))
+    assert 1 <= m["resumed_from"][0]["epoch"] < 8
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
 
 
 def _registered_checkpoints(train_dir: Path) -> int:
@@ -354,3 +321,42 @@ def _registered_checkpoints(train_dir: Path) -> int:
                    .get("checkpoint_results", []))
     except (OSError, ValueError):
         return 0
+
+
+@pytest.mark.slow
+def test_teacher_starts_from_a_pretrained_file_at_a_new_class_count(
+        tmp_path: Path, tiny: Path, ray_address: str) -> None:
+    """The job joins the module's Ray (last in the module, so that no test that starts its own
+    Ray runs beside it). A locally saved state dict of 7 classes starts a 10-class teacher: the classifier is new,
+    every other weight is the file's (a learning rate of 1e-12 leaves them where they start)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models import create_model
+    from pipeline.checkpoint import read_model_file
+
+    torch.manual_seed(3)
+    src = create_model("efficientnet_t0", 7).state_dict()
+    weights = tmp_path / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in src.items()}, str(weights))
+    p = teacher("--run", "init", "--data", str(tiny), "--root", str(tmp_path), *FAST,
+                "--epochs", "1", "--eval-every", "1", "--lr", "1e-12", "--ema-decay", "0",
+                "--init-from", str(weights), ray_address=ray_address)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "classifier (7 classes) is re-initialised for the dataset's 10" in out
+    assert "Requesting resources" not in out and "Token authentication" not in out  # quiet
+    assert "PreemptionWatcher" not in out  # a worker's known-harmless line, filtered
+    assert "[teacher] epoch 1/1" in out
+    m = load_manifest(tmp_path, "init", 0)
+    assert m["init"]["file"] == "pretrained.safetensors"
+    assert m["init"]["sha256"] == sha256_file(weights)
+    assert m["init"]["classifier"] == "re-initialised" and m["init"]["source_classes"] == 7
+    model = read_model_file(tmp_path / m["checkpoint"]["uri"])["state_dict"]
+    conv = "features.2.0.block.0.0.weight"
+    assert torch.allclose(model[conv], src[conv], atol=1e-6)
+    assert model["classifier.1.weight"].shape[0] == 10
+    from tests.test_events import read_scalars
+
+    tags = read_scalars(tmp_path / "artifacts" / "init" / "round-0" / "tensorboard")
+    assert {"train/loss", "train/lr", "test/top1", "final/top1"} <= set(tags)
