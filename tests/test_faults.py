@@ -30,6 +30,7 @@ from pipeline.layout import RunLayout
 from pipeline.manifest import load_round, save_round
 from pipeline.pause import ENV as PAUSE
 from pipeline.storage import sha256_file
+from tests import builders
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -78,8 +79,7 @@ def job_env(ray_address: str, pause: str | None = None) -> dict[str, str]:
     """The job joins the module's Ray. ``pause`` sets the test-only pause (pipeline/pause.py)
     for the driver and, through the job's runtime environment (the variable `ray job submit`
     hands its drivers), for the job's Ray workers, which do not inherit the driver's variables."""
-    env = {k: v for k, v in os.environ.items() if k != PAUSE}
-    env.update(RAY_ADDRESS=ray_address, PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in builders.job_env(ray_address).items() if k != PAUSE}
     if pause is not None:
         env[PAUSE] = pause
         env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +152,7 @@ def test_resume_at_each_phase_runs_only_what_is_left(digits_info, tmp_path: Path
 def test_student_refused_without_previous_round(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=r"needs round 0 .* run `python jobs/teacher.py"):
         load_parent(RunLayout(tmp_path, "r"), 1)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(None)
     p = subprocess.run([PY, str(ROOT / "jobs" / "student.py"), "--run", "r", "--round", "2",
                         "--root", str(tmp_path), "--preset", "demo"], capture_output=True,
                        text=True, timeout=120, env=env)

@@ -172,7 +172,7 @@ def test_kill_and_resume_continues_from_checkpoint(tmp_path: Path, tiny: Path) -
     args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "kr", "--data", str(tiny),
             "--root", str(tmp_path), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
             "--loader-workers", "0", "--checkpoint-every", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(None)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     train_dir = tmp_path / "artifacts" / "kr" / "round-0" / "train"
@@ -232,7 +232,7 @@ def test_ray_job_submit_against_local_cluster(tmp_path: Path, tiny: Path) -> Non
     """`ray start --head` on free ports, `ray job submit --working-dir .`, results under --root."""
     ray_bin = str(Path(PY).parent / "ray")
     port, dash, agent, grpc, metrics, renv, client = (_free_port() for _ in range(7))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(None)
     # This cluster's session files live in a folder of its own (short: socket paths are
     # limited), so stopping it touches no other Ray on the machine.
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
@@ -283,7 +283,7 @@ def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
     args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "mf", "--data", str(tiny),
             "--root", str(tmp_path), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
             "--loader-workers", "0", "--checkpoint-every", "1", "--max-failures", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env(None)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     train_dir = tmp_path / "artifacts" / "mf" / "round-0" / "train"
@@ -326,9 +326,10 @@ def _registered_checkpoints(train_dir: Path) -> int:
 @pytest.mark.slow
 def test_teacher_starts_from_a_pretrained_file_at_a_new_class_count(
         tmp_path: Path, tiny: Path, ray_address: str) -> None:
-    """The job joins the module's Ray (last in the module, so that no test that starts its own
-    Ray runs beside it). A locally saved state dict of 7 classes starts a 10-class teacher: the classifier is new,
-    every other weight is the file's (a learning rate of 1e-12 leaves them where they start)."""
+    """A locally saved state dict of 7 classes starts a 10-class teacher: the classifier is new,
+    every other weight is the file's (a learning rate of 1e-12 leaves them where they start).
+    The job joins the module's Ray; last in the module, so that no test starting a Ray of its
+    own runs beside it."""
     import torch
     from safetensors.torch import save_file
 
