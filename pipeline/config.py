@@ -15,6 +15,9 @@ from typing import Any, Literal, TypeVar
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 DEFAULT_FINETUNE_EPOCHS = 1.5  # the paper's FixRes fine-tune of L2 (Section 3.1)
+# The official schedule (350 epochs, x0.97 every 2.4); students of B0-B4 train twice as long
+# (pipeline.rounds.default_train_ratio).
+BASE_EPOCHS, BASE_DECAY_EPOCHS = 350, 2.4
 
 
 class ConfigError(ValueError):
@@ -83,7 +86,7 @@ class TrainConfig:
     """Folder holding manifests/, artifacts/ and reports/ (shared storage on a multi-node cluster)."""
     model: str = "efficientnet_b0"
     """Registered model name (see models.list_models())."""
-    epochs: int = 350
+    epochs: int = BASE_EPOCHS
     """Training epochs (an epoch is one pass over the labeled split)."""
     batch_size: int = 128
     """Images per step on each worker."""
@@ -105,7 +108,7 @@ class TrainConfig:
     """Linear warm-up from 0 to the peak learning rate."""
     decay_rate: float = 0.97
     """Exponential schedule: factor applied every decay_epochs."""
-    decay_epochs: float = 2.4
+    decay_epochs: float = BASE_DECAY_EPOCHS
     """Exponential schedule: epochs between decays."""
     weight_decay: float = 1e-5
     """L2 weight decay (decoupled for adamw)."""
@@ -217,8 +220,10 @@ class TrainConfig:
                     "num_workers": self.num_workers, "eval_batch_size": self.eval_batch_size,
                     "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
                     "cpus_per_worker": self.cpus_per_worker, "lr_per_256": self.lr_per_256}
+        if self.decay_epochs is not None:
+            positive["decay_epochs"] = self.decay_epochs
         for name, value in positive.items():
-            if value <= 0:
+            if value is not None and value <= 0:  # None: a student's, set by its size
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
@@ -285,6 +290,12 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
     """Round to run (its teacher is round - 1)."""
     model: str = ""
     """Student model; default: the teacher's model (equal size). Name a bigger one to grow."""
+    epochs: int | None = None
+    """Training epochs (passes over the labeled split, see --student-epoch); default by student
+    size as the official code: 700 for B0-B4 (and the tiny family), 350 above."""
+    decay_epochs: float | None = None
+    """Exponential schedule: epochs between decays; default by student size as the official
+    code: 4.8 for B0-B4 (and the tiny family), 2.4 above."""
     unlabel_ratio: float | None = None
     """Pseudo-labeled images per labeled image in each step; default by student size as the
     official code: 1 for B0 (and t0), 3 above."""

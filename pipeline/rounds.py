@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import PseudoLabelConfig, StudentConfig, TrainConfig, to_dict
+from pipeline.config import (
+    BASE_DECAY_EPOCHS,
+    BASE_EPOCHS,
+    PseudoLabelConfig,
+    StudentConfig,
+    TrainConfig,
+    to_dict,
+)
 from pipeline.dataset import DatasetInfo, load_dataset
 from pipeline.fs import location, rmtree
 from pipeline.layout import RunLayout
@@ -67,6 +74,14 @@ def default_unlabel_ratio(model: str) -> float:
     """Pseudo-labeled images per labeled one, by student size: 1 for B0 (the official code, which
     trains B0 longer instead), 3 above; the tiny family mirrors B0..B3."""
     return 1.0 if model.rsplit("_", 1)[-1] in ("b0", "t0") else 3.0
+
+
+def default_train_ratio(model: str) -> float:
+    """How much longer a student trains than the base schedule (350 epochs, decay every 2.4), by
+    student size: 2 for B0-B4, as the official code's ImageNet script (``--train_ratio=2``
+    multiplies its steps and decay interval), 1 above; the tiny family mirrors B0..B3."""
+    suffix = model.rsplit("_", 1)[-1]
+    return 2.0 if suffix[0] == "t" or suffix in ("b0", "b1", "b2", "b3", "b4") else 1.0
 
 
 def next_model(name: str) -> str:
@@ -173,8 +188,12 @@ def plan_round(cfg: TrainConfig) -> Plan:
             else default_magnitude(model)
         ratio = cfg.unlabel_ratio if cfg.unlabel_ratio is not None \
             else default_unlabel_ratio(model)
+        longer = default_train_ratio(model)
+        epochs = cfg.epochs if cfg.epochs is not None else round(BASE_EPOCHS * longer)
+        decay = cfg.decay_epochs if cfg.decay_epochs is not None else BASE_DECAY_EPOCHS * longer
         cfg = dataclasses.replace(cfg, model=model, data=cfg.data or str(parent.dataset_path),
-                                  randaugment_m=magnitude, unlabel_ratio=ratio)
+                                  randaugment_m=magnitude, unlabel_ratio=ratio, epochs=epochs,
+                                  decay_epochs=decay)
     cfg.validate()
     cfg = cfg.with_model_defaults()  # resolutions and the teacher's FixRes length, recorded
     if parent is not None and parameter_count(cfg.model) < parameter_count(

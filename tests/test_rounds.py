@@ -163,19 +163,30 @@ def test_a_relative_data_reaches_the_workers_absolute(tmp_path: Path, digits_dir
 
 def test_student_defaults_follow_the_official_size_table(tmp_path: Path, digits_dir: Path,
                                                          teacher_model: Path) -> None:
-    """Dropout from the compound-scaling table and unlabel_ratio 1 for B0 / 3 above, each
-    overridable; BatchNorm of models trained from scratch: TF's, or PyTorch's with --norm."""
-    from pipeline.config import StudentConfig
+    """Dropout from the compound-scaling table, unlabel_ratio 1 for B0 / 3 above and the
+    schedule's length (the official ImageNet script's --train_ratio=2 for B0-B4: 700 epochs,
+    decay every 4.8; 350 and 2.4 above), each overridable; BatchNorm of models trained from
+    scratch: TF's, or PyTorch's with --norm."""
+    from pipeline.config import StudentConfig, TrainConfig
     from pipeline.rounds import model_record, plan_round
 
     make_round0(tmp_path, "r", digits_dir, teacher_model)
-    for model, dropout, ratio in (("efficientnet_b0", 0.2, 1.0), ("efficientnet_b4", 0.4, 3.0),
-                                  ("efficientnet_t0", 0.2, 1.0), ("efficientnet_t2", 0.3, 3.0)):
+    for model, dropout, ratio, epochs, decay in (
+            ("efficientnet_b0", 0.2, 1.0, 700, 4.8), ("efficientnet_b4", 0.4, 3.0, 700, 4.8),
+            ("efficientnet_b5", 0.4, 3.0, 350, 2.4), ("efficientnet_l2", 0.5, 3.0, 350, 2.4),
+            ("efficientnet_t0", 0.2, 1.0, 700, 4.8), ("efficientnet_t2", 0.3, 3.0, 700, 4.8)):
         p = plan_round(StudentConfig(run="r", root=str(tmp_path), model=model))
         assert p.cfg.unlabel_ratio == ratio
+        assert (p.cfg.epochs, p.cfg.decay_epochs) == (epochs, decay), model
         rec = model_record(p.cfg, 10, p.cfg.model_options())
         assert rec.dropout == dropout and rec.options == {"norm_eps": 1e-3, "norm_momentum": 0.01}
     p = plan_round(StudentConfig(run="r", root=str(tmp_path), model="efficientnet_b0",
-                                 unlabel_ratio=3.0, dropout=0.5, norm="pytorch"))
+                                 unlabel_ratio=3.0, dropout=0.5, norm="pytorch", epochs=350,
+                                 decay_epochs=2.4))
     assert p.cfg.unlabel_ratio == 3.0 and model_record(p.cfg, 10).dropout == 0.5
+    assert (p.cfg.epochs, p.cfg.decay_epochs) == (350, 2.4)
     assert p.cfg.model_options() == {}
+    # the teacher keeps the base schedule whatever its size
+    teacher = plan_round(TrainConfig(run="t", root=str(tmp_path), data=str(digits_dir),
+                                     model="efficientnet_b0"))
+    assert (teacher.cfg.epochs, teacher.cfg.decay_epochs) == (350, 2.4)

@@ -55,6 +55,7 @@ def test_student_defaults_follow_the_paper() -> None:
     # dropout and unlabel_ratio: None = by student size (tests/test_rounds.py checks the table)
     assert (cfg.dropout, cfg.drop_path, cfg.threshold, cfg.randaugment_n) == (None, 0.2, 0.3, 2)
     assert cfg.soft_labels and cfg.temperature == 1.0 and cfg.unlabel_ratio is None
+    assert cfg.epochs is None and cfg.decay_epochs is None  # by student size, likewise
     assert cfg.randaugment_pixels == "official" and cfg.norm == "tf" and cfg.optimizer == "rmsprop"
     demo = parse_config(StudentConfig, "student", ["--run", "r", "--preset", "demo",
                                                    "--no-randaugment", "--dropout", "0"])
