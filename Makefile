@@ -23,11 +23,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --root $(DEMO_ROOT) --run $(DEMO_RUN)
 
+# Two test processes, each module whole in one of them (its Ray and fixtures are per module):
+# much of an end-to-end test is waiting on processes starting and on Ray's polls, so a second
+# process fills the cores (pytest-xdist). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
