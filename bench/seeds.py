@@ -2,6 +2,7 @@
 
     python bench/seeds.py --root /tmp/seeds --seeds 0 1 2 [--ablation-seeds 0 1 2 3 4]
         [--teacher-args "..."] [--student-args "..."] [--out results.json]
+    python bench/seeds.py --root /tmp/seeds --seeds --ablation-seeds 0 1 2   # the ablation alone
 
 For each seed of ``--seeds`` it runs the demo loop (jobs/teacher.py and two rounds of
 jobs/student.py with ``--preset demo``, as `make demo` does) as run ``s<seed>``, and the ceiling:
