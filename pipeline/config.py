@@ -219,9 +219,8 @@ class TrainConfig:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "num_workers": self.num_workers, "eval_batch_size": self.eval_batch_size,
                     "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
-                    "cpus_per_worker": self.cpus_per_worker, "lr_per_256": self.lr_per_256}
-        if self.decay_epochs is not None:
-            positive["decay_epochs"] = self.decay_epochs
+                    "cpus_per_worker": self.cpus_per_worker, "lr_per_256": self.lr_per_256,
+                    "decay_epochs": self.decay_epochs}
         for name, value in positive.items():
             if value is not None and value <= 0:  # None: a student's, set by its size
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
