@@ -64,6 +64,28 @@ FIGURES: dict[str, Figure] = {
         "pseudo-label stage from and to a local S3 server (moto) / the same on local disk, end "
         "to end, 10x digits", "", "s3.py"),
     "pseudo_label_s3_over_local_40x": Figure("the same at 40x digits", "", "s3.py"),
+    # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
+    # keys start with cpu_quick_ and only show that the code runs.
+    "gpu_teacher_step_bf16_cl_over_fp32": Figure(
+        "B0 224 px teacher steps, batch 64: our loop (bf16 autocast, channels_last) / float32 "
+        "contiguous plain loop", "", "gpu_check.py"),
+    "gpu_teacher_step_bf16_cl_over_fp32_batch4x": Figure(
+        "the same at batch 256", "", "gpu_check.py"),
+    "gpu_teacher_step_images_per_s": Figure(
+        "our teacher steps, batch 64, images/s (no baseline)", "", "gpu_check.py"),
+    "gpu_teacher_step_images_per_s_batch4x": Figure(
+        "the same at batch 256, images/s (no baseline)", "", "gpu_check.py"),
+    "gpu_epoch_host_reads": Figure(
+        "synchronising calls in a warm 4-step training epoch (count, no baseline)", "<= 1",
+        "gpu_check.py"),
+    "gpu_label_actor_over_bare_forward": Figure(
+        "teacher actor's callable (uint8 in, top-k out), B0 224 px, batch 256 / bare forward "
+        "on normalised device tensors", "", "gpu_check.py"),
+    "gpu_label_images_per_s": Figure(
+        "the actor's callable, images/s (no baseline)", "", "gpu_check.py"),
+    "gpu_batch_mates_bit_exact": Figure(
+        "1 when an image's outputs are bit-identical whatever its batch mates", ">= 1",
+        "gpu_check.py"),
 }
 
 
