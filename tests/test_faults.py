@@ -212,7 +212,9 @@ def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: P
     assert select_info["status"] == "complete" and m["stages"]["train"]["status"] == "running"
     selected = file_states(pseudo)
     assert selected[first] == at_select[first]  # already selected with this plan: kept
-    epoch1 = read_state(registered(root)["dir"])["history"]
+    # [:1]: the kill stops the driver at once, but Ray ends the job's Train workers a moment
+    # later, so under load they may record the second epoch's checkpoint before they go
+    epoch1 = read_state(registered(root)["dir"])["history"][:1]
 
     # 4. finetune: killed in the fine-tune (paused as it starts, so that Ray Train records
     # training's last checkpoint before the fine-tune's)
