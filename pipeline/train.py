@@ -398,6 +398,7 @@ def train_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learn
             state.phase = "finetune" if (cfg.finetune_epochs or 0) > 0 else "evaluate"
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             checkpoint_and_report(reporter, ctx, {"phase": "train", **row}, learner, state)
+            pause_point("train")  # tests only (tests/test_faults.py)
 
 
 def finetune_phase(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learner,
