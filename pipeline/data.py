@@ -332,11 +332,22 @@ class PseudoStream(IterableDataset):
                                  "select stage or lower --threshold")
 
 
+# What a DataLoader worker imports to unpickle our streams and their transforms. The forkserver
+# imports these once and forks each loader worker from itself already loaded; without them every
+# worker imports torch, torchvision and PIL on its own, seconds each on a small CPU, and a
+# student round starts about six (two training streams, the test stream of each phase, the
+# fine-tune's).
+LOADER_PRELOAD = ("pipeline.data", "pipeline.transforms", "pipeline.augment")
+
+
 def make_loader(dataset: IterableDataset, batch_size: int, loader_workers: int) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if loader_workers > 0:
         # fork inside Ray actors can deadlock (docs/ray_notes.md)
-        kwargs = dict(multiprocessing_context="forkserver", persistent_workers=True,
+        context = torch.multiprocessing.get_context("forkserver")
+        # Takes effect when this process starts its forkserver, i.e. at its first loader.
+        context.set_forkserver_preload(list(LOADER_PRELOAD))
+        kwargs = dict(multiprocessing_context=context, persistent_workers=True,
                       prefetch_factor=4)
     return DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers, **kwargs)
 

@@ -233,3 +233,36 @@ def test_pseudo_stream_cache_replays_copies_without_reading_again(
     assert len(reads) == len(label_reads) == 3
     assert all(torch.equal(a, b) and torch.equal(t, u)
                for (a, t), (b, u) in zip(cached, plain, strict=True))
+
+
+_PROBE = """
+import json
+import sys
+import torch
+from pipeline.data import LOADER_PRELOAD, make_loader
+from tests.loader_probe import ModulesSeen
+if sys.argv[1] == "plain":  # the control: forkserver workers without our preload
+    torch.multiprocessing.get_context("forkserver").set_forkserver_preload([])
+    loader = torch.utils.data.DataLoader(ModulesSeen(list(LOADER_PRELOAD)), batch_size=None,
+                                         num_workers=1, multiprocessing_context="forkserver")
+else:
+    loader = make_loader(ModulesSeen(list(LOADER_PRELOAD)), 1, 1)
+print(json.dumps(next(iter(loader)).flatten().tolist()))
+"""
+
+
+@pytest.mark.parametrize(("how", "seen"), [("make_loader", True), ("plain", False)])
+def test_loader_workers_fork_with_the_pipeline_already_imported(how: str, seen: bool) -> None:
+    """make_loader's workers start from a forkserver that has imported the streams' modules, so
+    each new loader (a round starts several) does not import torch, torchvision and PIL again.
+    In a fresh process: a forkserver started earlier in this one would keep its own preload."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _PROBE, how], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flags = json.loads(out.stdout.strip().splitlines()[-1])
+    assert flags == [seen] * len(flags) and len(flags) == 3
