@@ -139,10 +139,17 @@ class RayReporter:
 
         self._checkpoint = ray.train.get_checkpoint()
 
-    def resume_dir(self) -> str | None:
+    @contextmanager
+    def resume_dir(self) -> Iterator[str | None]:
+        """Ray Train's latest checkpoint, in place when it is on a local filesystem; from a
+        bucket, downloaded to a temporary folder that is deleted after the block (a plain
+        ``to_directory()`` would leave a whole checkpoint in /tmp at every start of every
+        worker)."""
         if self._checkpoint is None:
-            return None
-        return self._checkpoint.to_directory()
+            yield None
+            return
+        with self._checkpoint.as_directory() as folder:
+            yield folder
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train

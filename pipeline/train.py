@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,7 +95,11 @@ class WorkerContext:
 
 
 class Reporter(Protocol):
-    def resume_dir(self) -> str | None: ...
+    def resume_dir(self) -> AbstractContextManager[str | None]:
+        """The checkpoint to resume from as a local folder, readable inside the block (None
+        when there is none)."""
+        ...
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
 
 
@@ -105,8 +110,9 @@ class LocalReporter:
         self.folder = Path(folder)
         self.reports: list[dict[str, Any]] = []
 
-    def resume_dir(self) -> str | None:
-        return str(self.folder) if (self.folder / STATE_FILE).exists() else None
+    @contextmanager
+    def resume_dir(self) -> Iterator[str | None]:
+        yield str(self.folder) if (self.folder / STATE_FILE).exists() else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(metrics)
@@ -498,9 +504,9 @@ def train_worker(job: Job, ctx: WorkerContext, reporter: Reporter) -> RunState:
         raise TypeError(f"Job.config must be a TrainConfig or StudentConfig, not "
                         f"{type(job.config).__name__}; pass the dataclass itself")
     torch.set_num_threads(max(1, int(job.config.cpus_per_worker)))
-    folder = reporter.resume_dir()
-    learner = build_learner(job, ctx, init=folder is None)  # a checkpoint has its own weights
-    state = resume(learner, folder, ctx) if folder is not None else RunState()
+    with reporter.resume_dir() as folder:
+        learner = build_learner(job, ctx, init=folder is None)  # a checkpoint has its own weights
+        state = resume(learner, folder, ctx) if folder is not None else RunState()
     if ctx.rank == 0 and job.tensorboard_dir is not None:
         ctx.events = Events(job.tensorboard_dir)
     try:

@@ -134,3 +134,53 @@ def test_job_survives_pickling_with_its_config_dataclass() -> None:
     again = Job(**pickle.loads(dumps(dict(job.__dict__))))
     assert isinstance(again.config, StudentConfig) and again.config == cfg
     assert again.config.unlabel_ratio == cfg.unlabel_ratio and again == job
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_resume_checkpoint_is_read_in_place_or_from_a_copy_that_is_deleted(
+        where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """A restarted worker reads Ray Train's checkpoint where it is (local storage) or from a
+    temporary download (a bucket) that is gone after the block: nothing is left in the temporary
+    folder, where a copy per worker start would pile up."""
+    import tempfile
+
+    import ray.train
+
+    from pipeline.fs import S3Path, arrow_fs
+    from pipeline.runner import RayReporter
+
+    payload = b"state of epoch 3"
+    if where == "local":
+        folder = tmp_path / "checkpoint_000003"
+        folder.mkdir()
+        (folder / STATE_FILE).write_bytes(payload)
+        fs, path = arrow_fs(folder)
+    else:
+        bucket = request.getfixturevalue("s3").make_bucket("resume-tests")
+        folder = S3Path(f"s3://{bucket}/run/train/checkpoint_000003")
+        (folder / STATE_FILE).write_bytes(payload)
+        fs, path = arrow_fs(folder)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+
+    with RayReporter().resume_dir() as local:
+        assert local is not None and (Path(local) / STATE_FILE).read_bytes() == payload
+        if where == "local":
+            assert Path(local) == folder  # no copy
+    assert list(scratch.iterdir()) == []
+    if where == "local":
+        assert (folder / STATE_FILE).read_bytes() == payload  # the checkpoint itself is kept
+
+
+def test_no_checkpoint_to_resume_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.train
+
+    from pipeline.runner import RayReporter
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    with RayReporter().resume_dir() as local:
+        assert local is None

@@ -118,7 +118,8 @@ def test_resume_restores_model_ema_and_optimizer_exactly(digits_info: DatasetInf
     assert len(sums) == 5 and sums[2] == 2 * job.config.batch_size and lr > 0
     checkpoint_and_report(rep, ctx, {"phase": "train"}, learner, state)
     again = build_learner(job, ctx)
-    restored = resume(again, rep.resume_dir(), ctx)
+    with rep.resume_dir() as folder:
+        restored = resume(again, folder, ctx)
     assert restored.epoch == 1 and restored.resumed_from == [{"phase": "train", "epoch": 1}]
     assert again.ema is not None and learner.ema is not None
     assert again.ema.updates == learner.ema.updates == 2
