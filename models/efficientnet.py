@@ -170,6 +170,12 @@ def create_model(
     if same_padding:
         _use_same_padding(model)
     _set_drop_path(model, drop_path)
+    # torchvision builds every SiLU in place. SiLU's backward needs its input, so under autograd
+    # an in-place SiLU first copies that input (a whole activation map, each step); out of place
+    # gives the same values, keeps the same tensors alive and copies nothing.
+    for m in model.modules():
+        if isinstance(m, nn.SiLU):
+            m.inplace = False
     model.spec = spec
     return model
 

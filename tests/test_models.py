@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -269,3 +271,27 @@ def test_same_padding_pads_strided_convs_as_tensorflow() -> None:
         y = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             assert torch.equal(clone.eval()(y), model(y))
+
+
+def test_training_step_copies_no_activation_and_matches_in_place_silu() -> None:
+    """create_model turns torchvision's in-place SiLUs out of place: under autograd an in-place
+    SiLU copies its input first (its backward needs it). The gradients stay bit-identical to the
+    in-place model's, so a seeded run keeps its numbers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    ours = create_model("efficientnet_t1", 10, dropout=0.0, drop_path=0.0)
+    torchvision_way = copy.deepcopy(ours)
+    for m in torchvision_way.modules():
+        if isinstance(m, nn.SiLU):
+            m.inplace = True
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    clones = {}
+    for name, model in (("ours", ours), ("in place", torchvision_way)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            nn.functional.cross_entropy(model(x), y).backward()
+        clones[name] = sum(e.count for e in prof.key_averages() if e.key == "aten::clone")
+    assert clones["ours"] == 0 and clones["in place"] > 0
+    for a, b in zip(ours.parameters(), torchvision_way.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
