@@ -3,16 +3,21 @@
     prepare -> teacher (round 0) -> student round 1 -> student round 2 -> report
 
 Each step is the same command a user would run (jobs/prepare.py, teacher.py, student.py,
-report.py) in a subprocess, so the demo exercises exactly what the README shows. Steps already
-complete are skipped, so running it again after an interruption continues where it stopped.
+report.py) in a subprocess, so the demo exercises exactly what the README shows. The steps share
+one local Ray, as a user's jobs share the cluster of `ray start` (RAY_ADDRESS); with RAY_ADDRESS
+already set they join that cluster instead. Steps already complete are skipped, so running it
+again after an interruption continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +33,30 @@ PY = sys.executable
 LABELED_FRACTION = 0.05
 
 
-def step(title: str, args: list[str]) -> None:
+def step(title: str, args: list[str], env: dict[str, str] | None = None) -> None:
     print(f"\n=== {title}: python {' '.join(args)}", flush=True)
     t0 = time.time()
-    proc = subprocess.run([PY, *args], cwd=ROOT)
+    proc = subprocess.run([PY, *args], cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"demo: {title} failed (exit {proc.returncode}); fix the error above "
                          "and run `make demo` again to continue")
     print(f"=== {title}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+@contextmanager
+def shared_ray() -> Iterator[dict[str, str]]:
+    """The environment for the steps: RAY_ADDRESS of a local Ray started here for all of them
+    (stopped at the end), or of the cluster already named. Starting and stopping a Ray of its
+    own in each job costs seconds of a small machine's CPU each time."""
+    import ray
+
+    from pipeline.runner import ray_session
+
+    with ray_session() as started:
+        env = dict(os.environ)
+        if started:
+            env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        yield env
 
 
 def summary_table(root: Path, run: str) -> str:
@@ -119,15 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     layout = RunLayout(root, args.run)
     common = ["--run", args.run, "--root", str(root), "--preset", "demo", "--seed",
               str(args.seed)]
-    if _complete(load_round(layout, 0)):
-        print("=== teacher: round 0 is complete, skipping")
-    else:
-        step("teacher", ["jobs/teacher.py", *common, "--data", str(data)])
-    for n in range(1, args.rounds + 1):
+    todo: list[tuple[str, list[str]]] = []
+    for n in range(args.rounds + 1):
+        title = "teacher" if n == 0 else f"student round {n}"
         if _complete(load_round(layout, n)):
-            print(f"=== student round {n}: complete, skipping")
-            continue
-        step(f"student round {n}", ["jobs/student.py", *common, "--round", str(n)])
+            print(f"=== {title}: round {n} is complete, skipping")
+        elif n == 0:
+            todo.append((title, ["jobs/teacher.py", *common, "--data", str(data)]))
+        else:
+            todo.append((title, ["jobs/student.py", *common, "--round", str(n)]))
+    if todo:
+        with shared_ray() as env:
+            for title, cmd in todo:
+                step(title, cmd, env)
     step("report", ["jobs/report.py", "--run", args.run, "--root", str(root)])
     print(f"\nNoisy Student on digits ({time.time() - t0:.0f}s in all):\n")
     print(summary_table(root, args.run))
