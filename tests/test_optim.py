@@ -89,3 +89,31 @@ def test_rmsprop_is_tensorflows_update() -> None:
     torch_w.grad = torch.full_like(torch_w, g)
     torch.optim.RMSprop([torch_w], lr=lr, alpha=rho, momentum=mom, eps=eps).step()
     assert float(torch_w.detach()) < -9e-3  # the step the official code never takes
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_multi_tensor_updates_equal_the_per_parameter_loop(name: str, cls: type) -> None:
+    """make_optimizer asks for the foreach (multi-tensor) update, which PyTorch does not choose
+    on a CPU by itself; it must train exactly as the per-parameter loop does."""
+    import copy
+
+    from models import create_model
+
+    torch.manual_seed(0)
+    base = create_model("efficientnet_t0", 10)
+    ours, loop = copy.deepcopy(base), copy.deepcopy(base)
+    opt = make_optimizer(ours.parameters(), name, 3e-3, 0.05)
+    assert opt.defaults["foreach"] is True
+    kw = {"momentum": 0.9, "nesterov": True} if name == "sgd" else {}
+    ref = cls(loop.parameters(), lr=3e-3, weight_decay=0.05, foreach=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        for model, o in ((ours, opt), (loop, ref)):
+            torch.manual_seed(2)  # the same dropout draws in both
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+    a, b = ours.state_dict(), loop.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["classifier.1.weight"], base.state_dict()["classifier.1.weight"])
