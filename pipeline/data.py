@@ -352,6 +352,20 @@ def make_loader(dataset: IterableDataset, batch_size: int, loader_workers: int) 
     return DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers, **kwargs)
 
 
+def release_loader_files() -> None:
+    """Remove the folder of this process's loader forkserver socket (``/tmp/pymp-*``).
+
+    multiprocessing removes it in an exit hook, but Ray ends a finished training worker without
+    running exit hooks, which left one such folder in the temp directory per round and worker.
+    Call it only when this process will start no more loaders (its forkserver keeps running
+    until the process ends, and a new loader would look for the socket here).
+    """
+    import multiprocessing.util
+    import shutil
+
+    shutil.rmtree(multiprocessing.util.get_temp_dir(), ignore_errors=True)
+
+
 def steps_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
     """Steps for every rank to see the split about once per epoch together (at least 1)."""
     return max(1, math.ceil(samples / (batch_size * world_size)))

@@ -164,6 +164,8 @@ def _ray_entry(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipeline.data import release_loader_files
+
     # Ray Train logs every report and checkpoint at INFO; our own epoch lines say it better.
     # (Some of its loggers are named by file path, hence the search.)
     for name in ["ray.train", *logging.root.manager.loggerDict]:
@@ -175,7 +177,10 @@ def _ray_entry(config: dict[str, Any]) -> None:
                          device=ray.train.torch.get_device())
     # The fields as fit() passed them: Job.config is still the frozen config dataclass (Ray
     # pickles train_loop_config whole; it does not turn values into dicts).
-    train_worker(Job(**config), wctx, RayReporter())
+    try:
+        train_worker(Job(**config), wctx, RayReporter())
+    finally:  # Ray ends this process without its exit hooks
+        release_loader_files()
 
 
 def has_checkpoint(storage: Path | S3Path) -> bool:

@@ -266,3 +266,38 @@ def test_loader_workers_fork_with_the_pipeline_already_imported(how: str, seen: 
     assert out.returncode == 0, out.stderr
     flags = json.loads(out.stdout.strip().splitlines()[-1])
     assert flags == [seen] * len(flags) and len(flags) == 3
+
+
+_EXIT_PROBE = """
+import json, multiprocessing.util, os, sys
+from pipeline.data import make_loader, release_loader_files
+from tests.loader_probe import ModulesSeen
+next(iter(make_loader(ModulesSeen([]), 1, 1)))  # starts this process's forkserver
+folder = multiprocessing.util.get_temp_dir()
+if sys.argv[1] == "release":
+    release_loader_files()
+print(json.dumps(folder), flush=True)
+os._exit(0)  # as Ray ends a finished worker: no exit hooks
+"""
+
+
+@pytest.mark.parametrize(("how", "left"), [("release", False), ("plain", True)])
+def test_loader_socket_folder_is_removed_when_exit_hooks_do_not_run(how: str, left: bool) -> None:
+    """A Ray training worker ends without exit hooks, so multiprocessing never removed the
+    folder of its loaders' forkserver socket: one /tmp/pymp-* per round. The Ray entry point
+    calls release_loader_files, which removes it; without it (the control) it stays."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, how], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    folder = Path(json.loads(out.stdout.strip().splitlines()[-1]))
+    try:
+        assert folder.name.startswith("pymp-")
+        assert folder.exists() is left
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
