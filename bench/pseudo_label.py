@@ -7,7 +7,9 @@
 
 (a) Throughput: images/s of ``label_shards`` (read tar -> decode -> teacher -> Parquet, through
     Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
-    batch size and thread count as the actor, measured in the same run (just before and just
+    batch size and thread count as the actor, in a Ray actor with the same worker environment
+    (``pipeline.runner.worker_env``, whose allocator settings more than double a CPU forward
+    pass; the report also prints the forward pass in the driver without them), measured in the same run (just before and just
     after each stage run, averaged: the speed of a shared machine drifts over minutes).
     Reported end to end (the call's wall time: actor start-up included) and steady state (from
     the first finished shard to the last), at 1x, 10x and 40x the digits, and the fixed cost
@@ -201,6 +203,30 @@ def forward_rate(model: torch.nn.Module, images: torch.Tensor, batch_size: int, 
     return rate
 
 
+def actor_forward_rate(model_path: Path, sha: str, images: torch.Tensor, batch_size: int,
+                       threads: int, seconds: float, device: str = "cpu") -> float:
+    """:func:`forward_rate` in a Ray actor, a process like the teacher actor's: the same Ray
+    worker environment (``pipeline.runner.worker_env``: glibc's allocator keeps freed memory,
+    without which a forward pass on a CPU spends much of its time in page faults) and the same
+    model file. Ended after the measurement, so that it holds no CPU, GPU or memory while the
+    stage runs."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Forward:
+        def rate(self, images: torch.Tensor) -> float:
+            from pipeline.checkpoint import load_model
+
+            model, _ = load_model(model_path, sha)
+            return forward_rate(model.eval(), images, batch_size, threads, seconds, device)
+
+    actor = Forward.options(num_gpus=1 if device == "cuda" else 0).remote()
+    try:
+        return ray.get(actor.rate.remote(ray.put(images)))
+    finally:
+        ray.kill(actor)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -269,20 +295,28 @@ def main(argv: list[str] | None = None) -> int:
                             cpus_per_actor=1, gpus_per_actor=1.0 if args.device == "cuda" else 0.0)
     threads = int(cfg.cpus_per_actor)
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    from pipeline.runner import worker_env
+
+    # The workers' environment of a job (pipeline.runner.ray_session), allocator settings included.
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": worker_env()})
     try:
         idle_driver, idle_tree = MemorySampler().sample()
+        # For comparison only: the same forward pass in this process, which has glibc's
+        # default allocator settings.
+        plain_fwd = forward_rate(model, images, args.batch_size, threads, args.forward_seconds,
+                                 args.device)
         # Throughput without the sampler (reading smaps costs CPU), then memory with it. The
         # forward pass is timed before and after every run: this machine's speed drifts by up
         # to 30% over minutes, so each run is compared with the forward rate of its own time.
         corpora = {"1x": one, f"{args.repeat}x": big, f"{args.throughput_repeat}x": huge}
-        fwd = [forward_rate(model, images, args.batch_size, threads, args.forward_seconds,
-                            args.device)]
+        fwd_args = (model_path, sha, images, args.batch_size, threads, args.forward_seconds,
+                    args.device)
+        fwd = [actor_forward_rate(*fwd_args)]
         runs = []
         for name, shards in corpora.items():
             runs.append(stage_run(name, model_path, sha, shards, work / "out", cfg))
-            fwd.append(forward_rate(model, images, args.batch_size, threads,
-                                    args.forward_seconds, args.device))
+            fwd.append(actor_forward_rate(*fwd_args))
             runs[-1]["forward"] = (fwd[-2] + fwd[-1]) / 2
         for r in runs:
             m = stage_run(r["name"], model_path, sha, corpora[r["name"]], work / "out", cfg,
@@ -292,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    report(args, fwd, runs, idle_driver, idle_tree)
+    report(args, fwd, runs, idle_driver, idle_tree, plain_fwd)
     if args.json is not None:
         from bench.results import merge
 
@@ -310,11 +344,15 @@ def figures(runs: list[dict], repeat: int) -> dict[str, float]:
 
 
 def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_driver: int,
-           idle_tree: int) -> None:
+           idle_tree: int, plain_fwd: float) -> None:
     print(f"\npseudo-label benchmark: {MODEL}, 32 px, batch {args.batch_size}, 1 actor x 1 CPU, "
           f"Ray with {args.num_cpus} CPUs")
-    print("  teacher forward only (decoded tensors, 1 thread), before and after each run: "
+    print("  teacher forward only (decoded tensors, 1 thread, in a Ray actor with the workers' "
+          "environment), before and after each run: "
           + ", ".join(f"{f:,.0f}" for f in fwd) + " images/s")
+    print(f"  the same forward pass in the driver, glibc's default allocator settings: "
+          f"{plain_fwd:,.0f} images/s (the actor's before the first run: {fwd[0] / plain_fwd:.2f}"
+          " times that)")
     for r in runs:
         r["startup"] = r["wall"] - r["rows"] / r["steady_rate"]
         print(f"  stage {r['name']:>4}: {r['rows']:>6} images in {r['wall']:6.1f} s | end to end "

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PseudoLabelConfig(label_batch_size=args.batch_size, label_actors=1,
                                 cpus_per_actor=1)
         # Started after the AWS variables are set: the workers inherit them.
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+        from pipeline.runner import worker_env
+
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": worker_env()})  # as a job's workers have it
         try:
             for repeat in args.repeats:
                 results[repeat] = {"local": [], "s3": []}

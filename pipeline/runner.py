@@ -70,6 +70,38 @@ def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
 
 
+# glibc's malloc gives every large freed block back to the kernel (mmap'd blocks at once, the
+# heap's top past a threshold), so the next batch's activations of the same size are faulted in
+# again page by page: tens of thousands of page faults per forward pass of a batch. Keeping
+# freed memory in the process (one arena, so that the training thread Ray Train runs our loop
+# in uses the main heap too) removes them; the arithmetic is the same, so are the results
+# (docs/ray_notes.md has the measurements). glibc reads these when a process starts, hence
+# environment variables for the workers; other allocators ignore them.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30),
+              "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of this job's Ray workers: the allocator settings of MALLOC_ENV (a value
+    set in this environment wins) and where the object store is. Variables that the job's own
+    runtime environment (``ray job submit --runtime-env-json``) already sets are left out: they
+    reach the workers anyway, and Ray refuses a driver's runtime environment naming them again."""
+    env = {**{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}, **storage_env()}
+    return {k: v for k, v in env.items() if k not in _job_env_vars()}
+
+
+def _job_env_vars() -> set[str]:
+    import json
+
+    text = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray for a submitted job
+    if not text:
+        return set()
+    try:
+        return set((json.loads(text).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
 @contextmanager
 def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterator[bool]:
     """Join the cluster named by RAY_ADDRESS (set for ``ray job submit`` drivers; set it to
@@ -84,8 +116,7 @@ def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterat
         yield False
         return
     started = not os.environ.get("RAY_ADDRESS")
-    env = storage_env()
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env = {"env_vars": worker_env()}
     with quiet_ray(verbose):
         if started:
             # The dashboard serves the state API, which Ray Train's placement-group cleaner
