@@ -9,8 +9,9 @@
     Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
     batch size and thread count as the actor, in a Ray actor with the same worker environment
     (``pipeline.runner.worker_env``, whose allocator settings more than double a CPU forward
-    pass; the report also prints the forward pass in the driver without them), measured in the same run (just before and just
-    after each stage run, averaged: the speed of a shared machine drifts over minutes).
+    pass; the report also prints the forward pass in the driver without them), measured in the
+    same run (just before and just after each stage run, averaged: the speed of a shared
+    machine drifts over minutes).
     Reported end to end (the call's wall time: actor start-up included) and steady state (from
     the first finished shard to the last), at 1x, 10x and 40x the digits, and the fixed cost
     (wall time minus images / steady rate: Ray Data start-up, the actor's process start and

@@ -244,3 +244,24 @@ def test_workers_with_worker_env_do_not_fault_their_memory_in_again(ray_address:
         runtime_env={"env_vars": {"NS_TEST_PLAIN_WORKER": "1"}}).remote())
     assert default > 10_000, default
     assert tuned < 1_000, tuned
+
+
+def test_ray_session_gives_the_jobs_workers_worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings reach a job's workers through the runtime environment of ray.init, in a
+    cluster it starts and in one it joins."""
+    import ray
+
+    from pipeline.runner import ray_session
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    for address in (None, "auto"):
+        if address is None:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", address)
+        with ray_session(num_cpus=2):
+            pass
+    assert [c["runtime_env"] for c in calls] == [{"env_vars": worker_env()}] * 2
