@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=PseudoLabelConfig().label_batch_size,
+                   help="the teacher's batch (default: the jobs' default, "
+                        f"{PseudoLabelConfig().label_batch_size})")
     p.add_argument("--repeat", type=int, default=10,
                    help="size of the middle corpus, x digits (default 10)")
     p.add_argument("--throughput-repeat", type=int, default=40,
