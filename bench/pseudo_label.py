@@ -16,7 +16,7 @@
     the first finished shard to the last), at 1x, 10x and 40x the digits, and the fixed cost
     (wall time minus images / steady rate: Ray Data start-up, the actor's process start and
     model load). The readers decode ahead of the teacher within an object-store budget of 16
-    batches here (~4,000 images), so at 1x they finish before the teacher starts; 40x (~43,000
+    batches here (~8,000 images at batch 512), so at 1x they finish before the teacher starts; 40x (~43,000
     images) is dominated by the rate the whole pipeline sustains.
 (b) Memory: peak proportional set size (PSS: shared pages such as the object store counted once)
     of the driver and of the whole Ray process tree, sampled every 0.5 s, while labeling the
