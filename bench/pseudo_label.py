@@ -16,8 +16,8 @@
     the first finished shard to the last), at 1x, 10x and 40x the digits, and the fixed cost
     (wall time minus images / steady rate: Ray Data start-up, the actor's process start and
     model load). The readers decode ahead of the teacher within an object-store budget of 16
-    batches here (~8,000 images at batch 512), so at 1x they finish before the teacher starts; 40x (~43,000
-    images) is dominated by the rate the whole pipeline sustains.
+    batches here (~8,000 images at batch 512), so at 1x they finish before the teacher starts;
+    40x (~43,000 images) is dominated by the rate the whole pipeline sustains.
 (b) Memory: peak proportional set size (PSS: shared pages such as the object store counted once)
     of the driver and of the whole Ray process tree, sampled every 0.5 s, while labeling the
     digits unlabeled split (1x) and the same images repeated with new keys into 10x and 40x as
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
-    p.add_argument("--batch-size", type=int, default=PseudoLabelConfig().label_batch_size,
-                   help="the teacher's batch (default: the jobs' default, "
-                        f"{PseudoLabelConfig().label_batch_size})")
+    jobs_batch = PseudoLabelConfig().label_batch_size
+    p.add_argument("--batch-size", type=int, default=jobs_batch,
+                   help=f"the teacher's batch (default: the jobs' default, {jobs_batch})")
     p.add_argument("--repeat", type=int, default=10,
                    help="size of the middle corpus, x digits (default 10)")
     p.add_argument("--throughput-repeat", type=int, default=40,
