@@ -118,14 +118,18 @@ def fixres_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="where data/, manifests/, artifacts/ go")
     ap.add_argument("--run", default="demo", help="run name")
     ap.add_argument("--rounds", type=int, default=2, help="student rounds after the teacher")
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     root = Path(args.root).resolve()
     data = root / "data" / "digits-5pct"  # named by its split: not mistaken for a 10% one
     t0 = time.time()

@@ -383,7 +383,9 @@ def field_names(cls: type[TrainConfig]) -> list[str]:
 def _check_unknown(cls: type[TrainConfig], args: Sequence[str]) -> None:
     """tyro rejects unknown flags too; this says which ones exist in one line."""
     allowed = {f"--{n.replace('_', '-')}" for n in field_names(cls)}
-    allowed |= {f"--no-{n.replace('_', '-')}" for n in field_names(cls)}
+    # tyro negates plain booleans only (``bool | None`` takes a value: --use-gpu False).
+    allowed |= {f"--no-{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
+                if f.type in (bool, "bool")}
     allowed |= {"--help", "-h", "--preset"}
     for a in args:
         flag = a.split("=", 1)[0]

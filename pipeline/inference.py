@@ -325,7 +325,7 @@ def check_resources(cfg: PseudoLabelConfig, cluster: dict[str, float]) -> float:
         raise InferenceError(
             f"{cfg.label_actors} teacher actors x {cfg.cpus_per_actor:g} CPUs leave less than one of "
             f"the cluster's {cluster.get('CPU', 0):g} CPUs to read and decode shards; lower "
-            "--num-actors or --cpus-per-actor")
+            "--label-actors or --cpus-per-actor")
     return gpus
 
 

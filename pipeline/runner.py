@@ -144,7 +144,7 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool | No
         use_gpu = gpus >= 1
     if use_gpu and gpus < num_workers:
         raise RunError(f"{num_workers} worker(s) need {num_workers} GPU(s) but the cluster has "
-                       f"{gpus:g}; lower --num-workers or pass --no-use-gpu")
+                       f"{gpus:g}; lower --num-workers or pass --use-gpu False")
     need = num_workers * cpus_per_worker
     if need > cpus:
         raise RunError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPU need {need:g} CPUs but "

@@ -60,6 +60,16 @@ def test_unknown_options_list_what_is_allowed() -> None:
         parse_config(TrainConfig, "teacher", ["--learning-rate", "0.1"])
 
 
+def test_only_plain_booleans_have_a_no_flag() -> None:
+    """tyro negates ``bool`` fields; ``bool | None`` ones take a value. Our one-line check must
+    agree, or ``--no-use-gpu`` would pass it and end in tyro's usage box instead."""
+    cfg = parse_config(StudentConfig, "student", ["--run", "r", "--no-soft-labels",
+                                                  "--use-gpu", "False"])
+    assert cfg.soft_labels is False and cfg.use_gpu is False
+    with pytest.raises(ConfigError, match="unknown option --no-use-gpu; allowed:"):
+        parse_config(StudentConfig, "student", ["--run", "r", "--no-use-gpu"])
+
+
 @pytest.mark.parametrize("cls, values, message", [
     (TrainConfig, {"run": ""}, "--run is required"),
     (TrainConfig, {"run": "a b"}, "letters, digits"),

@@ -1,0 +1,110 @@
+"""Every ``--flag`` that an error message, a help text or the docs tell a user to type exists.
+
+A message that names a flag the jobs do not have sends the user to a second error; these tests
+collect the options of every job (and of the bench scripts, for the docs) and check every flag
+written in the code's string literals, the README and docs/ against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?![\w-])")
+
+# Flags of other programs that the code and docs quote: ray (job submit, start), git, pip,
+# pytest-xdist, sort, tensorboard.
+FOREIGN = {"--address", "--working-dir", "--runtime-env", "--runtime-env-json", "--no-wait",
+           "--head", "--port", "--porcelain", "--untracked-files", "--quiet", "--upgrade",
+           "--dist", "--sort", "--logdir"}
+
+
+def _parser_flags(parser: argparse.ArgumentParser) -> set[str]:
+    flags: set[str] = set()
+    for action in parser._actions:
+        flags.update(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _parser_flags(sub)
+    return flags
+
+
+def job_flags() -> set[str]:
+    """The options of jobs/teacher.py, student.py, pseudo_label.py, report.py, prepare.py and
+    demo.py, plus what parse_config adds (--preset) and every parser has (--help)."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    import demo
+    import prepare
+    from pseudo_label import PseudoLabelJob
+    from report import ReportConfig
+
+    from pipeline.config import StudentConfig, TrainConfig
+
+    flags = {"--help", "--preset"}
+    for cls in (TrainConfig, StudentConfig, PseudoLabelJob, ReportConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            flags.add(flag)
+            if f.type in (bool, "bool"):  # tyro's negation of a boolean
+                flags.add("--no-" + flag[2:])
+    return flags | _parser_flags(prepare.build_parser()) | _parser_flags(demo.build_parser())
+
+
+def bench_flags() -> set[str]:
+    """Options the bench scripts define (they build their parsers inside main)."""
+    pattern = re.compile(r"add_argument\(\s*\"(--[a-z0-9-]+)\"")
+    return {m for p in (REPO / "bench").glob("*.py") for m in pattern.findall(p.read_text())}
+
+
+def code_flags() -> dict[str, list[str]]:
+    """Flags in the string literals of pipeline/, models/ and jobs/ (messages, help, docstrings)."""
+    found: dict[str, list[str]] = {}
+    for folder in ("pipeline", "models", "jobs"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    for flag in FLAG.findall(node.value):
+                        found.setdefault(flag, []).append(
+                            f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def doc_flags() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            for flag in FLAG.findall(line):
+                found.setdefault(flag, []).append(f"{path.relative_to(REPO)}:{i}")
+    return found
+
+
+def test_the_flag_pattern_finds_flags_and_skips_what_is_not_one() -> None:
+    text = ('lower --label-actors or --cpus-per-actor; "--no-{name}"; official --train_ratio=2; '
+            "x--y; --lr 0.1 and --k.")
+    assert FLAG.findall(text) == ["--label-actors", "--cpus-per-actor", "--lr", "--k"]
+
+
+def test_job_flags_are_collected_from_every_job() -> None:
+    flags = job_flags()
+    # One of each source: a TrainConfig field, a tyro negation, the pseudo-label job's own
+    # field, the report's, prepare's subcommands, the demo's parser.
+    assert {"--epochs", "--no-soft-labels", "--num-cpus", "--format", "--labeled-fraction",
+            "--classes", "--rounds"} <= flags
+    assert "--num-actors" not in flags
+
+
+def test_every_flag_the_code_names_exists() -> None:
+    known = job_flags() | FOREIGN
+    unknown = {f: where for f, where in code_flags().items() if f not in known}
+    assert not unknown, f"flags named in the code that no job has: {unknown}"
+
+
+def test_every_flag_the_docs_name_exists() -> None:
+    known = job_flags() | bench_flags() | FOREIGN
+    unknown = {f: where for f, where in doc_flags().items() if f not in known}
+    assert not unknown, f"flags named in README.md or docs/ that nothing has: {unknown}"
