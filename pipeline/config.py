@@ -137,7 +137,8 @@ class TrainConfig:
     """Evaluation, FixRes fine-tune and pseudo-labeling size in pixels; default: the model's own."""
     finetune_epochs: float | None = None
     """FixRes: epochs of fine-tuning at the test resolution on un-augmented labeled data; 0 = off.
-    Default for the teacher: 1.5 when it trains below its test resolution, else off."""
+    Default for the teacher: 1.5 when it trains at another resolution than its test one, else
+    off."""
     finetune_lr_scale: float = 0.1
     """FixRes fine-tune learning rate as a fraction of the peak learning rate."""
     finetune_freeze: float = 0.5
@@ -264,7 +265,8 @@ class TrainConfig:
     def with_model_defaults(self: C) -> C:
         """The config with the model-dependent FixRes values filled in: both resolutions from
         the registry (unless set) and, when unset, the fine-tune's length: 1.5 epochs (the paper,
-        Section 3.1) when the model trains below its test resolution, else none."""
+        Section 3.1) when the model trains at another resolution than its test one (either way:
+        BatchNorm statistics and apparent object sizes differ both ways), else none."""
         from models import get_model_spec
 
         spec = get_model_spec(self.model)

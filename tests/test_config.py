@@ -101,6 +101,10 @@ def test_resolutions_and_the_teacher_fine_tune_follow_the_model() -> None:
     lower = TrainConfig(run="r", data="d", model="efficientnet_b0",
                         train_resolution=192).with_model_defaults()
     assert (lower.train_resolution, lower.test_resolution, lower.finetune_epochs) == (192, 224, 1.5)
+    higher = TrainConfig(run="r", data="d", model="efficientnet_b0",
+                         train_resolution=256).with_model_defaults()
+    assert (higher.train_resolution, higher.test_resolution, higher.finetune_epochs) == (256, 224,
+                                                                                         1.5)
     student = StudentConfig(run="r", data="d", model="efficientnet_b0").with_model_defaults()
     assert student.finetune_epochs == 1.5 and student.finetune_norm == "auto"
     off = TrainConfig(run="r", data="d", model="efficientnet_l2",
