@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
 
 def existing_round(layout: RunLayout, job: PseudoLabelJob) -> RoundRecord | None:
     """Round N's record when it exists; a complete one is refused (its student was trained on
-    these files: changing them now would make the record lie)."""
+    these files: changing them now would make the record lie), and so is another selection
+    once its student has started training."""
     from pipeline.manifest import ManifestError, load_round
+    from pipeline.rounds import check_selection_in_use
 
     existing = load_round(layout, job.round)
     if existing is not None and existing.status == "complete":
@@ -66,6 +68,8 @@ def existing_round(layout: RunLayout, job: PseudoLabelJob) -> RoundRecord | None
             f"round {job.round} of run {job.run!r} is complete and its student was trained on "
             f"these pseudo-labels; to label or select again, rerun the round with `python "
             f"jobs/student.py --run {job.run} --round {job.round} --force`")
+    if existing is not None:
+        check_selection_in_use(existing, job.label_settings())
     return existing
 
 

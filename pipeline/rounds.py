@@ -219,6 +219,8 @@ def plan_round(cfg: TrainConfig) -> Plan:
             f"run {cfg.run!r} already has a complete round {round_} "
             f"({layout.manifest_path(round_)}); pass --force to train it again or choose "
             "another --run")
+    if existing is not None and not cfg.force and isinstance(cfg, StudentConfig):
+        check_selection_in_use(existing, cfg.label_settings())
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
                 existing=None if cfg.force else existing, init=_init_plan(cfg, info))
 
@@ -360,6 +362,7 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
         rec.add_event("resume", stage="select", previous=select.status)  # rewritten are kept
     if select is not None and select.status == "complete" and _selection_changed(select.info,
                                                                                  cfg):
+        check_selection_in_use(rec, cfg)  # the callers check first; this guards the lock's wait
         progress("select: --threshold, --k or --seed differ from the completed selection; "
                  "selecting again")
         rec.add_event("reselect", previous={k: select.info.get(k)
@@ -427,6 +430,24 @@ def _label_events(layout: RunLayout, rec: RoundRecord, out_dir: Path) -> None:
                        "pseudo/confidence_mean": conf["mean"],
                        "pseudo/confidence_median": conf["median"]})
     events.close()
+
+
+def check_selection_in_use(rec: RoundRecord, cfg: PseudoLabelConfig) -> None:
+    """Refuse another --threshold, --k or --seed once the round's student has started training
+    on the completed selection: its checkpoint would resume on other pseudo-labels, and the
+    model would have learned from two selections while the manifest records the second."""
+    select = rec.stage("select")
+    if select is None or select.status != "complete" or rec.stage("train") is None:
+        return
+    if not _selection_changed(select.info, cfg):
+        return
+    done = select.info
+    used = f"--threshold {done.get('threshold')} --seed {done.get('seed')}" + (
+        f" --k {done['k_requested']}" if done.get("k_requested") is not None else "")
+    raise RunError(
+        f"round {rec.round} of run {rec.run!r}: its student has started training on the "
+        f"selection made with {used}; run again with those values, or redo the round with "
+        f"`python jobs/student.py --run {rec.run} --round {rec.round} --force`")
 
 
 def _selection_changed(done: dict[str, Any], cfg: PseudoLabelConfig) -> bool:

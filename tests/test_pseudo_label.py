@@ -74,6 +74,26 @@ def test_job_user_errors_are_one_line_and_exit_2(tmp_path: Path, digits_dir: Pat
     assert changed.returncode == 2 and "sha256 mismatch" in err and "Traceback" not in err
 
 
+def test_job_refuses_another_selection_once_the_student_trains(tmp_path: Path, digits_dir: Path,
+                                                                teacher_model: Path) -> None:
+    from pipeline.manifest import save_round
+    from tests.builders import new_round1
+
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    layout = RunLayout(tmp_path, "r")
+    rec = new_round1(tmp_path, "r")
+    rec.set_stage("select", "complete", threshold=0.3, k_requested=None, seed=0)
+    rec.set_stage("train", "running")
+    manifest = save_round(layout, rec)
+    before = manifest.read_bytes()
+    job = run_job(["--run", "r", "--round", "1", "--root", str(tmp_path), "--threshold", "0.7"])
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 2, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "started training on the selection made with --threshold 0.3 --seed 0" in err
+    assert manifest.read_bytes() == before and not layout.pseudo_dir(1).exists()
+
+
 @pytest.fixture(scope="module")
 def damaged_dir(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
     """A copy of digits where one image does not decode and one shard is cut in half."""

@@ -190,3 +190,36 @@ def test_student_defaults_follow_the_official_size_table(tmp_path: Path, digits_
     teacher = plan_round(TrainConfig(run="t", root=str(tmp_path), data=str(digits_dir),
                                      model="efficientnet_b0"))
     assert (teacher.cfg.epochs, teacher.cfg.decay_epochs) == (350, 2.4)
+
+
+def test_another_selection_is_refused_once_the_student_trains_on_this_one(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path) -> None:
+    """Before training, another --threshold/--k/--seed just selects again (cheap); after the
+    train stage has started, a resume would continue a checkpoint trained on the old selection,
+    so it is refused with the values to use."""
+    from pipeline.rounds import check_selection_in_use
+    from pipeline.runner import RunError
+
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    rec = new_round1(tmp_path, "r")
+    rec.set_stage("select", "complete", threshold=0.3, k_requested=None, seed=0)
+    check_selection_in_use(rec, PseudoLabelConfig(threshold=0.9))  # not training yet: allowed
+    rec.set_stage("train", "failed")
+    check_selection_in_use(rec, PseudoLabelConfig())  # the same values: allowed
+    for changed in ({"threshold": 0.9}, {"k": 50}, {"seed": 1}):
+        with pytest.raises(RunError, match=r"^round 1 of run 'r': its student has started "
+                                           r"training on the selection made with --threshold "
+                                           r"0\.3 --seed 0; run again with those values, or .*"
+                                           r"--round 1 --force`$"):
+            check_selection_in_use(rec, PseudoLabelConfig(**changed))
+    # jobs/student.py checks it while planning, before anything is written or started
+    from pipeline.config import StudentConfig
+    from pipeline.manifest import save_round
+    from pipeline.rounds import plan_round
+
+    manifest = save_round(RunLayout(tmp_path, "r"), rec)
+    before = manifest.read_bytes()
+    with pytest.raises(RunError, match="started training on the selection"):
+        plan_round(StudentConfig(run="r", root=str(tmp_path), round=1, threshold=0.9))
+    assert plan_round(StudentConfig(run="r", root=str(tmp_path), round=1)).existing is not None
+    assert manifest.read_bytes() == before
