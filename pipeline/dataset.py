@@ -117,9 +117,28 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DatasetError(f"{file} is not a valid dataset description ({e!r}); recreate it "
                            "with jobs/prepare.py") from None
+    _check_shard_lists(file, splits)
     truth = raw.get("unlabeled_truth")
     return DatasetInfo(path=path, name=raw.get("name", path.name), classes=classes,
                        splits=splits, unlabeled_truth=(path / truth) if truth else None)
+
+
+def _check_shard_lists(file: Path | S3Path, splits: dict[str, SplitInfo]) -> None:
+    """A shard listed twice in a split would be trained on (or labeled) twice while the stages
+    that key files by shard see it once; a test shard in another split puts test images into
+    training. Both are mistakes of a hand-edited dataset.json, refused before any stage runs."""
+    where: dict[str, str] = {}
+    for name, split in splits.items():
+        for shard in split.shards:
+            if shard in where:
+                if where[shard] == name:
+                    raise DatasetError(f"{file}: the {name} split lists shard {shard} twice; "
+                                       "remove the repeated entry")
+                if "test" in (name, where[shard]):
+                    raise DatasetError(f"{file}: shard {shard} is in both the {where[shard]} and "
+                                       f"the {name} split, so test images would be trained on; "
+                                       "list it in one of them")
+            where.setdefault(shard, name)
 
 
 def _under(folder: Path | S3Path, shard: str) -> Path | S3Path:

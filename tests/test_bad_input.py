@@ -185,6 +185,22 @@ def test_preflight_refuses_a_key_two_shards_share(tmp_path: Path, digits_dir: Pa
         preflight(info, limit=10_000, damage_limit=0.0)
 
 
+def test_jobs_refuse_a_shard_listed_twice_before_writing(tmp_path: Path, digits_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         no_ray: None) -> None:
+    """A hand-edited dataset.json listing an unlabeled shard twice: the stages that key files by
+    shard would see it once while training streamed it twice; refused when the dataset is read."""
+    def twice(doc: dict, _: Path) -> None:
+        doc["splits"]["unlabeled"]["shards"].append(doc["splits"]["unlabeled"]["shards"][0])
+
+    data = edited_dataset(digits_dir, tmp_path / "d", twice)
+    assert round_job("teacher", ["--run", "x", "--data", str(data), "--root",
+                                 str(tmp_path / "out"), *FAST]) == 2
+    line = one_line(capsys.readouterr().err, "teacher")
+    assert "the unlabeled split lists shard" in line and "twice; remove the repeated" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_teacher_job_refuses_repeated_test_keys_before_writing(tmp_path: Path,
                                                                digits_dir: Path) -> None:
     """The user's view, as a subprocess: one line, exit 2, no manifest."""

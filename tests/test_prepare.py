@@ -146,6 +146,24 @@ def test_load_dataset_errors(tmp_path: Path) -> None:
         load_dataset(tmp_path)
 
 
+def test_load_dataset_refuses_a_shard_listed_twice_or_shared_with_test(tmp_path: Path) -> None:
+    def write(splits: dict[str, list[str]]) -> None:
+        (tmp_path / "dataset.json").write_text(json.dumps({"classes": ["a"], "splits": {
+            name: {"shards": shards, "count": 1} for name, shards in splits.items()}}))
+
+    write({"labeled": ["l.tar"], "unlabeled": ["u0.tar", "u1.tar", "u0.tar"], "test": ["t.tar"]})
+    with pytest.raises(DatasetError, match=rf"the unlabeled split lists shard {tmp_path}/u0.tar "
+                                           r"twice; remove the repeated entry$"):
+        load_dataset(tmp_path)
+    write({"labeled": ["l.tar"], "unlabeled": ["u.tar", "./t.tar"], "test": ["t.tar"]})
+    with pytest.raises(DatasetError, match=r"shard .*/t.tar is in both the unlabeled and the test "
+                                           r"split, so test images would be trained on"):
+        load_dataset(tmp_path)
+    # the labeled images may be offered as unlabeled ones too: not a mistake
+    write({"labeled": ["l.tar"], "unlabeled": ["l.tar", "u.tar"], "test": ["t.tar"]})
+    assert load_dataset(tmp_path).split("unlabeled").shards[0] == str(tmp_path / "l.tar")
+
+
 def test_cli_help_runs() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), "--help"],
                          capture_output=True, text=True, check=True)
