@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from pipeline.lock import round_lock
         from pipeline.manifest import check_model_file, load_parent
-        from pipeline.rounds import run_label_stages
+        from pipeline.rounds import check_label_resources, run_label_stages
         from pipeline.runner import ray_session, resolve_root
 
         job = parse_args(argv)
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         check_model_file(parent)
         existing = existing_round(layout, job)
         with round_lock(layout, job.round), ray_session(job.num_cpus, verbose=job.verbose):
+            if existing is None or not existing.stage_complete("pseudo_label"):
+                check_label_resources(job.label_settings())
             rec = existing or new_record(layout, job, parent)
             rec = run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)
         summary(layout, rec)

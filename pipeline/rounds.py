@@ -38,6 +38,7 @@ from pipeline.manifest import (
     PseudoFile,
     PseudoLabels,
     RoundRecord,
+    check_model_file,
     load_parent,
     load_round,
     new_round,
@@ -221,6 +222,8 @@ def plan_round(cfg: TrainConfig) -> Plan:
             "another --run")
     if existing is not None and not cfg.force and isinstance(cfg, StudentConfig):
         check_selection_in_use(existing, cfg.label_settings())
+    if parent is not None:  # a changed teacher file is refused now, not after Ray's start-up
+        check_model_file(parent)
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
                 existing=None if cfg.force else existing, init=_init_plan(cfg, info))
 
@@ -287,6 +290,9 @@ def run_round(cfg: TrainConfig) -> RoundRecord:
     damage = preflight(p.info, cfg.preflight_limit, cfg.damage_limit)
     with ray_session(num_cpus=None, verbose=cfg.verbose):
         use_gpu = check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+        if isinstance(cfg, StudentConfig) and not (p.existing is not None and
+                                                   p.existing.stage_complete("pseudo_label")):
+            check_label_resources(cfg.label_settings())
         with round_lock(layout, p.round_):  # the last check; from here on the round writes
             return _run_locked(p, damage, use_gpu)
 
@@ -430,6 +436,16 @@ def _label_events(layout: RunLayout, rec: RoundRecord, out_dir: Path) -> None:
                        "pseudo/confidence_mean": conf["mean"],
                        "pseudo/confidence_median": conf["median"]})
     events.close()
+
+
+def check_label_resources(cfg: PseudoLabelConfig) -> None:
+    """The teacher actors fit the running cluster (one line if not), checked before the round
+    writes anything rather than when the label stage builds its dataset."""
+    import ray
+
+    from pipeline.inference import check_resources as check_actors
+
+    check_actors(cfg, ray.cluster_resources())
 
 
 def check_selection_in_use(rec: RoundRecord, cfg: PseudoLabelConfig) -> None:

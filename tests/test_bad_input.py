@@ -201,6 +201,42 @@ def test_jobs_refuse_a_shard_listed_twice_before_writing(tmp_path: Path, digits_
     assert not (tmp_path / "out").exists()
 
 
+def test_student_job_refuses_a_changed_teacher_file_before_ray_and_writing(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path,
+        capsys: pytest.CaptureFixture[str], no_ray: None) -> None:
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    model = tmp_path / "artifacts" / "r" / "round-0" / "model.pt"
+    assert model.is_file()
+    model.write_bytes(model.read_bytes()[:-10])  # truncated after round 0 recorded it
+    assert round_job("student", ["--run", "r", "--round", "1", "--root", str(tmp_path),
+                                 *FAST]) == 2
+    line = one_line(capsys.readouterr().err, "student")
+    assert f"model file {model} changed after round 0 recorded it" in line and "--force" in line
+    assert not (tmp_path / "manifests" / "r" / "round-1.json").exists()
+    assert not (tmp_path / "artifacts" / "r" / "round-1").exists()
+
+
+def test_student_job_refuses_too_many_teacher_actors_before_writing(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The actor check needs the cluster's resources: a 2-CPU cluster stands in for Ray."""
+    import contextlib
+
+    import ray
+
+    import pipeline.rounds
+
+    monkeypatch.setattr(pipeline.rounds, "ray_session", lambda **_: contextlib.nullcontext())
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    assert round_job("student", ["--run", "r", "--round", "1", "--root", str(tmp_path), *FAST,
+                                 "--label-actors", "2"]) == 2
+    line = one_line(capsys.readouterr().err, "student")
+    assert "2 teacher actors x 1 CPUs leave less than one of the cluster's 2 CPUs" in line
+    assert "lower --label-actors or --cpus-per-actor" in line
+    assert not (tmp_path / "manifests" / "r" / "round-1.json").exists()
+
+
 def test_teacher_job_refuses_repeated_test_keys_before_writing(tmp_path: Path,
                                                                digits_dir: Path) -> None:
     """The user's view, as a subprocess: one line, exit 2, no manifest."""
