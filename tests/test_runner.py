@@ -196,9 +196,13 @@ def test_worker_env_has_the_allocator_settings_unless_set_here_or_by_the_job(
         monkeypatch.delenv(k, raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(secret, "not-for-the-runtime-env")
     env = worker_env()
     assert {k: env[k] for k in MALLOC_ENV} == MALLOC_ENV
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    # the endpoint only: credentials stay out of Ray's runtime environment (which Ray records)
+    assert "not-for-the-runtime-env" not in env.values()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own value wins
     assert worker_env()["MALLOC_ARENA_MAX"] == "4"
     # A submitted job's runtime environment already hands these to the workers, and Ray refuses
