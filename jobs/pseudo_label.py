@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from pipeline.lock import round_lock
         from pipeline.manifest import check_model_file, load_parent
-        from pipeline.rounds import check_label_resources, run_label_stages
+        from pipeline.rounds import (
+            check_label_resources,
+            check_teacher_unchanged,
+            run_label_stages,
+        )
         from pipeline.runner import ray_session, resolve_root
 
         job = parse_args(argv)
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         parent = load_parent(layout, job.round)
         check_model_file(parent)
         existing = existing_round(layout, job)
+        if existing is not None:
+            check_teacher_unchanged(existing, parent)
         with round_lock(layout, job.round), ray_session(job.num_cpus, verbose=job.verbose):
             if existing is None or not existing.stage_complete("pseudo_label"):
                 check_label_resources(job.label_settings())

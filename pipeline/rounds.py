@@ -222,6 +222,8 @@ def plan_round(cfg: TrainConfig) -> Plan:
             "another --run")
     if existing is not None and not cfg.force and isinstance(cfg, StudentConfig):
         check_selection_in_use(existing, cfg.label_settings())
+        if parent is not None:
+            check_teacher_unchanged(existing, parent)
     if parent is not None:  # a changed teacher file is refused now, not after Ray's start-up
         check_model_file(parent)
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
@@ -347,12 +349,7 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
 
     cfg.validate()
     parent = parent or load_parent(layout, round_)
-    recorded = rec.teacher.checkpoint_sha256 if rec.teacher else None
-    if recorded and recorded != parent.record.checkpoint.sha256:
-        raise ManifestError(
-            f"round {round_} was started with teacher checkpoint {recorded[:12]}..., but round "
-            f"{round_ - 1} now records {parent.record.checkpoint.sha256[:12]}...; start round "
-            f"{round_} again with --force")
+    check_teacher_unchanged(rec, parent)
     payload = read_model_file(parent.model_path, parent.record.checkpoint.sha256)
     payload.pop("state_dict", None)
     info = load_dataset(parent.dataset_path)
@@ -436,6 +433,17 @@ def _label_events(layout: RunLayout, rec: RoundRecord, out_dir: Path) -> None:
                        "pseudo/confidence_mean": conf["mean"],
                        "pseudo/confidence_median": conf["median"]})
     events.close()
+
+
+def check_teacher_unchanged(rec: RoundRecord, parent: Parent) -> None:
+    """A round started with one teacher is not continued with another (round N-1 redone with
+    --force since): its pseudo-labels and checkpoints came from the old one."""
+    recorded = rec.teacher.checkpoint_sha256 if rec.teacher else None
+    if recorded and recorded != parent.record.checkpoint.sha256:
+        raise ManifestError(
+            f"round {rec.round} was started with teacher checkpoint {recorded[:12]}..., but round "
+            f"{rec.round - 1} now records {parent.record.checkpoint.sha256[:12]}...; start round "
+            f"{rec.round} again with --force")
 
 
 def check_label_resources(cfg: PseudoLabelConfig) -> None:

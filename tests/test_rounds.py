@@ -223,3 +223,30 @@ def test_another_selection_is_refused_once_the_student_trains_on_this_one(
         plan_round(StudentConfig(run="r", root=str(tmp_path), round=1, threshold=0.9))
     assert plan_round(StudentConfig(run="r", root=str(tmp_path), round=1)).existing is not None
     assert manifest.read_bytes() == before
+
+
+def test_a_round_started_with_another_teacher_is_refused_before_writing(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path) -> None:
+    """Round 0 redone (--force) after round 1 started: round 1's labels and checkpoints came
+    from the old teacher, so continuing it is refused, while planning, with the fix."""
+    from pipeline.config import StudentConfig
+    from pipeline.manifest import save_round
+    from pipeline.rounds import plan_round
+
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    layout = RunLayout(tmp_path, "r")
+    rec = new_round1(tmp_path, "r")
+    rec.set_stage("pseudo_label", "failed")
+    manifest = save_round(layout, rec)
+    before = manifest.read_bytes()
+    # round 0 again, as --force does: a new model file (another sha256) under the same name
+    other = tmp_path / "other.pt"
+    other.write_bytes(teacher_model.read_bytes() + b"\0")
+    make_round0(tmp_path, "r", digits_dir, other)
+    message = r"round 1 was started with teacher checkpoint .* start round 1 again with --force"
+    with pytest.raises(ManifestError, match=message):
+        plan_round(StudentConfig(run="r", root=str(tmp_path), round=1))
+    with pytest.raises(ManifestError, match=message):
+        run_label_stages(layout, 1, PseudoLabelConfig(), rec)
+    assert manifest.read_bytes() == before
+    assert plan_round(StudentConfig(run="r", root=str(tmp_path), round=1, force=True))

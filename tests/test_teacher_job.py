@@ -160,11 +160,27 @@ def test_two_workers_complete_manifest_and_refuse_rerun(tmp_path: Path, tiny: Pa
     assert len(preds) == 540 and preds.key.is_unique
     assert (preds.pred == preds.label).mean() == pytest.approx(m["metrics"]["top1"])
     # a complete round is not overwritten without --force
-    before = manifest_path(tmp_path, "two", 0).read_bytes()
+    art = tmp_path / "artifacts" / "two" / "round-0"
+    files = {p: p.read_bytes() for p in [manifest_path(tmp_path, "two", 0), *art.rglob("*")]
+             if p.is_file()}
     again = teacher("--run", "two", "--data", str(tiny), "--root", str(tmp_path), *FAST)
     assert "already has a complete round 0" in _error_line(again)
     assert "--force" in _error_line(again)
-    assert manifest_path(tmp_path, "two", 0).read_bytes() == before
+    assert {p: p.read_bytes() for p in files} == files  # manifest, model, predictions...
+    assert {p for p in art.rglob("*") if p.is_file()} == set(files) - {
+        manifest_path(tmp_path, "two", 0)}
+    # --force trains the round again from scratch: the old artifacts go, a new record is written
+    (art / "left-by-the-old-round").write_text("x")
+    forced = teacher("--run", "two", "--data", str(tiny), "--root", str(tmp_path), *FAST,
+                     "--force", timeout=600)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert not (art / "left-by-the-old-round").exists()
+    m2 = load_manifest(tmp_path, "two", 0)
+    assert m2["status"] == "complete" and m2["cluster"]["num_workers"] == 1
+    assert [e["event"] for e in m2["events"]].count("start") == 1
+    assert "restart" not in [e["event"] for e in m2["events"]]
+    assert m2["events"][0]["at"] > m["events"][-1]["at"]
+    assert sha256_file(tmp_path / m2["checkpoint"]["uri"]) == m2["checkpoint"]["sha256"]
 
 
 @pytest.mark.slow
