@@ -286,9 +286,6 @@ def run_round(cfg: TrainConfig) -> RoundRecord:
     """Check, then run every stage of the round that is not complete; returns the record."""
     p = plan_round(cfg)
     cfg, layout = p.cfg, p.layout
-    art = layout.artifact_dir(p.round_)
-    if cfg.force and art.exists():
-        log(f"--force: removing {art} (checkpoints and pseudo-labels of the old round)")
     damage = preflight(p.info, cfg.preflight_limit, cfg.damage_limit)
     with ray_session(num_cpus=None, verbose=cfg.verbose):
         use_gpu = check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
@@ -309,6 +306,7 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
             raise RunError(f"run {cfg.run!r} already has a complete round {p.round_} "
                            f"({layout.manifest_path(p.round_)}); pass --force to train it again")
     if cfg.force and art.exists():
+        log(f"--force: removing {art} (checkpoints and pseudo-labels of the old round)")
         rmtree(art)
     rec = _start_record(p, use_gpu)
     if damage is not None:
