@@ -328,6 +328,9 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
                               from_checkpoint=has_checkpoint(art))
             train_stage(p, rec, use_gpu)
     except BaseException as e:
+        for stage in rec.stages.values():  # the stage it stopped in says so too (train: a
+            if stage.status == "running":  # lost worker, a full disk, ...), not "running"
+                stage.status = "failed"
         rec.mark_failed(str(e).splitlines()[0] if str(e) else type(e).__name__)
         save_round(layout, rec)
         raise

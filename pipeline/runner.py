@@ -242,17 +242,26 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; show its last line
-        raise RunError(f"training failed: {_root_cause(e)}") from e
+        cause, ours = _root_cause(e)
+        if not ours:  # a lost worker, a crash: no fix of the input to name, so say how to go on
+            if len(cause) > MAX_CAUSE_CHARS:
+                cause = cause[: MAX_CAUSE_CHARS - 3].rstrip() + "..."
+            cause += ("; the round is recorded as failed: run the same command again to continue "
+                      "from its last checkpoint (--max-failures N lets Ray Train restart lost "
+                      "workers by itself)")
+        raise RunError(f"training failed: {cause}") from e
     if result.checkpoint is None:
         raise RunError("training finished without a checkpoint; see the log above")
     return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="ns-final-")))
 
 
 _USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError")
+MAX_CAUSE_CHARS = 300  # Ray's worker-death text runs to several hundred characters
 
 
-def _root_cause(e: BaseException) -> str:
-    """The most useful single line of a (possibly Ray-wrapped) worker exception.
+def _root_cause(e: BaseException) -> tuple[str, bool]:
+    """The most useful single line of a (possibly Ray-wrapped) worker exception, and whether it
+    is one of our user errors (whose message names its own fix).
 
     Ray Train raises its own error *from* the worker's (whose text, a RayTaskError's, holds the
     worker's traceback), or one with ``worker_failures``; the whole cause chain is searched for
@@ -271,6 +280,6 @@ def _root_cause(e: BaseException) -> str:
     for name in _USER_ERRORS:
         m = re.findall(rf"{name}: (.+)", text)
         if m:
-            return m[-1].strip()
+            return m[-1].strip(), True
     lines = [ln.strip() for ln in texts[-1].splitlines() if ln.strip()]
-    return lines[-1] if lines else type(last).__name__
+    return (lines[-1] if lines else type(last).__name__), False

@@ -92,16 +92,16 @@ def test_root_cause_finds_the_worker_error_under_rays_wrapper() -> None:
                                "messages for a cause.\nTo continue this run, use restore()."
                                ) from inner
     except RuntimeError as e:
-        assert _root_cause(e) == "shard /data/labeled/000001.tar, key k7: not a PNG"
+        assert _root_cause(e) == ("shard /data/labeled/000001.tar, key k7: not a PNG", True)
 
 
 def test_root_cause_prefers_our_errors_and_the_innermost() -> None:
     text = ("ValueError: outer wrapper\nTraceback...\nDatasetError: first\n"
             "ValueError: not this one\nDatasetError: the last DatasetError")
-    assert _root_cause(RuntimeError(text)) == "the last DatasetError"
+    assert _root_cause(RuntimeError(text)) == ("the last DatasetError", True)
     outer = RuntimeError("CheckpointError: outer")
     outer.__cause__ = ValueError("CheckpointError: inner")
-    assert _root_cause(outer) == "inner"
+    assert _root_cause(outer) == ("inner", True)
 
 
 def test_root_cause_of_worker_failures_and_plain_errors() -> None:
@@ -111,12 +111,12 @@ def test_root_cause_of_worker_failures_and_plain_errors() -> None:
             self.worker_failures = failures
 
     e = WorkerGroupError({1: _TaskError("Traceback\nValueError: --lr must be > 0")})
-    assert _root_cause(e) == "--lr must be > 0"
+    assert _root_cause(e) == ("--lr must be > 0", True)
     oom = RuntimeError("The Ray Train run failed.")
     oom.__cause__ = _TaskError("Traceback (most recent call last):\n  ...\n"
                                "torch.OutOfMemoryError: CUDA out of memory\n\n")
-    assert _root_cause(oom) == "torch.OutOfMemoryError: CUDA out of memory"
-    assert _root_cause(KeyError()) == "KeyError"
+    assert _root_cause(oom) == ("torch.OutOfMemoryError: CUDA out of memory", False)
+    assert _root_cause(KeyError()) == ("KeyError", False)
 
 
 def test_job_survives_pickling_with_its_config_dataclass() -> None:

@@ -289,20 +289,14 @@ def test_ray_job_submit_against_local_cluster(tmp_path: Path, tiny: Path) -> Non
     assert sha256_file(root / m["checkpoint"]["uri"]) == m["checkpoint"]["sha256"]
 
 
-@pytest.mark.slow
-def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
-                                                                  tiny: Path) -> None:
-    """kill -9 of the Ray Train worker mid-run: with --max-failures 1 Ray Train restarts it from
-    the last checkpoint, the round completes, and the manifest records the restart."""
+def _kill_a_training_worker_mid_run(args: list[str], train_dir: Path
+                                    ) -> tuple[subprocess.Popen, str]:
+    """Run the teacher job, kill -9 its Ray Train worker once Ray Train has recorded a
+    checkpoint, and wait for the job to end; returns the process and its output."""
     import psutil
 
-    args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", "mf", "--data", str(tiny),
-            "--root", str(tmp_path), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
-            "--loader-workers", "0", "--checkpoint-every", "1", "--max-failures", "1"]
-    env = job_env(None)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    train_dir = tmp_path / "artifacts" / "mf" / "round-0" / "train"
+                            env=job_env(None), start_new_session=True)
     deadline = time.time() + 300
     killed = None
     try:
@@ -321,10 +315,55 @@ def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert killed is not None, "no training worker found to kill"
+    return proc, out
+
+
+def _worker_kill_args(root: Path, run: str, data: Path, *extra: str) -> list[str]:
+    return [PY, str(ROOT / "jobs" / "teacher.py"), "--run", run, "--data", str(data),
+            "--root", str(root), "--preset", "demo", "--epochs", "8", "--eval-every", "8",
+            "--loader-workers", "0", "--checkpoint-every", "1", *extra]
+
+
+@pytest.mark.slow
+def test_a_killed_training_worker_is_restarted_with_max_failures(tmp_path: Path,
+                                                                  tiny: Path) -> None:
+    """kill -9 of the Ray Train worker mid-run: with --max-failures 1 Ray Train restarts it from
+    the last checkpoint, the round completes, and the manifest records the restart."""
+    args = _worker_kill_args(tmp_path, "mf", tiny, "--max-failures", "1")
+    proc, out = _kill_a_training_worker_mid_run(args, tmp_path / "artifacts" / "mf" / "round-0"
+                                                / "train")
     assert proc.returncode == 0, out[-3000:]
     m = load_manifest(tmp_path, "mf", 0)
     assert m["status"] == "complete"
     assert [r["phase"] for r in m["resumed_from"]] == ["train"]  # the restart, recorded
+    assert 1 <= m["resumed_from"][0]["epoch"] < 8
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_a_killed_training_worker_fails_the_round_by_default_and_a_rerun_resumes(
+        tmp_path: Path, tiny: Path) -> None:
+    """--max-failures 0 (the default): the first lost worker ends the round, recorded as
+    failed, with one line; the same command again continues from the last checkpoint."""
+    args = _worker_kill_args(tmp_path, "mf0", tiny)
+    proc, out = _kill_a_training_worker_mid_run(args, tmp_path / "artifacts" / "mf0" / "round-0"
+                                                / "train")
+    assert proc.returncode == 2, out[-3000:]
+    # Ray's controller logs the lost worker (its lines, prefixed by the process); ours is the
+    # last line, and it says how to go on
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("teacher: error: training failed: ") and len(last) < 600
+    assert last.endswith("run the same command again to continue from its last checkpoint "
+                         "(--max-failures N lets Ray Train restart lost workers by itself)")
+    failed = load_manifest(tmp_path, "mf0", 0)
+    assert failed["status"] == "failed" and failed["stages"]["train"]["status"] == "failed"
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=job_env(None))
+    assert again.returncode == 0, again.stderr[-3000:]
+    m = load_manifest(tmp_path, "mf0", 0)
+    assert m["status"] == "complete"
+    resume = [e for e in m["events"] if e["event"] == "resume"]
+    assert resume and resume[0]["stage"] == "train" and resume[0]["from_checkpoint"] is True
+    assert [r["phase"] for r in m["resumed_from"]] == ["train"]
     assert 1 <= m["resumed_from"][0]["epoch"] < 8
     assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
 
