@@ -242,17 +242,32 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; show its last line
-        cause, ours = _root_cause(e)
-        if not ours:  # a lost worker, a crash: no fix of the input to name, so say how to go on
-            if len(cause) > MAX_CAUSE_CHARS:
-                cause = cause[: MAX_CAUSE_CHARS - 3].rstrip() + "..."
-            cause += ("; the round is recorded as failed: run the same command again to continue "
-                      "from its last checkpoint (--max-failures N lets Ray Train restart lost "
-                      "workers by itself)")
-        raise RunError(f"training failed: {cause}") from e
+        raise training_error(e) from e
     if result.checkpoint is None:
         raise RunError("training finished without a checkpoint; see the log above")
     return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="ns-final-")))
+
+
+def training_error(e: BaseException) -> RunError:
+    """What ``fit`` raises for an exception out of Ray Train: RunError with the worker's line and,
+    unless that line is one of our user errors (which name their fix), how to go on."""
+    text = "\n".join(_cause_texts(e))
+    full = re.search(r"\[Errno (28|122)\] [^:\n]*(?:: '([^'\n]*)')?", text)
+    if full:  # ENOSPC, EDQUOT: raised in a worker, crossed Ray's process boundary as text
+        what = "no space left on device" if full.group(1) == "28" else "disk quota exceeded"
+        where = f" writing {full.group(2)}" if full.group(2) else ""
+        return RunError(f"training failed: {what}{where} on a training worker (Ray Train writes "
+                        "checkpoints to a local temporary folder, then under --root); free space "
+                        "there and run the same command again: finished stages and files are "
+                        "kept")
+    cause, ours = _root_cause(e)
+    if not ours:  # a lost worker, a crash: no fix of the input to name, so say how to go on
+        if len(cause) > MAX_CAUSE_CHARS:
+            cause = cause[: MAX_CAUSE_CHARS - 3].rstrip() + "..."
+        cause += ("; the round is recorded as failed: run the same command again to continue "
+                  "from its last checkpoint (--max-failures N lets Ray Train restart lost "
+                  "workers by itself)")
+    return RunError(f"training failed: {cause}")
 
 
 _USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError")
@@ -267,19 +282,32 @@ def _root_cause(e: BaseException) -> tuple[str, bool]:
     worker's traceback), or one with ``worker_failures``; the whole cause chain is searched for
     our user errors, the innermost last, so that its message wins.
     """
-    texts: list[str] = []
-    last: BaseException = e
-    cur: BaseException | None = e
-    while cur is not None and len(texts) < 8:  # bounded: a cause chain can loop
-        failures = getattr(cur, "worker_failures", None)
-        if failures:
-            cur = next(iter(failures.values()))
-        texts.append(str(cur))
-        last, cur = cur, cur.__cause__
+    texts = _cause_texts(e)
     text = "\n".join(texts)
     for name in _USER_ERRORS:
         m = re.findall(rf"{name}: (.+)", text)
         if m:
             return m[-1].strip(), True
     lines = [ln.strip() for ln in texts[-1].splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(last).__name__), False
+    return (lines[-1] if lines else type(_innermost(e)).__name__), False
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and its causes, into Ray Train V2's ``worker_failures``; bounded (chains can loop)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(out) < 8:
+        failures = getattr(cur, "worker_failures", None)
+        if failures:
+            cur = next(iter(failures.values()))
+        out.append(cur)
+        cur = cur.__cause__
+    return out
+
+
+def _cause_texts(e: BaseException) -> list[str]:
+    return [str(x) for x in _chain(e)]
+
+
+def _innermost(e: BaseException) -> BaseException:
+    return _chain(e)[-1]

@@ -419,3 +419,44 @@ def test_disk_full_while_labeling_then_freed_continues(ray_address: str, tmp_pat
         assert len(files) == UNLABELED_SHARDS
         assert all(sha256_file(layout.pseudo_dir(1) / n) == sha for n, sha in files.items())
         assert all(p.read_bytes() == b for p, b in round0.items())
+
+
+@pytest.mark.slow
+def test_disk_full_while_training_then_freed_continues(ray_address: str, tmp_path: Path,
+                                                       small_data: Path) -> None:
+    """jobs/teacher.py with --root on a small tmpfs that has room for the round's lock and
+    manifest but not for a training checkpoint: the worker's ENOSPC reaches the user as the
+    one free-space line (not a Ray traceback), the record stays whole; freed, the same command
+    trains the round to the end."""
+    args = [PY, str(ROOT / "jobs" / "teacher.py"), "--run", RUN, "--data", str(small_data),
+            "--preset", "demo", "--epochs", "2", "--eval-every", "2", "--checkpoint-every", "1",
+            "--loader-workers", "0", "--no-tensorboard"]
+    env = job_env(ray_address)
+    with small_disk(tmp_path / "disk", 16 * 1024) as disk:
+        # room for the lock and the records, not for a checkpoint (model, EMA and optimizer
+        # state: about 800 pages of 4 KiB)
+        filler = fill(disk, 64 * 4096)
+        p = subprocess.run([*args, "--root", str(disk)], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=ROOT)
+        assert p.returncode == 2, p.stderr[-3000:]
+        # Ray forwards the worker's own traceback (lines prefixed with its process); the job's
+        # own output has none, and its error is one line
+        ours = [ln for ln in p.stderr.splitlines() if not ln.lstrip().startswith("\x1b[")
+                and not ln.lstrip().startswith("(")]
+        assert not [ln for ln in ours if "Traceback" in ln], p.stderr[-3000:]
+        (line,) = [ln for ln in ours if ln.startswith("teacher: error:")]
+        # the worker's error, or the driver's own when the failed record no longer fits
+        # (Ray's partly copied checkpoint takes the last pages)
+        assert "no space left on device" in line and "run the same command again" in line, line
+        layout = RunLayout(disk, RUN)
+        rec = load_round(layout, 0)  # whole, and not claiming what did not finish
+        assert rec.status in ("running", "failed") and not rec.stage_complete("train")
+        assert not list(layout.manifest_dir.glob("*.lock"))
+
+        filler.unlink()
+        p = subprocess.run([*args, "--root", str(disk)], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-3000:]
+        rec = load_round(layout, 0)
+        assert rec.status == "complete" and [h["epoch"] for h in rec.history] == [1, 2]
+        assert sha256_file(layout.model_path(0)) == rec.checkpoint.sha256

@@ -119,6 +119,31 @@ def test_root_cause_of_worker_failures_and_plain_errors() -> None:
     assert _root_cause(KeyError()) == ("KeyError", False)
 
 
+def test_training_errors_say_how_to_go_on() -> None:
+    from pipeline.runner import RunError, training_error
+
+    lost = RuntimeError("The Ray Train run failed.")
+    lost.__cause__ = _TaskError("The actor is dead because its worker process has died. " * 20)
+    e = training_error(lost)
+    assert isinstance(e, RunError) and len(str(e)) < 600
+    assert str(e).startswith("training failed: The actor is dead because")
+    assert str(e).endswith("run the same command again to continue from its last checkpoint "
+                           "(--max-failures N lets Ray Train restart lost workers by itself)")
+    ours = training_error(_TaskError("Traceback\nShardError: shard a.tar: not a tar file"))
+    assert str(ours) == "training failed: shard a.tar: not a tar file"  # names its own fix
+    # a worker's full disk reaches the driver as text: said as such, with where and what to do
+    full = RuntimeError("Training failed due to worker errors")
+    full.__cause__ = _TaskError("Traceback (most recent call last):\n  ...\nOSError: [Errno 28] "
+                                "No space left on device: '/r/artifacts/x/round-0/train/c/s.pt'")
+    assert str(training_error(full)).startswith(
+        "training failed: no space left on device writing /r/artifacts/x/round-0/train/c/s.pt on "
+        "a training worker")
+    quota = str(training_error(_TaskError("OSError: [Errno 122] Disk quota exceeded")))
+    assert quota.startswith("training failed: disk quota exceeded on a training worker")
+    assert quota.endswith("free space there and run the same command again: finished stages and "
+                          "files are kept")
+
+
 def test_job_survives_pickling_with_its_config_dataclass() -> None:
     """fit() hands Ray Job.__dict__ as train_loop_config; Ray pickles it (cloudpickle, which
     pickles importable classes by reference as pickle does) and _ray_entry rebuilds the Job."""
