@@ -460,3 +460,4 @@ def test_disk_full_while_training_then_freed_continues(ray_address: str, tmp_pat
         rec = load_round(layout, 0)
         assert rec.status == "complete" and [h["epoch"] for h in rec.history] == [1, 2]
         assert sha256_file(layout.model_path(0)) == rec.checkpoint.sha256
+        assert not layout.tensorboard_dir(0).exists()  # --no-tensorboard: no event files

@@ -191,3 +191,35 @@ def test_prepare_imagefolder_to_s3(s3, bucket: str, tmp_path: Path) -> None:
     assert info.classes == ["cat", "dog"] and info.split("labeled").count == 6
     labels = sorted(s.label for s in read_samples(info.split("labeled").shards))
     assert labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_round_lock_on_s3_refuses_a_second_holder_and_takes_over_a_dead_ones(
+        s3, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No exclusive create on S3: written when absent, read back after a pause; the same
+    refusals and take-over as on a local disk."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import pipeline.lock
+    from pipeline.layout import RunLayout
+    from pipeline.lock import LockError, round_lock
+
+    monkeypatch.setattr(pipeline.lock, "REMOTE_SETTLE", 0.05)
+    layout = RunLayout(S3Path(f"s3://{bucket}/locks"), "r")
+    with round_lock(layout, 1) as path:
+        assert isinstance(path, S3Path) and json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(LockError, match=rf"round 1 of run 'r' is being run by pid "
+                                            rf"{os.getpid()} on host .* delete {path}"), \
+                round_lock(layout, 1):
+            pass
+    assert not path.exists()  # released
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    path.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
+                                "started_at": "then", "command": "teacher.py"}))
+    with round_lock(layout, 1):  # left by a process that no longer runs: taken over
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists()
