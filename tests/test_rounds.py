@@ -130,7 +130,8 @@ def test_preflight_counts_damage_and_stops_past_the_limit(tmp_path: Path, digits
     with ShardWriter(Path(shard).parent, prefix="tmp2") as w:
         w.write("x", samples[0].image, 10)  # a class the dataset does not have
     info.splits["test"].shards.append(str(w.paths[0]))
-    with pytest.raises(RunError, match="label 10 is not one of the dataset's 10 classes"):
+    with pytest.raises(RunError, match=rf"^shard {w.paths[0]}, key x: label 10 is not one of "
+                                       r"the dataset's 10 classes$"):
         preflight(info, limit=10_000, damage_limit=0.05)
 
 

@@ -237,16 +237,24 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
 
 @pytest.mark.slow
 def test_complete_student_round_needs_force(tiny_run: Path, ray_address: str) -> None:
-    before = RunLayout(tiny_run, "e2e").manifest_path(1).read_bytes()
+    layout = RunLayout(tiny_run, "e2e")
+    files = {f: f.read_bytes() for f in [layout.manifest_path(1),
+                                         *layout.artifact_dir(1).rglob("*")] if f.is_file()}
+    before = files[layout.manifest_path(1)]
     p = _job("student.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run), *QUICK,
              ray_address=ray_address)
     assert p.returncode == 2 and "already has a complete round 1" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "pass --force" in p.stderr
     # its student trained on these pseudo-labels: the stages alone may not change them either
     p = _job("pseudo_label.py", "--run", "e2e", "--round", "1", "--root", str(tiny_run),
              "--threshold", "0.9", ray_address=ray_address)
     assert p.returncode == 2 and "is complete and its student was trained on" in p.stderr
     assert "Traceback" not in p.stderr
-    assert RunLayout(tiny_run, "e2e").manifest_path(1).read_bytes() == before
+    assert layout.manifest_path(1).read_bytes() == before
+    # nothing of the round changed: model, predictions, pseudo-label files (their copies too)
+    assert {f: f.read_bytes() for f in files} == files
+    assert {f for f in layout.artifact_dir(1).rglob("*") if f.is_file()} == set(files) - {
+        layout.manifest_path(1)}
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_data_without_dataset_json(tmp_path: Path) -> None:
     p = teacher("--run", "x", "--data", str(tmp_path), "--root", str(tmp_path), *FAST)
     assert "has no dataset.json; create one with `python jobs/prepare.py digits" in \
         _error_line(p)
-    assert not (tmp_path / "manifests").exists()
+    assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
 
 
 def test_dataset_without_labeled_samples(tmp_path: Path, tiny: Path) -> None:
@@ -79,8 +79,10 @@ def test_dataset_without_labeled_samples(tmp_path: Path, tiny: Path) -> None:
     shutil.copytree(tiny, ds)
     (ds / "dataset.json").write_text(json.dumps(info))
     p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST)
-    assert "has no 'labeled' split" in _error_line(p)
-    assert not (tmp_path / "manifests").exists()
+    line = _error_line(p)
+    assert "has no 'labeled' split" in line
+    assert f"`python jobs/prepare.py imagefolder SRC --out {ds} --split labeled`" in line
+    assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
 
 
 def test_unknown_model_lists_valid_ones(tmp_path: Path, tiny: Path) -> None:
