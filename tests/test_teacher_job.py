@@ -130,6 +130,26 @@ def test_help_explains_options() -> None:
 
 
 @pytest.mark.slow
+def test_damage_past_the_limit_stops_training_when_the_preflight_is_skipped(
+        tmp_path: Path, tiny: Path) -> None:
+    """--preflight-limit 0 skips the up-front read (for corpora too large to read twice): the
+    training stream counts the damage itself and stops the round with the same kind of line."""
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny, ds)
+    write_shards([("broken_img", b"\x89PNG not really", 3)], tmp_path / "w", prefix="b")
+    shutil.copy(tmp_path / "w" / "b-000000.tar", ds / "labeled" / "labeled-000001.tar")
+    p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST,
+                "--damage-limit", "0", "--preflight-limit", "0", timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()[-1]  # after Ray's own lines about the worker's error
+    assert line.startswith("teacher: error: training failed: labeled split: "), line
+    assert "damaged" in line and "labeled-000001.tar" in line and "broken_img" in line, line
+    m = load_manifest(tmp_path, "x", 0)
+    assert m["status"] == "failed" and m["stages"]["train"]["status"] == "failed"
+    assert "preflight" not in m["stages"]
+
+
+@pytest.mark.slow
 def test_more_workers_than_cluster_fails_up_front(tmp_path: Path, tiny: Path) -> None:
     t0 = time.time()
     p = teacher("--run", "x", "--data", str(tiny), "--root", str(tmp_path), *FAST,
