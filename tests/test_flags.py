@@ -1,8 +1,10 @@
-"""Every ``--flag`` that an error message, a help text or the docs tell a user to type exists.
+"""Every ``--flag`` that an error message, a help text or the docs tell a user to type exists,
+and every ``python jobs/...`` command of the docs parses.
 
 A message that names a flag the jobs do not have sends the user to a second error; these tests
 collect the options of every job (and of the bench scripts, for the docs) and check every flag
-written in the code's string literals, the README and docs/ against them.
+written in the code's string literals, the README and docs/ against them, then run each
+documented command's arguments through its job's parser.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -108,3 +111,77 @@ def test_every_flag_the_docs_name_exists() -> None:
     known = job_flags() | bench_flags() | FOREIGN
     unknown = {f: where for f, where in doc_flags().items() if f not in known}
     assert not unknown, f"flags named in README.md or docs/ that nothing has: {unknown}"
+
+
+def doc_commands() -> list[tuple[str, str, list[str]]]:
+    """Every ``python jobs/<job>.py ...`` in README.md and docs/: (where, job, arguments). A
+    command goes on over lines ending in a backslash and over following lines that start with
+    an option (YAML's folded strings); it ends at a backtick or a comment. A lone capital letter
+    (``--seed S``, ``--train-resolution R``) is a placeholder for a number."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        lines = path.read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            m = re.search(r"python jobs/(\w+)\.py\b(.*)", lines[i])
+            if m:
+                text, j = m.group(2), i
+                while j + 1 < len(lines) and (text.rstrip().endswith("\\")
+                                              or lines[j + 1].strip().startswith("--")):
+                    text = text.rstrip().rstrip("\\") + " " + lines[j + 1].strip()
+                    j += 1
+                text = text.split("`")[0].split("#")[0]
+                args = ["0" if re.fullmatch(r"[A-Z]", a) else a for a in shlex.split(text)]
+                found.append((f"{path.relative_to(REPO)}:{i + 1}", m.group(1), args))
+                i = j
+            i += 1
+    return found
+
+
+def parse_job_args(job: str, args: list[str]) -> object:
+    """The job's own parser, without running it."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    import demo
+    import prepare
+    import pseudo_label
+    import report
+
+    from pipeline.config import StudentConfig, TrainConfig, parse_config
+
+    parsers = {"teacher": lambda a: parse_config(TrainConfig, "teacher", a),
+               "student": lambda a: parse_config(StudentConfig, "student", a),
+               "pseudo_label": pseudo_label.parse_args, "report": report.parse_args,
+               "prepare": lambda a: prepare.build_parser().parse_args(a),
+               "demo": lambda a: demo.build_parser().parse_args(a)}
+    return parsers[job](args)
+
+
+def test_every_command_in_the_docs_parses() -> None:
+    import contextlib
+    import io
+
+    commands = doc_commands()
+    assert {job for _, job, _ in commands} >= {"teacher", "student", "pseudo_label", "report",
+                                               "prepare", "demo"}
+    failed = []
+    for where, job, args in commands:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                parse_job_args(job, args)
+        except (SystemExit, Exception) as e:  # tyro and argparse exit; our checks raise
+            failed.append(f"{where}: jobs/{job}.py {' '.join(args)}: {e!r} "
+                          f"{' '.join(err.getvalue().split())[:300]}")
+    assert not failed, "\n".join(failed)
+
+
+def test_a_command_with_a_missing_value_fails_the_check() -> None:
+    """What the check above caught in docs/cluster.md: a bare --use-gpu (it takes a value)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parse_job_args("teacher", ["--run", "r", "--data", "d", "--use-gpu"])
+    assert parse_job_args("teacher", ["--run", "r", "--data", "d", "--use-gpu", "True"])
