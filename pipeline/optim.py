@@ -65,7 +65,8 @@ def lr_factor(step: int, *, steps_per_epoch: int, warmup_epochs: float, total_ep
     """Multiplier of the peak learning rate at ``step``: linear warm-up, then decay."""
     epoch = step / steps_per_epoch
     if warmup_epochs > 0 and epoch < warmup_epochs:
-        return (step + 1) / (warmup_epochs * steps_per_epoch)
+        # capped: when warm-up does not end on a whole step, its last step would overshoot
+        return min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
     if schedule == "exponential":  # staircase, as the official code
         return decay_rate ** math.floor(epoch / decay_epochs)
     span = max(total_epochs - warmup_epochs, 1e-8)

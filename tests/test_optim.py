@@ -21,6 +21,19 @@ def test_lr_schedule_warmup_then_decay() -> None:
     assert lr_factor(50, schedule="exponential", **kw) == pytest.approx(0.97 ** 2)
 
 
+@pytest.mark.parametrize("warmup_epochs, steps_per_epoch", [(0.5, 5), (0.05, 10), (1.5, 3),
+                                                            (2, 10)])
+def test_warmup_never_passes_the_peak(warmup_epochs: float, steps_per_epoch: int) -> None:
+    """A warm-up that does not end on a whole step (0.5 epoch of 5 steps) must not give its
+    last step more than the peak learning rate."""
+    for schedule in ("cosine", "exponential"):
+        factors = [lr_factor(s, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
+                             total_epochs=10, schedule=schedule) for s in range(40)]
+        assert max(factors) == pytest.approx(1.0)
+        warm = [f for s, f in enumerate(factors) if s / steps_per_epoch < warmup_epochs]
+        assert warm == sorted(warm) and warm[0] > 0
+
+
 def test_ema_tracks_weights_with_warmup() -> None:
     m = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(m.weight)
