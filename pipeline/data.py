@@ -217,14 +217,19 @@ class LabeledStream(IterableDataset):
             # when it runs in the training process (loader_workers 0)
             torch.manual_seed(self.seed * 1_000_003 + reader)
         self._damage = Damage()
-        first_pass = True
+        first_pass, produced = True, 0
         for s in self._raw(mine, rng):
             if s is _END_OF_PASS:  # each pass meets the same damage: check it, count afresh
                 if first_pass and self.damage_dir is not None:
                     _record_damage(self.damage_dir, reader, mine, self._damage)
                 first_pass = False
                 self._damage.check(self.split, self.damage_limit)
-                self._damage = Damage()
+                if produced == 0:  # an endless stream with nothing in it would hang its rank
+                    raise ShardError(
+                        f"{self.split} split: shard(s) {', '.join(mine[:3])} gave this reader "
+                        f"no usable sample ({self._damage.count} damaged); remove empty or "
+                        "broken shards from dataset.json")
+                self._damage, produced = Damage(), 0
                 continue
             problem = self._label_problem(s.label)
             if problem:
@@ -232,6 +237,7 @@ class LabeledStream(IterableDataset):
                 continue
             image = _decoded(s, self._damage)
             if image is not None:
+                produced += 1
                 yield self.transform(image), s.label, s.key
         self._damage.check(self.split, self.damage_limit)
 

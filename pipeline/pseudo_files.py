@@ -178,6 +178,29 @@ def read_selected(path: str | Path) -> dict[str, tuple[int, np.ndarray, np.ndarr
             for k, c, i, p in zip(keys, copies, idx, prob, strict=True)}
 
 
+def shards_with_selection(shards: list[str], pseudo_dir: str | Path) -> list[str]:
+    """The shards (in their order) whose pseudo-label file has a row that selection kept.
+
+    The student's pseudo-labeled stream deals shards out to its readers (ranks x loader
+    workers); a reader dealt only shards without one would have nothing to give, so the driver
+    hands out these only. Reads one int column per file, a few files at a time (object
+    storage answers each read in tens of milliseconds).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.fs import location
+
+    names = pseudo_file_names(shards)
+    folder = location(pseudo_dir)
+
+    def kept(shard: str) -> bool:
+        column = read_table(folder / names[shard], columns=["copies"]).column("copies")
+        return bool((column.to_numpy() > 0).any()) if len(column) else False
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [s for s, k in zip(shards, pool.map(kept, shards), strict=True) if k]
+
+
 def write_truth_files(keys_by_file: dict[str, list[str]], labels: dict[str, int],
                       out_dir: Path) -> int:
     """An ablation's ceiling: files with the same names and keys as the real pseudo-labels, one copy

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import StudentConfig
 from pipeline.fs import read_pandas, read_table
 from pipeline.manifest import FileRef, Metrics, RoundRecord, save_round
+from pipeline.pseudo_files import shards_with_selection
 from pipeline.runner import RunError, fit
 from pipeline.storage import atomic_write_bytes
 from pipeline.train import Job
@@ -36,6 +37,7 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
         if pseudo["count"] == 0:
             raise RunError("selection kept no pseudo-labels; lower --threshold or check the "
                            "teacher")
+        pseudo["shards"] = shards_with_selection(pseudo["shards"], pseudo["dir"])
         if cfg.randaugment and cfg.randaugment_n > 0 and cfg.randaugment_m:
             randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m,
                            "pixels": cfg.randaugment_pixels}

@@ -235,6 +235,63 @@ def test_pseudo_stream_cache_replays_copies_without_reading_again(
                for (a, t), (b, u) in zip(cached, plain, strict=True))
 
 
+def test_a_training_reader_with_nothing_usable_stops_instead_of_hanging(tmp_path: Path) -> None:
+    """An endless stream whose share yields no sample would loop forever while the other ranks
+    wait for it; an empty shard (or a share damaged past use with --damage-limit 1) is named."""
+    import tarfile
+
+    shards = _shards(tmp_path, [0, 1, 0, 1])
+    empty = tmp_path / "s-empty.tar"
+    tarfile.open(empty, "w").close()
+    shards.append(str(empty))
+    ok = iter(LabeledStream(shards, _as_float, rank=0, world_size=2, num_classes=2,
+                            shuffle_buffer=0))
+    assert [next(ok)[2] for _ in range(6)][:4] == ["k00", "k01", "k02", "k03"]
+    stuck = iter(LabeledStream(shards, _as_float, rank=1, world_size=2, num_classes=2,
+                               shuffle_buffer=0))
+    with pytest.raises(ShardError, match=rf"^labeled split: shard\(s\) {empty} gave this reader "
+                                         r"no usable sample \(0 damaged\); remove empty or "
+                                         r"broken shards from dataset.json$"):
+        next(stuck)
+    broken = _shards(tmp_path / "b", [0, 1], bad={0, 1})
+    with pytest.raises(ShardError, match=r"no usable sample \(2 damaged\)"):
+        next(iter(LabeledStream(broken, _as_float, num_classes=2, damage_limit=1.0)))
+
+
+def test_only_shards_with_selected_rows_are_dealt_to_pseudo_readers(tmp_path: Path) -> None:
+    """A reader whose shards kept no pseudo-label (all below the threshold, an empty shard)
+    had nothing to give and failed the round; the driver now deals out only shards with one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import PseudoStream
+    from pipeline.pseudo_files import shards_with_selection
+
+    shards = _varied_shards(tmp_path / "unl", 6, maxcount=3)  # v-000000, v-000001
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    for n, copies in enumerate([[1, 2, 1], [0, 0, 0]]):
+        pq.write_table(pa.table({
+            "key": [f"k{3 * n + i:02d}" for i in range(3)], "copies": pa.array(copies, pa.int32()),
+            "topk_index": pa.array([[0, 1]] * 3, pa.list_(pa.int32())),
+            "topk_prob": pa.array([[0.75, 0.25]] * 3, pa.list_(pa.float16()))}),
+            out / f"v-{n:06d}.parquet")
+    pq.write_table(pa.table({"key": pa.array([], pa.string()), "copies": pa.array([], pa.int32())}),
+                   out / "v-000002.parquet")
+    listed = [*shards, str(tmp_path / "unl" / "v-000002.tar")]
+    assert shards_with_selection(listed, out) == [shards[0]]
+
+    def stream(rank: int, dealt: list[str]) -> PseudoStream:
+        return PseudoStream(dealt, str(out), _as_float, num_classes=2, temperature=1.0,
+                            rank=rank, world_size=2, shuffle_buffer=0)
+
+    with pytest.raises(ValueError, match="no selected pseudo-labels"):  # before: rank 1 failed
+        next(iter(stream(1, shards)))
+    for rank in (0, 1):  # each reader now has selected rows to give
+        it = iter(stream(rank, shards_with_selection(listed, out)))
+        assert [next(it)[1].argmax().item() for _ in range(8)] == [0] * 8
+
+
 _PROBE = """
 import json
 import sys
