@@ -7,7 +7,10 @@ Why streams look the way they do:
   batches from each, so every rank steps the same number of times however shards divide.
 * Every rank and every DataLoader worker gets a non-empty share of the shards
   (:func:`assign_shards`); with fewer shards than readers, shares wrap around rather than leaving
-  a reader with nothing (which would block forever on an endless stream).
+  a reader with nothing (which would block forever on an endless stream). For the same reason
+  the pseudo-labeled stream is dealt only shards with a selected row
+  (:func:`pipeline.pseudo_files.shards_with_selection`), and a labeled reader whose shards give
+  no usable sample in a whole pass stops with a ShardError naming them.
 * Evaluation streams are finite and disjoint (each sample is seen exactly once across ranks);
   metrics are summed across ranks afterwards.
 * Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
