@@ -239,5 +239,7 @@ def confidence_summary(paths: list[Path], bins: int = 1000) -> dict[str, float |
                             minlength=bins)
     if n == 0:
         return {"mean": None, "median": None}
-    median_bin = int(np.searchsorted(np.cumsum(hist), n / 2))
-    return {"mean": total / n, "median": (median_bin + 0.5) / bins}
+    # the middle value, or the mean of the two middle ones when n is even (ranks from 1)
+    cs = np.cumsum(hist)
+    lo, hi = np.searchsorted(cs, (n + 1) // 2), np.searchsorted(cs, n // 2 + 1)
+    return {"mean": total / n, "median": (int(lo) + int(hi) + 1) / (2 * bins)}

@@ -114,3 +114,11 @@ def test_confidence_summary_mean_and_binned_median(tmp_path: Path) -> None:
     assert got["mean"] == pytest.approx(float(conf.mean()), rel=1e-6)
     assert abs(got["median"] - float(np.median(conf))) <= 1e-3 + 1e-9  # within one bin
     assert confidence_summary([]) == {"mean": None, "median": None}
+    # an even count: the mean of the two middle values, not the lower one
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"confidence": pa.array([0.1, 0.2, 0.8, 0.9], pa.float32())}),
+                   tmp_path / "even.parquet")
+    assert confidence_summary([tmp_path / "even.parquet"])["median"] == pytest.approx(0.5,
+                                                                                      abs=1e-3)
