@@ -26,7 +26,6 @@ import numpy as np
 
 from pipeline.fs import S3Path, location
 from pipeline.shards import (
-    IMAGE_SUFFIXES,
     Damage,
     KeyIndex,
     Sample,
@@ -241,11 +240,20 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
 
 def _key_for(rel: Path, used: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_-]", "_", str(rel.with_suffix("")))
+    if len(base) > 70:  # tar member names are short (MAX_KEY_LENGTH): keep the end, add a hash
+        import hashlib
+
+        base = f"{hashlib.sha1(base.encode()).hexdigest()[:12]}_{base[-56:]}"
     key, n = base, 1
     while key in used:
         key, n = f"{base}_{n}", n + 1
     used.add(key)
     return key
+
+
+# Formats prepare stores as they are; the rest (TIFF, BMP, GIF: large, multi-page, or
+# palette-animated) are re-encoded to PNG, which every WebDataset tool reads.
+KEPT_FORMATS = ("png", "jpg", "jpeg", "webp")
 
 
 def _read_image_file(path: Path) -> tuple[bytes, str]:
@@ -265,7 +273,7 @@ def _read_image_file(path: Path) -> tuple[bytes, str]:
     with Image.open(io.BytesIO(data)) as im:  # the header only: which format it is
         fmt = (im.format or "").lower()
     fmt = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)  # MPO: its first frame is a JPEG
-    if fmt in IMAGE_SUFFIXES:
+    if fmt in KEPT_FORMATS:
         return data, fmt
     return encode_png(img.permute(1, 2, 0).numpy()), "png"
 
@@ -330,6 +338,10 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     info.splits[split] = SplitInfo(shards=[str(p) for p in w.paths], count=count,
                                    class_counts=_class_counts(labels, info.classes)
                                    if labeled else None)
+    if split == "unlabeled" and info.unlabeled_truth is not None:
+        _log(f"prepare: {info.unlabeled_truth.name} described the replaced unlabeled split; "
+             "dropped from dataset.json")
+        info.unlabeled_truth = None
     out.mkdir(parents=True, exist_ok=True)
     save_dataset(info)
     return info
@@ -355,7 +367,7 @@ def scan_shards(paths: list[str], split: str = "") -> tuple[int, Counter[int] | 
                 labels[s.label] += 1
         keys.add(path, shard_keys)
     keys.check(lambda shard: (s.key for s in read_shard(shard) if isinstance(s, Sample)))
-    if labels and unlabeled:
+    if labels and unlabeled and split != "unlabeled":  # an unlabeled pool may hold some labels
         raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
                            "labeled split needs a .cls or .json label on every sample")
     if damage.count:
@@ -378,7 +390,12 @@ def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, t
         if not paths or missing:
             raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
                                "; check the path or pattern")
-        count, labels, _ = scan_shards(paths, split)
+        count, labels, damage = scan_shards(paths, split)
+        if count == 0:  # nothing a stage could use (damaged samples are not counted)
+            why = (f"; e.g. {damage.examples[0]['shard']}, key {damage.examples[0]['key']!r}: "
+                   f"{damage.examples[0]['reason']}" if damage.examples else "")
+            raise DatasetError(f"--{split} {spec!r}: no usable sample in {len(paths)} shard(s)"
+                               f"{why}")
         if split != "unlabeled" and labels is None:
             raise DatasetError(f"--{split} {spec!r}: samples carry no labels (.cls or .json)")
         seen[split] = labels if split != "unlabeled" else None
@@ -393,6 +410,7 @@ def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, t
         if labels is not None:
             info.splits[split].class_counts = {name: int(labels.get(i, 0))
                                                for i, name in enumerate(info.classes)}
+    _check_shard_lists(out / DATASET_FILE, info.splits)  # what load_dataset would refuse
     out.mkdir(parents=True, exist_ok=True)
     save_dataset(info)
     return info

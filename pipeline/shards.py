@@ -1,8 +1,10 @@
 """WebDataset shards: writing (key, encoded image, optional label) and reading them back.
 
-A sample in a shard is a group of tar members sharing a key: ``<key>.png`` (or jpg/jpeg/webp) and,
-when labeled, ``<key>.cls`` holding the class index as text. Reading also accepts ``<key>.json``
-with ``{"label": int}``, the other convention people use. Shards written here are byte-identical
+A sample in a shard is a group of tar members sharing a key: ``<key>.png`` (or jpg/jpeg/webp, and
+when reading tif/tiff/bmp/gif too) and, when labeled, ``<key>.cls`` holding the class index as
+text. Reading also accepts ``<key>.json`` with ``{"label": int}``, the other convention people
+use; a ``.json`` without ``"label"`` is metadata (img2dataset writes url, caption, size) and the
+sample is unlabeled. Shards written here are byte-identical
 for the same input (fixed mtime, sorted members) and read back with both ``webdataset`` and
 ``ray.data.read_webdataset``.
 """
@@ -26,7 +28,9 @@ import numpy as np
 
 from pipeline.fs import S3Path, StorageError, is_remote, location
 
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
+# What a sample's image member may be called; any of them is decoded by pipeline.images (PIL).
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "gif")
+MAX_KEY_LENGTH = 90  # a plain (ustar) tar member name holds 100 bytes: the key, a dot, a suffix
 LABEL_SUFFIXES = ("cls", "json")
 FIXED_MTIME = 946684800.0  # 2000-01-01: any constant makes the output reproducible
 MAX_BAD_EXAMPLES = 20  # per tally: enough to find the problem, bounded in size
@@ -82,6 +86,9 @@ def check_key(key: str) -> None:
             "(WebDataset takes everything after the first dot as the file suffix); rename it, "
             "e.g. replace dots with '_'"
         )
+    if len(key.encode()) > MAX_KEY_LENGTH:
+        raise ShardError(f"sample key {key[:40]!r}... is {len(key.encode())} bytes long; keys "
+                         f"may have at most {MAX_KEY_LENGTH} (tar member names)")
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -208,12 +215,13 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
     out: list[str] = []
     for s in specs:
         for expanded in braceexpand(s):
-            if not glob.has_magic(expanded):
-                out.append(expanded)
+            if not glob.has_magic(expanded) or (not is_remote(expanded)
+                                                and os.path.exists(expanded)):
+                out.append(expanded)  # a path that exists is itself, brackets and all
             elif is_remote(expanded):
                 out.extend(_glob_remote(expanded))
-            else:
-                out.extend(sorted(glob.glob(expanded)))
+            else:  # ** spans folders, as it does on S3
+                out.extend(sorted(glob.glob(expanded, recursive=True)))
     return out
 
 
@@ -317,7 +325,15 @@ def _sample(shard: str, index: int, key: str, members: Mapping[str, Any],
 
 
 def _label(members: Mapping[str, Any]) -> int | None:
-    """The label of a sample's members (``.cls`` text or ``.json`` {"label": int}), or None."""
+    """The label of a sample's members (``.cls`` text or ``.json`` {"label": int}), or None.
+    A class index is never negative."""
+    label = _raw_label(members)
+    if label is not None and label < 0:
+        raise ValueError(f"label {label} is negative; class indices start at 0")
+    return label
+
+
+def _raw_label(members: Mapping[str, Any]) -> int | None:
     if members.get("cls") is not None:
         raw = members["cls"]
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -329,9 +345,15 @@ def _label(members: Mapping[str, Any]) -> int | None:
         raw = members["json"]
         try:
             meta = json.loads(raw) if isinstance(raw, bytes | str) else raw
-            return int(meta["label"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError('.json must hold {"label": <int>}') from None
+        except ValueError:
+            raise ValueError(".json is not valid JSON") from None
+        # Metadata without a label (img2dataset writes url, caption, size...): an unlabeled sample
+        label = meta.get("label") if isinstance(meta, dict) else None
+        if label is None:
+            return None
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f'"label" in .json is not an integer: {str(label)[:20]!r}')
+        return label
     return None
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +138,51 @@ def test_register_errors(tmp_path: Path, digits_dir: Path,
     rc = prepare_main(["register", "--labeled", str(mixed / "*.tar"), "--unlabeled", unl,
                        "--test", unl, "--out", str(tmp_path / "o")])
     assert rc == 2 and "have no label" in capsys.readouterr().err
+    lab = str(digits_dir / "labeled" / "*.tar")
+    test = str(digits_dir / "test" / "*.tar")
+    # an unlabeled pool may mix labeled and unlabeled samples: registered, all of them counted
+    rc = prepare_main(["register", "--labeled", lab, "--unlabeled", str(mixed / "*.tar"),
+                       "--test", test, "--out", str(tmp_path / "m")])
+    assert rc == 0 and load_dataset(tmp_path / "m").splits["unlabeled"].count == 2
+    # a split with no usable sample is refused, with the reason of the first one
+    dotted = tmp_path / "dotted"
+    dotted.mkdir()
+    with tarfile.open(dotted / "d.tar", "w") as tar:
+        info = tarfile.TarInfo("img.001.jpg")  # WebDataset: key 'img', suffix '001.jpg'
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"abcd"))
+    rc = prepare_main(["register", "--labeled", lab, "--unlabeled", str(dotted / "d.tar"),
+                       "--test", test, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable sample in 1 shard(s); e.g." in err and "has no image" in err
+    # a test shard also listed as labeled: what load_dataset refuses is never written
+    rc = prepare_main(["register", "--labeled", test, "--unlabeled", unl, "--test", test,
+                       "--out", str(tmp_path / "o")])
+    assert rc == 2 and "is in both the labeled and the test split" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "dataset.json").exists()
+
+
+def test_imagefolder_long_names_and_a_replaced_unlabeled_split(tmp_path: Path,
+                                                              digits_dir: Path) -> None:
+    """A file deep in folders with a long name gets a short key (tar member names are short);
+    an unlabeled split replaced by imagefolder drops the held-out labels of the old one."""
+    import shutil
+
+    from PIL import Image
+
+    src = tmp_path / "pool" / ("2019 summer holiday photos " * 3) / "more"
+    src.mkdir(parents=True)
+    long = src / ("IMG_20190812_153012_HDR_copy_copy_copy_" * 3 + ".png")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(long)
+    data = tmp_path / "d"
+    shutil.copytree(digits_dir, data)
+    assert load_dataset(data).unlabeled_truth is not None
+    assert prepare_main(["imagefolder", str(tmp_path / "pool"), "--out", str(data),
+                         "--split", "unlabeled"]) == 0
+    info = load_dataset(data)
+    assert info.unlabeled_truth is None and info.splits["unlabeled"].count == 1
+    (sample,) = read_samples(info.splits["unlabeled"].shards)
+    assert len(sample.key) <= 70 and sample.key.endswith("copy_copy_")
 
 
 def test_load_dataset_errors(tmp_path: Path) -> None:

@@ -138,6 +138,39 @@ def test_reader_accepts_common_suffixes(tmp_path: Path) -> None:
         assert decode_image(samples[0].image).shape == (3, 8, 6)
 
 
+def test_metadata_json_without_a_label_is_an_unlabeled_sample(tmp_path: Path) -> None:
+    """img2dataset writes <key>.jpg, <key>.json (url, caption, size) and <key>.txt: an unlabeled
+    pool, not damage. Labels that are not class indices stay damage."""
+    from PIL import Image
+
+    png = encode_png(_images(1)[0])
+    tif = io.BytesIO()
+    Image.fromarray(_images(1)[0]).save(tif, format="TIFF")
+    path = _tar_with(tmp_path, {
+        "000.jpg": png, "000.json": json.dumps({"url": "http://x", "caption": "a"}).encode(),
+        "000.txt": b"a",
+        "001.tif": tif.getvalue(), "001.cls": b"2",
+        "002.png": png, "002.json": json.dumps({"label": 1.9}).encode(),
+        "003.png": png, "003.cls": b"-1",
+        "004.png": png, "004.json": b"{not json",
+    })
+    got = list(read_shard(path))
+    assert [(type(s).__name__, s.key) for s in got] == [
+        ("Sample", "000"), ("Sample", "001"), ("BadSample", "002"), ("BadSample", "003"),
+        ("BadSample", "004")]
+    assert got[0].label is None and got[1].label == 2 and got[1].image_format == "tif"
+    assert decode_image(got[1].image).shape == (3, 8, 6)
+    assert got[2].reason == "\"label\" in .json is not an integer: '1.9'"
+    assert got[3].reason == "label -1 is negative; class indices start at 0"
+    assert got[4].reason == ".json is not valid JSON"
+
+
+def test_keys_longer_than_a_tar_name_are_refused_by_name(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path) as w, pytest.raises(ShardError, match=r"is 120 bytes long; keys "
+                                                                     r"may have at most 90"):
+        w.write("k" * 120, encode_png(_images(1)[0]))
+
+
 def test_sample_without_image_names_shard_and_key(tmp_path: Path) -> None:
     path = _tar_with(tmp_path, {"lonely.cls": b"1"})
     with pytest.raises(ShardError, match=r"custom\.tar, key lonely: sample has no image"):
@@ -157,6 +190,17 @@ def test_expand_shards(tmp_path: Path) -> None:
         str(tmp_path / "t-000.tar"), str(tmp_path / "t-001.tar")]
     assert len(expand_shards(str(tmp_path / "*.tar"))) == 3
     assert expand_shards(str(tmp_path / "t-{000,002}.tar"))[1].endswith("t-002.tar")
+    # ** spans folders (as on S3); a path that exists is taken as it is, brackets and all
+    deep = tmp_path / "deep" / "x" / "y"
+    deep.mkdir(parents=True)
+    for p in (tmp_path / "deep" / "a.tar", tmp_path / "deep" / "x" / "b.tar", deep / "c.tar"):
+        p.write_bytes(b"")
+    assert [Path(p).name for p in expand_shards(str(tmp_path / "deep" / "**" / "*.tar"))] == [
+        "a.tar", "b.tar", "c.tar"]
+    odd = tmp_path / "data [v2]"
+    odd.mkdir()
+    (odd / "lab.tar").write_bytes(b"")
+    assert expand_shards(str(odd / "lab.tar")) == [str(odd / "lab.tar")]
 
 
 def _write_raw_shard(path: Path, keys: list[str]) -> None:
