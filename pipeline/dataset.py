@@ -251,6 +251,15 @@ def _key_for(rel: Path, used: set[str]) -> str:
     return key
 
 
+def _image_extensions() -> set[str]:
+    """File suffixes of the image formats PIL reads (``.jpg``, ``.png``, ``.tif``, ``.webp``...)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN}
+
+
 # Formats prepare stores as they are; the rest (TIFF, BMP, GIF: large, multi-page, or
 # palette-animated) are re-encoded to PNG, which every WebDataset tool reads.
 KEPT_FORMATS = ("png", "jpg", "jpeg", "webp")
@@ -292,16 +301,24 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     src, out = Path(src), location(out)
     if not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are never data.
+    files = sorted(p for p in src.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(src).parts))
     if not files:
         raise DatasetError(f"{src} contains no files; point it at a folder of images")
     info = load_dataset(out) if (out / DATASET_FILE).exists() else DatasetInfo(
         path=out, name=out.name, classes=[])
     labeled = split != "unlabeled"
     if labeled:
-        found = sorted({p.relative_to(src).parts[0] for p in files if p.parent != src})
+        # A class is a top folder holding an image file: a docs/ folder of notes is not one.
+        images = _image_extensions()
+        tops = {p.relative_to(src).parts[0] for p in files if p.parent != src}
+        found = sorted({p.relative_to(src).parts[0] for p in files
+                        if p.parent != src and p.suffix.lower() in images})
+        for name in sorted(tops - set(found)):
+            _log(f"prepare: {src / name} holds no image files; not a class")
         if not found:
-            raise DatasetError(f"{src}: a {split} split needs one subfolder per class")
+            raise DatasetError(f"{src}: a {split} split needs one subfolder of images per class")
         if info.classes and info.classes != found:
             raise DatasetError(f"{src}: classes {found} differ from the dataset's {info.classes}")
         info.classes = info.classes or found
@@ -312,7 +329,7 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     with ShardWriter(out / split, prefix=split, maxcount=shard_size) as w:
         for n, p in enumerate(files, 1):
             rel = p.relative_to(src)
-            label = index[rel.parts[0]] if labeled and len(rel.parts) > 1 else None
+            label = index.get(rel.parts[0]) if labeled and len(rel.parts) > 1 else None
             if labeled and label is None:
                 bad.append(f"{p} (not inside a class folder)")
                 continue

@@ -162,6 +162,30 @@ def test_register_errors(tmp_path: Path, digits_dir: Path,
     assert not (tmp_path / "o" / "dataset.json").exists()
 
 
+def test_imagefolder_classes_are_folders_of_images(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """What a real photo tree holds besides classes: hidden folders (.git, notebook checkpoints)
+    and folders of notes are not classes, and say so."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for folder, name in (("cat", "a.JPG"), ("dog", "b.png"), (".git", "HEAD"),
+                         (".ipynb_checkpoints", "x-checkpoint.ipynb"), ("docs", "README.md"),
+                         ("dog/.thumbs", "c.png")):
+        (src / folder).mkdir(parents=True, exist_ok=True)
+        if name.lower().endswith((".jpg", ".png")):
+            Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(
+                src / folder / name, format="JPEG" if name.endswith("JPG") else "PNG")
+        else:
+            (src / folder / name).write_text("not an image")
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "o")]) == 0
+    info = load_dataset(tmp_path / "o")
+    assert info.classes == ["cat", "dog"] and info.splits["labeled"].count == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'docs'} holds no image files; not a class" in err
+    assert ".git" not in err and "thumbs" not in err
+
+
 def test_imagefolder_long_names_and_a_replaced_unlabeled_split(tmp_path: Path,
                                                               digits_dir: Path) -> None:
     """A file deep in folders with a long name gets a short key (tar member names are short);
