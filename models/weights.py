@@ -18,7 +18,8 @@ Weights expect the layer settings they were trained with, which a state dict doe
 (docs/recipe.md): BatchNorm epsilon (PyTorch's 1e-5 for torchvision B0-B4 and timm's
 ``efficientnet_*``; 1e-3 for torchvision B5-B7 and every TF port) and, for TF ports, TF's "SAME"
 padding, which pads stride-2 convolutions asymmetrically. :func:`inspect_init` works them out
-(``style`` "auto": from the layout, the model size and a ``tf_`` in the file name) and returns
+(``style`` "auto": from the layout, the model size and a ``tf_`` in the file's name as given, not
+as a link resolves, or in a hub cache's ``models--timm--tf_...`` folder) and returns
 them as model options, which the round's model file records so that later rounds rebuild the
 same network.
 """
@@ -70,7 +71,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"--init-from {path}: no such file")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -101,6 +102,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise WeightsError(f"--init-from {path}: holds no state dict of tensors (looked in "
                            f"{', '.join(CONTAINERS)} and at the top level)")
     return {_strip(k): v for k, v in raw.items()}, payload
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name (a hub cache names its blobs by hash): 8 bytes of
+    header length, then the JSON header. torch.save's files are zip archives ("PK")."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and not head.startswith(b"PK") and head[8:9] == b"{"
 
 
 def _strip(key: str) -> str:
@@ -172,7 +181,9 @@ def _style(style: str, layout: str, payload: dict[str, Any], path: Path, model_n
     if payload:
         return "ours"
     if layout == "timm":
-        return "tf" if "tf_" in path.name.lower() else "timm"
+        # the file's own name, or the model folder of a hub cache (models--timm--tf_...)
+        names = [path.name.lower(), *(p.lower() for p in path.parts if p.startswith("models--"))]
+        return "tf" if any("tf_" in n for n in names) else "timm"
     return "torchvision"
 
 
@@ -187,13 +198,17 @@ def _options(style: str, payload: dict[str, Any], model_name: str) -> dict[str, 
 
 
 def inspect_init(path: str | Path, model_name: str, num_classes: int, *,
-                 style: str = "auto") -> InitPlan:
+                 style: str = "auto", classes: list[str] | None = None) -> InitPlan:
     """Check that ``path`` can start ``model_name`` with ``num_classes`` classes; one line on the
-    first problem. A different class count re-initialises the classifier (said in the plan)."""
+    first problem. A different class count re-initialises the classifier (said in the plan), and
+    so do other class names (``classes``) in one of our model files, which records them.
+
+    The path is made absolute, not resolved: a link's own name (``x.safetensors``,
+    ``tf_efficientnet_b0.pth``) is what says its format and style."""
     from models import create_model
     from pipeline.storage import sha256_file
 
-    path = Path(path).resolve()
+    path = Path(path).absolute()
     state, payload = read_state_dict(path)
     layout = "torchvision" if payload else _layout(state, path)
     style = _style(style, layout, payload, path, model_name)
@@ -204,11 +219,13 @@ def inspect_init(path: str | Path, model_name: str, num_classes: int, *,
     options = _options(style, payload, model_name)
     with torch.device("meta"):
         target = create_model(model_name, num_classes, **options).state_dict()
-    classes = _classes(mapped)
-    reinit = classes != num_classes
+    source = _classes(mapped)
+    named = payload.get("classes") if payload else None
+    reinit = source != num_classes or (classes is not None and named is not None
+                                       and list(named) != list(classes))
     _check_shapes(path, mapped, target, skip_classifier=reinit)
     return InitPlan(path=str(path), sha256=sha256_file(path), style=style, options=options,
-                    reinit_classifier=reinit, source_classes=classes)
+                    reinit_classifier=reinit, source_classes=source)
 
 
 def _layout(state: dict[str, torch.Tensor], path: Path) -> str:
@@ -227,7 +244,8 @@ def _check_shapes(path: Path, source: dict[str, torch.Tensor], target: dict[str,
                   *, skip_classifier: bool) -> None:
     wanted = {k: v for k, v in target.items()
               if not (skip_classifier and k.startswith("classifier."))}
-    missing = [k for k in wanted if k not in source]
+    # BatchNorm's step counter is bookkeeping that ports often drop; load_init fills it in
+    missing = [k for k in wanted if k not in source and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in source if k not in target]
     wrong = [f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
              if k in source and tuple(source[k].shape) != tuple(v.shape)]
@@ -258,6 +276,10 @@ def load_init(model: torch.nn.Module, plan: InitPlan) -> None:
     state, payload = read_state_dict(plan.path)
     if not payload and layout_of(state) == "timm":
         state = timm_to_torchvision(state)
+    own = model.state_dict()
     if plan.reinit_classifier:  # the model's own fresh classifier stays
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    model.load_state_dict(state, strict=not plan.reinit_classifier)
+        state.update({k: v for k, v in own.items() if k.startswith("classifier.")})
+    state.update({k: v for k, v in own.items()
+                  if k.endswith(".num_batches_tracked") and k not in state})
+    model.load_state_dict(state, strict=True)  # every other layer comes from the file

@@ -237,9 +237,11 @@ def _init_plan(cfg: TrainConfig, info: DatasetInfo) -> InitPlan | None:
     from models.weights import inspect_init
 
     plan = inspect_init(Path(cfg.init_from).expanduser(), cfg.model, info.num_classes,
-                        style=cfg.init_style)
-    note = (f"; its classifier ({plan.source_classes} classes) is re-initialised for the "
-            f"dataset's {info.num_classes}" if plan.reinit_classifier else "")
+                        style=cfg.init_style, classes=info.classes)
+    what = (f"{plan.source_classes} classes" if plan.source_classes != info.num_classes
+            else "other class names")
+    note = (f"; its classifier ({what}) is re-initialised for the dataset's "
+            f"{info.num_classes}" if plan.reinit_classifier else "")
     log(f"init: {cfg.model} starts from {plan.path} ({plan.style} weights, sha256 "
         f"{plan.sha256[:12]}...){note}")
     return plan

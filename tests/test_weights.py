@@ -174,3 +174,75 @@ def test_a_changed_file_is_refused_at_load(tmp_path: Path) -> None:
     torch.save(create_model("efficientnet_t0", 10).state_dict(), tmp_path / "w.pt")
     with pytest.raises(WeightsError, match="changed after the round checked it"):
         load_init(create_model("efficientnet_t0", 10), plan)
+
+
+def test_a_link_keeps_its_name_and_a_hashed_blob_is_still_read(tmp_path: Path) -> None:
+    """A hub cache: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>, in a folder named
+    models--timm--tf_efficientnet_b0. The link's own name and the folder say format and style."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = timm.create_model("tf_efficientnet_b0", num_classes=10)
+    _randomise_norms(src)
+    repo = tmp_path / "models--timm--tf_efficientnet_b0"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, repo / "blobs" / "3f2a9c")
+    link = repo / "snapshots" / "abc" / "model.safetensors"
+    link.symlink_to(Path("..") / ".." / "blobs" / "3f2a9c")
+    ours, plan = _ours_from(link, "efficientnet_b0", 10)
+    assert plan.style == "tf" and plan.path == str(link)  # recorded as the user named it
+    assert _max_logit_error(src, ours) < 1e-4
+    # the blob itself (a hashed name, no suffix) is recognised as safetensors by its header
+    assert inspect_init(repo / "blobs" / "3f2a9c", "efficientnet_b0", 10).sha256 == plan.sha256
+    tf_named = tmp_path / "tf_efficientnet_b0.pth"
+    torch.save(src.state_dict(), tmp_path / "77aa01")
+    tf_named.symlink_to(tmp_path / "77aa01")
+    assert inspect_init(tf_named, "efficientnet_b0", 10).style == "tf"
+
+
+def test_a_reinitialised_classifier_does_not_hide_missing_layers(tmp_path: Path) -> None:
+    """Loading is strict but for the classifier that is meant to start fresh: a file without a
+    layer is refused by the plan, and load_init itself refuses it too (a file changed after the
+    plan was made)."""
+    state = create_model("efficientnet_t0", 7).state_dict()
+    torch.save(state, tmp_path / "full.pt")
+    plan = inspect_init(tmp_path / "full.pt", "efficientnet_t0", 10)
+    assert plan.reinit_classifier and plan.source_classes == 7
+    model = create_model("efficientnet_t0", 10)
+    head = model.classifier[1].weight.clone()
+    load_init(model, plan)
+    assert torch.equal(model.classifier[1].weight, head)  # the fresh classifier stayed
+    assert torch.equal(model.features[1][0].block[0][0].weight,
+                       state["features.1.0.block.0.0.weight"])
+    partial = {k: v for k, v in state.items() if not k.startswith("features.1.")}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(WeightsError, match=r"missing features\.1\.0"):
+        inspect_init(tmp_path / "partial.pt", "efficientnet_t0", 10)
+    from pipeline.storage import sha256_file
+
+    forged = InitPlan(path=str(tmp_path / "partial.pt"), sha256=sha256_file(tmp_path /
+                      "partial.pt"), style="torchvision", reinit_classifier=True, source_classes=7)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*features\.1\.0"):
+        load_init(create_model("efficientnet_t0", 10), forged)
+
+
+def test_ported_weights_without_batchnorm_counters_load(tmp_path: Path) -> None:
+    src = create_model("efficientnet_t0", 10)
+    state = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "port.pt")
+    ours, _ = _ours_from(tmp_path / "port.pt", "efficientnet_t0", 10)
+    assert _max_logit_error(src, ours, 32) == 0.0
+
+
+def test_our_model_file_with_other_class_names_gets_a_fresh_classifier(tmp_path: Path) -> None:
+    """Same count, other names (or order): its rows would score the wrong classes."""
+    from pipeline.checkpoint import save_model_file
+
+    src = create_model("efficientnet_t0", 3)
+    save_model_file(tmp_path / "model.pt", src.state_dict(), model_name="efficientnet_t0",
+                    classes=["cat", "dog", "fox"], train_resolution=32, test_resolution=32)
+    same = inspect_init(tmp_path / "model.pt", "efficientnet_t0", 3, classes=["cat", "dog", "fox"])
+    assert not same.reinit_classifier
+    other = inspect_init(tmp_path / "model.pt", "efficientnet_t0", 3, classes=["dog", "cat", "fox"])
+    assert other.reinit_classifier and other.source_classes == 3
