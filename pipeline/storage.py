@@ -38,6 +38,9 @@ def atomic_write_bytes(path: str | Path | S3Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); a plain open() would give 0666 less the umask,
+        # which is what others on shared storage (another uid's Ray workers) need to read it
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,6 +50,17 @@ def atomic_write_bytes(path: str | Path | S3Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: set and restore (a moment's race, on such systems only)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path | S3Path, obj: Any) -> None:

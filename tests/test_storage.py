@@ -18,3 +18,18 @@ def test_atomic_write_bytes_replaces(tmp_path: Path) -> None:
     storage.atomic_write_bytes(p, b"1")
     storage.atomic_write_bytes(p, b"22")
     assert p.read_bytes() == b"22" and os.listdir(p.parent) == ["b.bin"]
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path: Path) -> None:
+    """Not mkstemp's private 0600: files on shared storage are read by other users' processes."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        storage.atomic_write_bytes(tmp_path / "a.json", b"{}")
+        with open(tmp_path / "b.json", "w"):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640
