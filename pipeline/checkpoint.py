@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.fs import S3Path, location
+from pipeline.fs import location
 from pipeline.storage import atomic_write_bytes, sha256_file
 
 FORMAT = 1
@@ -71,11 +71,11 @@ def read_model_file(path: str | Path, expected_sha256: str | None = None) -> dic
     path = location(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist; rerun the round that makes it")
-    # From an object store, one download serves both the hash and the load.
-    source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, S3Path) else path
+    # One read serves both the hash and the load: what is checked is what is loaded, even if
+    # the file is replaced in between (and from an object store, one download).
+    source = io.BytesIO(path.read_bytes())
     if expected_sha256 is not None:
-        actual = (hashlib.sha256(source.getbuffer()).hexdigest() if isinstance(source, io.BytesIO)
-                  else sha256_file(path))
+        actual = hashlib.sha256(source.getbuffer()).hexdigest()
         if actual != expected_sha256:
             raise CheckpointError(
                 f"model file {path} has sha256 {actual[:12]}..., but its manifest records "

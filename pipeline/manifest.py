@@ -356,9 +356,17 @@ def load_round_file(path: str | Path | S3Path) -> RoundRecord:
 
 
 def load_round(layout: RunLayout, round_: int) -> RoundRecord | None:
-    """Round ``round_`` of the run, validated, or None when it has no manifest."""
+    """Round ``round_`` of the run, validated, or None when it has no manifest. A record of
+    another run or round (a manifest copied or renamed) is refused: its files are elsewhere."""
     path = layout.manifest_path(round_)
-    return load_round_file(path) if path.exists() else None
+    if not path.exists():
+        return None
+    rec = load_round_file(path)
+    if rec.run != layout.run or rec.round != round_:
+        raise ManifestError(f"{path} is the record of round {rec.round} of run {rec.run!r}, not of "
+                            f"round {round_} of run {layout.run!r} (copied or renamed?); put the "
+                            "right manifest back")
+    return rec
 
 
 def save_round(layout: RunLayout, rec: RoundRecord) -> Path:

@@ -56,6 +56,21 @@ def test_create_save_load_roundtrip(tmp_path: Path) -> None:
     assert raw["events"][0]["event"] == "start"
 
 
+def test_a_manifest_copied_to_another_run_or_round_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    path = save_round(RunLayout(tmp_path, "r1"), _teacher())
+    other = RunLayout(tmp_path, "r2")
+    other.manifest_path(0).parent.mkdir(parents=True)
+    shutil.copy(path, other.manifest_path(0))
+    with pytest.raises(ManifestError, match=r"round-0.json is the record of round 0 of run 'r1', "
+                                            r"not of round 0 of run 'r2' \(copied or renamed\?\)"):
+        load_round(other, 0)
+    shutil.copy(path, RunLayout(tmp_path, "r1").manifest_path(1))
+    with pytest.raises(ManifestError, match="not of round 1 of run 'r1'"):
+        load_round(RunLayout(tmp_path, "r1"), 1)
+
+
 def test_student_record_keeps_teacher_and_pseudo_labels(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path, "r")
     rec = new_round(run="r", round_=1, config={}, model=None, data=DataRef("/d", "h"),
