@@ -14,6 +14,7 @@ and the shards may be local or on object storage (``s3://bucket/prefix``, :mod:`
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -251,6 +252,23 @@ def _key_for(rel: Path, used: set[str]) -> str:
     return key
 
 
+def _files_under(src: Path) -> list[Path]:
+    """Every file under ``src``, sorted, following linked folders (a class folder is often a
+    link to where the images live; Path.rglob does not follow them) but never into a loop.
+    Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are never data."""
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder) / n for n in names
+                  if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+    return sorted(files)
+
+
 def _image_extensions() -> set[str]:
     """File suffixes of the image formats PIL reads (``.jpg``, ``.png``, ``.tif``, ``.webp``...)."""
     from PIL import Image
@@ -301,9 +319,7 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     src, out = Path(src), location(out)
     if not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
-    # Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are never data.
-    files = sorted(p for p in src.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    files = _files_under(src)
     if not files:
         raise DatasetError(f"{src} contains no files; point it at a folder of images")
     info = load_dataset(out) if (out / DATASET_FILE).exists() else DatasetInfo(

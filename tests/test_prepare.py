@@ -178,9 +178,15 @@ def test_imagefolder_classes_are_folders_of_images(tmp_path: Path,
                 src / folder / name, format="JPEG" if name.endswith("JPG") else "PNG")
         else:
             (src / folder / name).write_text("not an image")
+    # a class folder that is a link to where its images live is followed; a loop is not
+    elsewhere = tmp_path / "elsewhere" / "bird"
+    elsewhere.mkdir(parents=True)
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(elsewhere / "c.png")
+    (src / "bird").symlink_to(elsewhere)
+    (src / "cat" / "loop").symlink_to(src)
     assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "o")]) == 0
     info = load_dataset(tmp_path / "o")
-    assert info.classes == ["cat", "dog"] and info.splits["labeled"].count == 2
+    assert info.classes == ["bird", "cat", "dog"] and info.splits["labeled"].count == 3
     err = capsys.readouterr().err
     assert f"{src / 'docs'} holds no image files; not a class" in err
     assert ".git" not in err and "thumbs" not in err
