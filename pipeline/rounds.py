@@ -273,7 +273,8 @@ def _start_record(p: Plan, use_gpu: bool) -> RoundRecord:
         rec.mark_running()
         rec.config = to_dict(cfg)
         rec.model = model_record(cfg, p.info.num_classes, options)  # None when made by
-        rec.add_event("restart", resumes_training=has_checkpoint(  # jobs/pseudo_label.py
+        rec.cluster = cluster_summary(cfg.num_workers, use_gpu)  # jobs/pseudo_label.py
+        rec.add_event("restart", resumes_training=has_checkpoint(
             p.layout.artifact_dir(p.round_)))
     else:
         rec = new_round(run=cfg.run, round_=p.round_, config=to_dict(cfg),

@@ -233,6 +233,8 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
     # round 1's pseudo-label stages were done by jobs/pseudo_label.py and not redone
     assert [e["event"] for e in s1["events"]][-1] == "restart"
     assert "resumes_training" in s1["events"][-1]
+    # ... and the record names the cluster that trained it, not the labeling job's
+    assert s1["cluster"]["num_workers"] == 1 and s1["cluster"]["nodes"] >= 1
 
 
 @pytest.mark.slow
