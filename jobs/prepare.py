@@ -25,6 +25,17 @@ from pipeline.fs import StorageError, check_location, location  # noqa: E402
 from pipeline.shards import ShardError  # noqa: E402
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage line names the option otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,14 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-fraction", type=float, default=0.3,
                    help="share of all images held out for testing (default 0.3)")
     d.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    d.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
+    d.add_argument("--shard-size", type=_positive, default=100,
+                   help="samples per shard (default 100)")
 
     f = sub.add_parser("imagefolder", help="a class-per-subfolder tree (flat for unlabeled)")
     f.add_argument("src", type=Path, help="folder of images")
     f.add_argument("--out", required=True,
                    help="dataset folder, created or extended (local or s3://)")
     f.add_argument("--split", choices=SPLITS, default="labeled", help="which split to write")
-    f.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    f.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
 
     r = sub.add_parser("register", help="describe existing shards without copying them")
     for split in SPLITS:

@@ -48,6 +48,15 @@ def test_digits_cli_is_deterministic(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
 
+def test_shard_size_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["digits"], ["imagefolder", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            prepare_main([*command, "--out", str(tmp_path / "o"), "--shard-size", "0"])
+        assert e.value.code == 2
+        assert "argument --shard-size: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_digits_bad_fractions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = prepare_main(["digits", "--out", str(tmp_path), "--labeled-fraction", "0.8",
                        "--test-fraction", "0.3"])
