@@ -226,8 +226,34 @@ def plan_round(cfg: TrainConfig) -> Plan:
             check_teacher_unchanged(existing, parent)
     if parent is not None:  # a changed teacher file is refused now, not after Ray's start-up
         check_model_file(parent)
+    init = _init_plan(cfg, info)
+    if existing is not None and not cfg.force:
+        check_same_start(existing, cfg, init)
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
-                existing=None if cfg.force else existing, init=_init_plan(cfg, info))
+                existing=None if cfg.force else existing, init=init)
+
+
+def check_same_start(rec: RoundRecord, cfg: TrainConfig, init: InitPlan | None) -> None:
+    """A round continues only as the network it started as: its checkpoints hold weights for
+    that network (BatchNorm settings, padding) and its record names the weights it started from.
+    Another --init-from, --init-style or --norm on a rerun would rebuild another network and
+    load them into it without a complaint (the shapes agree). Before training has started
+    (labeling stages only) nothing depends on them yet."""
+    if rec.stage("train") is None:
+        return
+    options = init.options if init is not None else cfg.model_options()
+    before_sha = (rec.init or {}).get("sha256")
+    now_sha = init.sha256 if init is not None else None
+    if rec.model is not None and dict(rec.model.options) != dict(options):
+        what = f"layer options {dict(rec.model.options)} (now {dict(options)})"
+    elif before_sha != now_sha:
+        what = (f"--init-from {(rec.init or {}).get('file', 'none')}"
+                f"{f' (sha256 {before_sha[:12]}...)' if before_sha else ''}")
+    else:
+        return
+    raise RunError(f"round {rec.round} of run {rec.run!r} was started with {what}; run it again "
+                   "with the same --init-from, --init-style and --norm, or pass --force to "
+                   "start it over")
 
 
 def _init_plan(cfg: TrainConfig, info: DatasetInfo) -> InitPlan | None:

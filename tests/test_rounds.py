@@ -251,3 +251,32 @@ def test_a_round_started_with_another_teacher_is_refused_before_writing(
         run_label_stages(layout, 1, PseudoLabelConfig(), rec)
     assert manifest.read_bytes() == before
     assert plan_round(StudentConfig(run="r", root=str(tmp_path), round=1, force=True))
+
+
+def test_a_round_continues_only_as_the_network_it_started_as(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path) -> None:
+    """Its checkpoints hold weights for one network: a rerun with another --norm (or without the
+    --init-from it started from) would rebuild another and load them into it silently."""
+    from pipeline.config import TrainConfig
+    from pipeline.manifest import save_round
+    from pipeline.rounds import plan_round
+    from pipeline.runner import RunError
+
+    rec = make_round0(tmp_path, "r", digits_dir, teacher_model, status="running")
+    rec.model.options = {"norm_eps": 1e-3, "norm_momentum": 0.01}  # --norm tf, the default
+    save_round(RunLayout(tmp_path, "r"), rec)
+    plain = {"run": "r", "root": str(tmp_path), "data": str(digits_dir)}
+    assert plan_round(TrainConfig(**plain, norm="pytorch")).existing is not None  # not trained
+    rec.set_stage("train", "failed")
+    save_round(RunLayout(tmp_path, "r"), rec)
+    assert plan_round(TrainConfig(**plain)).existing is not None  # the same network
+    with pytest.raises(RunError, match=r"^round 0 of run 'r' was started with layer options "
+                                       r"\{'norm_eps': 0.001, 'norm_momentum': 0.01\} \(now \{\}\); "
+                                       r"run it again with the same --init-from, --init-style and "
+                                       r"--norm, or pass --force"):
+        plan_round(TrainConfig(**plain, norm="pytorch"))
+    assert plan_round(TrainConfig(**plain, norm="pytorch", force=True)).existing is None
+    rec.init = {"file": "b0.pth", "sha256": "ab" * 32}
+    save_round(RunLayout(tmp_path, "r"), rec)
+    with pytest.raises(RunError, match=r"was started with --init-from b0.pth \(sha256 ababab"):
+        plan_round(TrainConfig(**plain))
