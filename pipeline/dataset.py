@@ -252,6 +252,12 @@ def _key_for(rel: Path, used: set[str]) -> str:
     return key
 
 
+def _natural(name: str) -> list[Any]:
+    """Sort key: runs of digits compare as numbers ("class2" before "class10")."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name) if part]
+
+
 def _files_under(src: Path) -> list[Path]:
     """Every file under ``src``, sorted, following linked folders (a class folder is often a
     link to where the images live; Path.rglob does not follow them) but never into a loop.
@@ -335,9 +341,16 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
             _log(f"prepare: {src / name} holds no image files; not a class")
         if not found:
             raise DatasetError(f"{src}: a {split} split needs one subfolder of images per class")
-        if info.classes and info.classes != found:
-            raise DatasetError(f"{src}: classes {found} differ from the dataset's {info.classes}")
-        info.classes = info.classes or found
+        if info.classes:  # a split of a dataset that has its classes: a subset, their indices
+            extra = [c for c in found if c not in info.classes]
+            if extra:
+                raise DatasetError(f"{src}: classes {extra} are not among the dataset's "
+                                   f"{info.classes}; name the folders as the dataset's classes")
+            absent = [c for c in info.classes if c not in found]
+            if absent:
+                _log(f"prepare: {split}: no images of class(es) {absent}")
+        else:  # numbers in numeric order ("2" before "10"), as register numbers its classes
+            info.classes = sorted(found, key=_natural)
     index = {c: i for i, c in enumerate(info.classes)}
     bad: list[str] = []
     labels: list[int] = []

@@ -254,3 +254,25 @@ def test_cli_help_runs() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), "--help"],
                          capture_output=True, text=True, check=True)
     assert "digits" in out.stdout and "register" in out.stdout
+
+
+def test_imagefolder_numbers_classes_in_numeric_order_and_takes_a_subset_split(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Folders 1, 2, 10 are classes 0, 1, 2 (as register would number labels 1, 2, 10 in
+    order); a later split may hold some of the dataset's classes, with the dataset's indices."""
+    from PIL import Image
+
+    for split, classes in (("train", ["1", "10", "2"]), ("val", ["10"])):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4, 3), int(c), np.uint8)).save(
+                tmp_path / split / c / "a.png")
+    out = tmp_path / "ds"
+    assert prepare_main(["imagefolder", str(tmp_path / "train"), "--out", str(out)]) == 0
+    assert load_dataset(out).classes == ["1", "2", "10"]
+    assert prepare_main(["imagefolder", str(tmp_path / "val"), "--out", str(out), "--split",
+                         "test"]) == 0
+    assert "test: no images of class(es) ['1', '2']" in capsys.readouterr().err
+    info = load_dataset(out)
+    assert info.splits["test"].class_counts == {"1": 0, "2": 0, "10": 1}
+    assert [s.label for s in read_samples(info.splits["test"].shards)] == [2]
