@@ -13,6 +13,7 @@ and the shards may be local or on object storage (``s3://bucket/prefix``, :mod:`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -242,8 +243,6 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
 def _key_for(rel: Path, used: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_-]", "_", str(rel.with_suffix("")))
     if len(base) > 70:  # tar member names are short (MAX_KEY_LENGTH): keep the end, add a hash
-        import hashlib
-
         base = f"{hashlib.sha1(base.encode()).hexdigest()[:12]}_{base[-56:]}"
     key, n = base, 1
     while key in used:

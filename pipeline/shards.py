@@ -351,6 +351,8 @@ def _raw_label(members: Mapping[str, Any]) -> int | None:
         label = meta.get("label") if isinstance(meta, dict) else None
         if label is None:
             return None
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+            return int(label)  # "3": some writers store every field as text
         if isinstance(label, bool) or not isinstance(label, int):
             raise ValueError(f'"label" in .json is not an integer: {str(label)[:20]!r}')
         return label

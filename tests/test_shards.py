@@ -153,16 +153,18 @@ def test_metadata_json_without_a_label_is_an_unlabeled_sample(tmp_path: Path) ->
         "002.png": png, "002.json": json.dumps({"label": 1.9}).encode(),
         "003.png": png, "003.cls": b"-1",
         "004.png": png, "004.json": b"{not json",
+        "005.png": png, "005.json": json.dumps({"label": "4"}).encode(),
     })
     got = list(read_shard(path))
     assert [(type(s).__name__, s.key) for s in got] == [
         ("Sample", "000"), ("Sample", "001"), ("BadSample", "002"), ("BadSample", "003"),
-        ("BadSample", "004")]
+        ("BadSample", "004"), ("Sample", "005")]
     assert got[0].label is None and got[1].label == 2 and got[1].image_format == "tif"
     assert decode_image(got[1].image).shape == (3, 8, 6)
     assert got[2].reason == "\"label\" in .json is not an integer: '1.9'"
     assert got[3].reason == "label -1 is negative; class indices start at 0"
     assert got[4].reason == ".json is not valid JSON"
+    assert got[5].label == 4  # a number written as text
 
 
 def test_keys_longer_than_a_tar_name_are_refused_by_name(tmp_path: Path) -> None:
