@@ -251,7 +251,7 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
 def training_error(e: BaseException) -> RunError:
     """What ``fit`` raises for an exception out of Ray Train: RunError with the worker's line and,
     unless that line is one of our user errors (which name their fix), how to go on."""
-    text = "\n".join(_cause_texts(e))
+    text = "\n".join(str(x) for x in _chain(e))
     full = re.search(r"\[Errno (28|122)\] [^:\n]*(?:: '([^'\n]*)')?", text)
     if full:  # ENOSPC, EDQUOT: raised in a worker, crossed Ray's process boundary as text
         what = "no space left on device" if full.group(1) == "28" else "disk quota exceeded"
@@ -282,14 +282,15 @@ def _root_cause(e: BaseException) -> tuple[str, bool]:
     worker's traceback), or one with ``worker_failures``; the whole cause chain is searched for
     our user errors, the innermost last, so that its message wins.
     """
-    texts = _cause_texts(e)
+    chain = _chain(e)
+    texts = [str(x) for x in chain]
     text = "\n".join(texts)
     for name in _USER_ERRORS:
         m = re.findall(rf"{name}: (.+)", text)
         if m:
             return m[-1].strip(), True
     lines = [ln.strip() for ln in texts[-1].splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(_innermost(e)).__name__), False
+    return (lines[-1] if lines else type(chain[-1]).__name__), False
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -303,11 +304,3 @@ def _chain(e: BaseException) -> list[BaseException]:
         out.append(cur)
         cur = cur.__cause__
     return out
-
-
-def _cause_texts(e: BaseException) -> list[str]:
-    return [str(x) for x in _chain(e)]
-
-
-def _innermost(e: BaseException) -> BaseException:
-    return _chain(e)[-1]

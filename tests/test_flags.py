@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "jobs") not in sys.path:  # the jobs' own modules (demo, prepare, report...)
+    sys.path.insert(0, str(REPO / "jobs"))
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?![\w-])")
 
 # Flags of other programs that the code and docs quote: ray (job submit, start), git, pip,
@@ -40,7 +42,6 @@ def _parser_flags(parser: argparse.ArgumentParser) -> set[str]:
 def job_flags() -> set[str]:
     """The options of jobs/teacher.py, student.py, pseudo_label.py, report.py, prepare.py and
     demo.py, plus what parse_config adds (--preset) and every parser has (--help)."""
-    sys.path.insert(0, str(REPO / "jobs"))
     import demo
     import prepare
     from pseudo_label import PseudoLabelJob
@@ -140,7 +141,6 @@ def doc_commands() -> list[tuple[str, str, list[str]]]:
 
 def parse_job_args(job: str, args: list[str]) -> object:
     """The job's own parser, without running it."""
-    sys.path.insert(0, str(REPO / "jobs"))
     import demo
     import prepare
     import pseudo_label
