@@ -54,7 +54,7 @@ def pseudo_batches(job: Job, ctx: WorkerContext, transform: Any, seed: int) -> I
                           temperature=cfg.temperature if cfg.soft_labels else -1.0,
                           rank=ctx.rank, world_size=ctx.world_size,
                           shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-                          cache_bytes=cache_bytes(cfg))
+                          cache_bytes=cache_bytes(cfg), weights=job.pseudo.get("weights"))
     return iter(make_loader(stream, pseudo_batch_size(cfg), cfg.loader_workers))
 
 

@@ -11,6 +11,9 @@ Why streams look the way they do:
   the pseudo-labeled stream is dealt only shards with a selected row
   (:func:`pipeline.pseudo_files.shards_with_selection`), and a labeled reader whose shards give
   no usable sample in a whole pass stops with a ShardError naming them.
+* Readers take samples at the same rate, so the pseudo-labeled shards are dealt balanced by
+  their copies (:func:`balanced`), not round-robin: otherwise a reader dealt lightly selected
+  shards repeats its few samples more often than the others.
 * Evaluation streams are finite and disjoint (each sample is seen exactly once across ranks);
   metrics are summed across ranks afterwards.
 * Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
@@ -51,18 +54,45 @@ _END_OF_PASS = object()  # marks where a training stream's pass over its shards 
 
 
 def assign_shards(shards: list[str], reader: int, num_readers: int, *,
-                  exhaustive: bool) -> list[str]:
+                  exhaustive: bool, weights: list[int] | None = None) -> list[str]:
     """Shards of reader ``reader`` out of ``num_readers`` (rank x loader worker).
 
     ``exhaustive`` (evaluation): a strict partition; a reader may get nothing. Otherwise
-    (training): round-robin, wrapping so that no reader is left without a shard.
+    (training): round-robin, wrapping so that no reader is left without a shard. With
+    ``weights`` (samples per shard), a partition balanced by weight instead (:func:`balanced`).
     """
     if not shards:
         raise ValueError("no shards to read")
-    mine = shards[reader::num_readers]
+    if weights is not None:
+        mine = balanced(shards, weights, num_readers)[reader]
+    else:
+        mine = shards[reader::num_readers]
     if mine or exhaustive:
         return mine
     return [shards[reader % len(shards)]]
+
+
+def balanced(shards: list[str], weights: list[int], num_readers: int) -> list[list[str]]:
+    """``shards`` split into ``num_readers`` parts of near-equal total weight, each in the
+    shards' order; the same on every reader (it depends on nothing else).
+
+    Why: every reader of a training stream gives the same number of samples per step, so a
+    sample's share of the steps is inversely proportional to its reader's total. Round-robin
+    by position evens out the number of shards, not what they hold: selection keeps from 0 to
+    every row of a shard, and a reader dealt light shards would repeat its samples more often.
+    Heaviest first onto the lightest part (within 4/3 of the best split; ties by index).
+    """
+    import heapq
+
+    if len(weights) != len(shards):
+        raise ValueError(f"{len(weights)} weights for {len(shards)} shards")
+    parts: list[list[int]] = [[] for _ in range(num_readers)]
+    loads = [(0, r) for r in range(num_readers)]
+    for i in sorted(range(len(shards)), key=lambda i: (-weights[i], i)):
+        load, r = heapq.heappop(loads)
+        parts[r].append(i)
+        heapq.heappush(loads, (load + weights[i], r))
+    return [[shards[i] for i in sorted(part)] for part in parts]
 
 
 def _reader_index(rank: int, world_size: int) -> tuple[int, int]:
@@ -278,8 +308,10 @@ class PseudoStream(IterableDataset):
 
     def __init__(self, shards: list[str], pseudo_dir: str, transform: Transform, *,
                  num_classes: int, temperature: float, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 1000, seed: int = 0, cache_bytes: int = 0) -> None:
+                 shuffle_buffer: int = 1000, seed: int = 0, cache_bytes: int = 0,
+                 weights: list[int] | None = None) -> None:
         self.shards, self.pseudo_dir, self.transform = list(shards), pseudo_dir, transform
+        self.weights = list(weights) if weights is not None else None  # copies per shard
         self.num_classes, self.temperature = num_classes, temperature
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -320,7 +352,8 @@ class PseudoStream(IterableDataset):
         from pipeline.losses import dense_targets
 
         reader, readers = _reader_index(self.rank, self.world_size)
-        mine = assign_shards(self.shards, reader, readers, exhaustive=False)
+        mine = assign_shards(self.shards, reader, readers, exhaustive=False,
+                             weights=self.weights)
         rng = random.Random(self.seed * 1_000_003 + 7919 + reader)
         torch.manual_seed(self.seed * 1_000_003 + 7919 + reader)
         cache = DecodedCache(self.cache_bytes) if self.cache_bytes > 0 else None

@@ -95,6 +95,8 @@ class PseudoFile:
     name: str
     rows: int | None = None  # None: not recorded (a folder listed by the report)
     sha256: str = ""
+    kept: int | None = None  # rows selection kept; None: a manifest from before this count
+    copies: int | None = None  # their copies summed (what the file gives a pass of training)
 
 
 @dataclass

@@ -178,13 +178,18 @@ def read_selected(path: str | Path) -> dict[str, tuple[int, np.ndarray, np.ndarr
             for k, c, i, p in zip(keys, copies, idx, prob, strict=True)}
 
 
-def shards_with_selection(shards: list[str], pseudo_dir: str | Path) -> list[str]:
-    """The shards (in their order) whose pseudo-label file has a row that selection kept.
+def shards_with_selection(shards: list[str], pseudo_dir: str | Path,
+                          recorded: dict[str, int | None] | None = None
+                          ) -> tuple[list[str], list[int]]:
+    """The shards (in their order) whose pseudo-label file has a row that selection kept, and
+    each one's copies summed (how many samples it gives a pass of training).
 
-    The student's pseudo-labeled stream deals shards out to its readers (ranks x loader
-    workers); a reader dealt only shards without one would have nothing to give, so the driver
-    hands out these only. Reads one int column per file, a few files at a time (object
-    storage answers each read in tens of milliseconds).
+    The student's pseudo-labeled stream deals these out to its readers (ranks x loader
+    workers), balanced by copies: a reader dealt only shards without a selected row would have
+    nothing to give. ``recorded`` (file name -> copies, from the manifest's
+    ``pseudo_labels.files``) answers without reading; a file it lacks (a manifest from before
+    the count was recorded, or truth-label files) has its ``copies`` column read, a few files
+    at a time (object storage answers each read in tens of milliseconds).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -192,13 +197,19 @@ def shards_with_selection(shards: list[str], pseudo_dir: str | Path) -> list[str
 
     names = pseudo_file_names(shards)
     folder = location(pseudo_dir)
+    recorded = recorded or {}
 
-    def kept(shard: str) -> bool:
+    def copies(shard: str) -> int:
+        known = recorded.get(names[shard])
+        if known is not None:
+            return int(known)
         column = read_table(folder / names[shard], columns=["copies"]).column("copies")
-        return bool((column.to_numpy() > 0).any()) if len(column) else False
+        return int(column.to_numpy().sum()) if len(column) else 0
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return [s for s, k in zip(shards, pool.map(kept, shards), strict=True) if k]
+        counted = list(pool.map(copies, shards))
+    kept = [(s, c) for s, c in zip(shards, counted, strict=True) if c > 0]
+    return [s for s, _ in kept], [c for _, c in kept]
 
 
 def write_truth_files(keys_by_file: dict[str, list[str]], labels: dict[str, int],

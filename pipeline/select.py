@@ -410,7 +410,10 @@ def select_pseudo_labels(out_dir: str | Path, num_classes: int, cfg: PseudoLabel
             pause_point("select")  # tests only (tests/test_faults.py)
         kept += np.bincount(labels[file_copies > 0], minlength=num_classes)
         copies += np.bincount(labels, weights=file_copies, minlength=num_classes).astype(np.int64)
-        files.append({"name": path.name, "rows": len(labels), "sha256": sha})
+        # Per file: what the training readers are dealt by (train_stage.make_job), so that a
+        # student's start reads the manifest, not one column of every file.
+        files.append({"name": path.name, "rows": len(labels), "kept": int((file_copies > 0).sum()),
+                      "copies": int(file_copies.sum()), "sha256": sha})
     progress(f"select: threshold {cfg.threshold}, K {plan.k}: {int(kept.sum())} of "
              f"{stats.rows} images kept, {int(copies.sum())} with copies")
     return {

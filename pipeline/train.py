@@ -192,7 +192,8 @@ class Job:
     model: dict[str, Any]  # {"name", "train_resolution", "test_resolution", "dropout", "drop_path",
     #                         "options" (create_model's extra arguments)}
     predictions_dir: str
-    pseudo: dict[str, Any] | None = None  # {"shards", "dir", "count" (sum of copies)}
+    pseudo: dict[str, Any] | None = None  # {"shards", "weights" (copies per shard), "dir",
+    #                                         "count" (sum of copies)}
     randaugment: dict[str, Any] | None = None  # {"num_ops", "magnitude"}
     init: dict[str, Any] | None = None  # models.weights.InitPlan as a dict: --init-from, checked
     tensorboard_dir: str | None = None  # rank 0 writes its event files here

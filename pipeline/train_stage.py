@@ -37,7 +37,9 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
         if pseudo["count"] == 0:
             raise RunError("selection kept no pseudo-labels; lower --threshold or check the "
                            "teacher")
-        pseudo["shards"] = shards_with_selection(pseudo["shards"], pseudo["dir"])
+        recorded = None if cfg.truth_labels else {f.name: f.copies for f in pl.files}
+        pseudo["shards"], pseudo["weights"] = shards_with_selection(pseudo["shards"],
+                                                                    pseudo["dir"], recorded)
         if cfg.randaugment and cfg.randaugment_n > 0 and cfg.randaugment_m:
             randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m,
                            "pixels": cfg.randaugment_pixels}

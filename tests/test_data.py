@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,62 @@ def test_a_training_reader_with_nothing_usable_stops_instead_of_hanging(tmp_path
         next(iter(LabeledStream(broken, _as_float, num_classes=2, damage_limit=1.0)))
 
 
+def test_balanced_deals_by_weight_and_keeps_round_robin_for_equal_weights() -> None:
+    from pipeline.data import balanced
+
+    shards = [f"s{i}" for i in range(10)]
+    weights = [9] + [1] * 9  # one shard selected whole, the rest lightly
+    parts = balanced(shards, weights, 2)
+    assert sorted(s for p in parts for s in p) == sorted(shards)  # each shard exactly once
+    load = [sum(weights[shards.index(s)] for s in p) for p in parts]
+    assert load == [9, 9]  # round-robin by position: 13 and 5
+    assert [assign_shards(shards, r, 2, exhaustive=False) for r in range(2)] == \
+        [shards[0::2], shards[1::2]]
+    assert [assign_shards(shards, r, 2, exhaustive=False, weights=weights) for r in range(2)] \
+        == parts
+    # Equal weights: the round-robin of before, each part in the shards' order.
+    assert balanced(shards, [3] * 10, 3) == [shards[0::3], shards[1::3], shards[2::3]]
+    # Fewer shards than readers: the empty parts wrap around as before.
+    assert [assign_shards(shards[:2], r, 4, exhaustive=False, weights=[5, 1])
+            for r in range(4)] == [["s0"], ["s1"], ["s0"], ["s1"]]
+    with pytest.raises(ValueError, match="2 weights for 3 shards"):
+        balanced(shards[:3], [1, 1], 2)
+
+
+def test_pseudo_readers_repeat_samples_evenly_when_shards_are_dealt_by_copies(
+        tmp_path: Path) -> None:
+    """Each reader gives as many samples per step, so a reader dealt light shards repeats its
+    samples more often; dealt by copies, the passes are as even as the shards allow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import PseudoStream
+
+    shards = _varied_shards(tmp_path / "unl", 12, maxcount=3)  # 4 shards of 3
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    selected = [[2, 2, 2], [1, 0, 0], [1, 0, 0], [1, 0, 0]]  # copies: 6, 1, 1, 1
+    for n, copies in enumerate(selected):
+        pq.write_table(pa.table({
+            "key": [f"k{3 * n + i:02d}" for i in range(3)], "copies": pa.array(copies, pa.int32()),
+            "topk_index": pa.array([[0, 1]] * 3, pa.list_(pa.int32())),
+            "topk_prob": pa.array([[0.75, 0.25]] * 3, pa.list_(pa.float16()))}),
+            out / f"v-{n:06d}.parquet")
+
+    def seen(rank: int, weights: list[int] | None, n: int = 42) -> Counter[int]:
+        """Which images (by pixel value: image i is 10 i) the reader gives, how often."""
+        it = iter(PseudoStream(shards, str(out), _as_float, num_classes=2, temperature=1.0,
+                               rank=rank, world_size=2, shuffle_buffer=0, weights=weights))
+        return Counter(round(next(it)[0].mean().item() / 10) for _ in range(n))
+
+    # Round-robin: reader 0 has 7 copies a pass, reader 1 two, so it repeats 3.5 times as often.
+    assert seen(0, None) == {0: 12, 1: 12, 2: 12, 6: 6}
+    assert seen(1, None) == {3: 21, 9: 21}
+    # Dealt by copies: 6 and 3, the best split of these shards.
+    assert seen(0, [6, 1, 1, 1]) == {0: 14, 1: 14, 2: 14}
+    assert seen(1, [6, 1, 1, 1]) == {3: 14, 6: 14, 9: 14}
+
+
 def test_only_shards_with_selected_rows_are_dealt_to_pseudo_readers(tmp_path: Path) -> None:
     """A reader whose shards kept no pseudo-label (all below the threshold, an empty shard)
     had nothing to give and failed the round; the driver now deals out only shards with one."""
@@ -279,7 +336,14 @@ def test_only_shards_with_selected_rows_are_dealt_to_pseudo_readers(tmp_path: Pa
     pq.write_table(pa.table({"key": pa.array([], pa.string()), "copies": pa.array([], pa.int32())}),
                    out / "v-000002.parquet")
     listed = [*shards, str(tmp_path / "unl" / "v-000002.tar")]
-    assert shards_with_selection(listed, out) == [shards[0]]
+    assert shards_with_selection(listed, out) == ([shards[0]], [4])
+    # The counts the manifest records answer without reading a file (a missing one here).
+    recorded = {"v-000000.parquet": 4, "v-000001.parquet": 0, "v-000002.parquet": 0,
+                "v-000003.parquet": 5}
+    gone = [*listed, str(tmp_path / "unl" / "v-000003.tar")]
+    assert shards_with_selection(gone, out, recorded) == ([shards[0], gone[-1]], [4, 5])
+    with pytest.raises(FileNotFoundError):  # without the record, that file is read
+        shards_with_selection(gone, out, {**recorded, "v-000003.parquet": None})
 
     def stream(rank: int, dealt: list[str]) -> PseudoStream:
         return PseudoStream(dealt, str(out), _as_float, num_classes=2, temperature=1.0,
@@ -288,7 +352,7 @@ def test_only_shards_with_selected_rows_are_dealt_to_pseudo_readers(tmp_path: Pa
     with pytest.raises(ValueError, match="no selected pseudo-labels"):  # before: rank 1 failed
         next(iter(stream(1, shards)))
     for rank in (0, 1):  # each reader now has selected rows to give
-        it = iter(stream(rank, shards_with_selection(listed, out)))
+        it = iter(stream(rank, shards_with_selection(listed, out)[0]))
         assert [next(it)[1].argmax().item() for _ in range(8)] == [0] * 8
 
 

@@ -405,6 +405,10 @@ def test_select_writes_copies_consistent_with_plan_and_counts(tmp_path: Path) ->
     assert result["kept"] == sum(v["kept"] for v in result["per_class"].values())
     assert {f["name"]: f["sha256"] for f in result["files"]} == {
         p.name: sha256_file(p) for p in tmp_path.glob("*.parquet")}
+    # Per file, what the training readers are dealt by (without reading the files again).
+    assert {f["name"]: (f["kept"], f["copies"]) for f in result["files"]} == {
+        name: (int((t["copies"] > 0).sum()), int(t["copies"].sum())) for name, t in tables.items()}
+    assert sum(f["copies"] for f in result["files"]) == result["selected_with_copies"]
     again = select_pseudo_labels(tmp_path, 3, cfg, classes=["a", "b", "c"],
                                  progress=lambda _: None)
     assert again == result  # idempotent: same plan, files untouched

@@ -238,6 +238,38 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monkeypatch) -> None:
+    """Select records each file's kept rows and copies; the student's start deals the shards by
+    those counts without reading a file (thousands of reads on object storage)."""
+    import pipeline.pseudo_files
+    from pipeline.dataset import load_dataset
+    from pipeline.manifest import load_round
+    from pipeline.rounds import Plan
+    from pipeline.train_stage import make_job
+
+    layout = RunLayout(tiny_run, "e2e")
+    rec = load_round(layout, 1)
+    out = layout.pseudo_dir(1)
+    for f in rec.pseudo_labels.files:
+        copies = pq.read_table(out / f.name, columns=["copies"]).column("copies").to_numpy()
+        assert (f.kept, f.copies) == (int((copies > 0).sum()), int(copies.sum()))
+    info = load_dataset(tiny_run / "data")
+
+    def no_reads(*_: object, **__: object) -> None:
+        raise AssertionError("a pseudo-label file was read")
+
+    monkeypatch.setattr(pipeline.pseudo_files, "read_table", no_reads)
+    plan = Plan(cfg=StudentConfig(run="e2e", root=str(tiny_run), round=1), layout=layout,
+                round_=1, info=info, parent=None, existing=rec)
+    job = make_job(plan, rec)
+    by_name = {f.name: f.copies for f in rec.pseudo_labels.files}
+    names = pipeline.pseudo_files.pseudo_file_names(info.split("unlabeled").shards)
+    assert job.pseudo["shards"] == [s for s in info.split("unlabeled").shards if by_name[names[s]]]
+    assert job.pseudo["weights"] == [by_name[names[s]] for s in job.pseudo["shards"]]
+    assert sum(job.pseudo["weights"]) == job.pseudo["count"] == rec.pseudo_labels.selected_with_copies
+
+
+@pytest.mark.slow
 def test_complete_student_round_needs_force(tiny_run: Path, ray_address: str) -> None:
     layout = RunLayout(tiny_run, "e2e")
     files = {f: f.read_bytes() for f in [layout.manifest_path(1),
