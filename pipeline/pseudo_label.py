@@ -158,6 +158,7 @@ class _Meter:
         self.total, self.progress, self.every = total_shards, progress, every
         self.start = self.last = time.perf_counter()
         self.done = self.n = 0
+        self.shown: tuple[int, int] | None = None  # (rows, shards) of the last line printed
 
     def rows(self, n: int) -> None:
         self.n += n
@@ -171,10 +172,11 @@ class _Meter:
                       f"shards {self.done}/{self.total}, {self.total - self.done} left")
 
     def _line(self) -> None:
-        self.last = time.perf_counter()
+        self.last, self.shown = time.perf_counter(), (self.n, self.done)
         rate = self.n / max(self.last - self.start, 1e-9)
         self.progress(f"pseudo-label: {self.n} rows, {rate:.0f} rows/s; shards {self.done}/"
                       f"{self.total} done, {self.total - self.done} left")
 
     def final(self) -> None:
-        self._line()
+        if self.shown != (self.n, self.done):  # not the line just printed, again
+            self._line()

@@ -63,6 +63,26 @@ def test_assembler_writes_a_shard_only_when_complete_in_tar_order(tmp_path: Path
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_progress_ends_with_one_summary_line_not_a_repeat() -> None:
+    from pipeline.pseudo_label import _Meter
+
+    lines: list[str] = []
+    often = _Meter(1, lines.append, every=0.0)  # a periodic line after every batch
+    often.rows(60)
+    often.shard_done("/d/s-0.tar", 60, 0)
+    often.rows(0)
+    often.final()  # the last periodic line already says it all
+    assert lines[-2:] == ["pseudo-label: s-0.tar done (60 rows); shards 1/1, 0 left",
+                          lines[-1]] and lines[-1].startswith("pseudo-label: 60 rows, ")
+    assert len(lines) == 3
+    rarely = _Meter(1, lines.append, every=1e9)  # no periodic line: the summary comes at the end
+    lines.clear()
+    rarely.rows(60)
+    rarely.shard_done("/d/s-0.tar", 60, 0)
+    rarely.final()
+    assert len(lines) == 2 and lines[1].endswith("shards 1/1 done, 0 left")
+
+
 def test_job_user_errors_are_one_line_and_exit_2(tmp_path: Path, digits_dir: Path) -> None:
     missing = run_job(["--run", "nope", "--round", "1", "--root", str(tmp_path)])
     _, err = missing.communicate(timeout=120)
