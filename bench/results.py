@@ -64,6 +64,15 @@ FIGURES: dict[str, Figure] = {
         "pseudo-label stage from and to a local S3 server (moto) / the same on local disk, end "
         "to end, 10x digits", "", "s3.py"),
     "pseudo_label_s3_over_local_40x": Figure("the same at 40x digits", "", "s3.py"),
+    "eval_decode_reduced_over_full_12mp_224": Figure(
+        "decode + eval crop to 224 px of 4000x3000 photo JPEGs, images/CPU-s: reduced decoding "
+        "(DCT scaling, the default) / full decode", "", "reduced_decode.py"),
+    "eval_decode_reduced_over_full_12mp_600": Figure(
+        "the same to 600 px", "", "reduced_decode.py"),
+    "eval_decode_reduced_over_full_2mp_224": Figure(
+        "the same, 1600x1200 photo JPEGs to 224 px", "", "reduced_decode.py"),
+    "eval_decode_reduced_over_full_2mp_600": Figure(
+        "the same to 600 px (not reduced: 1200 < 2 x 632)", "", "reduced_decode.py"),
     # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
     # keys start with cpu_quick_ and only show that the code runs.
     "gpu_teacher_step_bf16_cl_over_fp32": Figure(

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import StudentConfig, TrainConfig
 from pipeline.data import LabeledStream, PseudoStream, make_loader
-from pipeline.transforms import eval_transform, train_transform
+from pipeline.transforms import eval_min_side, eval_transform, train_transform
 
 if TYPE_CHECKING:
     from pipeline.train import Job, WorkerContext
@@ -83,9 +83,10 @@ def train_batches(job: Job, ctx: WorkerContext, epoch: int) -> Iterator[tuple[Ba
 
 def test_loader(job: Job, ctx: WorkerContext) -> Any:
     """This rank's disjoint share of the test split, un-noised at the test resolution."""
-    ds = LabeledStream(job.test["shards"], eval_transform(job.model["test_resolution"],
-                                                          job.config.eval_crop_fraction),
+    cfg, res = job.config, job.model["test_resolution"]
+    ds = LabeledStream(job.test["shards"], eval_transform(res, cfg.eval_crop_fraction),
                        rank=ctx.rank, world_size=ctx.world_size, train=False,
-                       num_classes=job.num_classes, damage_limit=job.config.damage_limit,
-                       split="test")
+                       num_classes=job.num_classes, damage_limit=cfg.damage_limit,
+                       split="test", decode_min_side=eval_min_side(
+                           res, cfg.eval_crop_fraction, cfg.jpeg_dct_scaling))
     return make_loader(ds, job.config.eval_batch_size, job.config.loader_workers)

@@ -110,10 +110,11 @@ class Decoded(Sample):
     error: str = ""
 
 
-def decode_sample(s: Sample) -> Decoded:
-    """``s`` decoded once, as the cache keeps it (a decode error is kept, not raised)."""
+def decode_sample(s: Sample, min_side: int | None = None) -> Decoded:
+    """``s`` decoded once, as the cache keeps it (a decode error is kept, not raised);
+    ``min_side`` as in :func:`pipeline.images.decode_image`."""
     try:
-        pixels, error = decode_image(s.image, s.where), ""
+        pixels, error = decode_image(s.image, s.where, min_side), ""
     except ShardError as e:
         pixels, error = None, str(e)
     return Decoded(s.key, b"", s.label, s.shard, s.image_format, s.index, pixels, error)
@@ -149,8 +150,8 @@ def _nbytes(entry: Any) -> int:
     return 200 + (pixels.nbytes if pixels is not None else 0)  # + the record's own overhead
 
 
-def _samples(shards: list[str], damage: Damage,
-             cache: DecodedCache | None = None) -> Iterator[Sample]:
+def _samples(shards: list[str], damage: Damage, cache: DecodedCache | None = None,
+             min_side: int | None = None) -> Iterator[Sample]:
     """The readable samples of ``shards`` in order; the rest counted in ``damage``. With a
     cache that has room, the samples come decoded and each shard read whole is kept; a shard
     it holds is replayed from memory."""
@@ -166,7 +167,7 @@ def _samples(shards: list[str], damage: Damage,
         entries: list[Any] | None = [] if cache is not None and not cache.full else None
         for s in read_shard(shard):
             if entries is not None and not isinstance(s, BadSample):
-                s = decode_sample(s)
+                s = decode_sample(s, min_side)
             if entries is not None:
                 entries.append(s)
             if isinstance(s, BadSample):
@@ -177,9 +178,10 @@ def _samples(shards: list[str], damage: Damage,
             cache.add(shard, entries, sum(_nbytes(e) for e in entries))
 
 
-def _decoded(s: Sample, damage: Damage) -> torch.Tensor | None:
+def _decoded(s: Sample, damage: Damage, min_side: int | None = None) -> torch.Tensor | None:
     """The sample's image as a (3, H, W) uint8 tensor, or None (counted) when it does not decode."""
-    d = s if isinstance(s, Decoded) else decode_sample(s)  # a cached sample is decoded already
+    # a cached sample is decoded already (with the min_side of the stream that cached it)
+    d = s if isinstance(s, Decoded) else decode_sample(s, min_side)
     if d.pixels is None:
         damage.bad(d.damaged(d.error))
         return None
@@ -208,15 +210,18 @@ class LabeledStream(IterableDataset):
     """Endless (train) or single-pass (eval) stream of ``(image, label, key)`` from shards.
 
     Samples without a label, or with one outside ``[0, num_classes)`` when ``num_classes`` is
-    given, count as damaged like undecodable ones.
+    given, count as damaged like undecodable ones. ``decode_min_side``: the shorter side the
+    transform resizes to, for streams with an evaluation transform (large JPEGs are then
+    decoded reduced, :func:`pipeline.images.decode_image`); None decodes in full.
     """
 
     def __init__(self, shards: list[str], transform: Transform, *, rank: int = 0,
                  world_size: int = 1, train: bool = True, shuffle_buffer: int = 1000,
                  seed: int = 0, num_classes: int | None = None, damage_limit: float = 1.0,
                  split: str = "labeled", damage_dir: str | None = None,
-                 cache_bytes: int = 0) -> None:
+                 cache_bytes: int = 0, decode_min_side: int | None = None) -> None:
         self.shards, self.transform = list(shards), transform
+        self.decode_min_side = decode_min_side
         self.rank, self.world_size, self.train = rank, world_size, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.num_classes, self.damage_limit, self.split = num_classes, damage_limit, split
@@ -225,13 +230,14 @@ class LabeledStream(IterableDataset):
 
     def _raw(self, mine: list[str], rng: random.Random) -> Iterator[Sample | object]:
         if not self.train:
-            yield from _samples(mine, self._damage)
+            yield from _samples(mine, self._damage, min_side=self.decode_min_side)
             return
         cache = DecodedCache(self.cache_bytes) if self.cache_bytes > 0 else None
         while True:  # endless: the training loop decides where an epoch ends
             order = mine[:]
             rng.shuffle(order)
-            yield from _shuffled(_samples(order, self._damage, cache), self.shuffle_buffer, rng)
+            yield from _shuffled(_samples(order, self._damage, cache, self.decode_min_side),
+                                 self.shuffle_buffer, rng)
             yield _END_OF_PASS
 
     def _label_problem(self, label: int | None) -> str:
@@ -268,7 +274,7 @@ class LabeledStream(IterableDataset):
             if problem:
                 self._damage.bad(s.damaged(problem))
                 continue
-            image = _decoded(s, self._damage)
+            image = _decoded(s, self._damage, self.decode_min_side)
             if image is not None:
                 produced += 1
                 yield self.transform(image), s.label, s.key

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pipeline.data import LabeledStream, assign_shards, make_loader, steps_per_epoch
-from pipeline.transforms import eval_transform
+from pipeline.transforms import eval_min_side, eval_transform
 
 if TYPE_CHECKING:
     from pipeline.train import Job, WorkerContext
@@ -64,12 +64,13 @@ def finetune_steps(job: Job, world_size: int) -> int:
 
 def finetune_batches(job: Job, ctx: WorkerContext) -> Iterator[tuple[torch.Tensor, Any, Any]]:
     """Endless un-augmented labeled batches at the test resolution: (B, 3, R, R), (B,), keys."""
-    cfg = job.config
-    stream = LabeledStream(job.labeled["shards"], eval_transform(job.model["test_resolution"],
-                                                                 cfg.eval_crop_fraction),
+    cfg, res = job.config, job.model["test_resolution"]
+    stream = LabeledStream(job.labeled["shards"], eval_transform(res, cfg.eval_crop_fraction),
                            rank=ctx.rank, world_size=ctx.world_size,
                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 17,
-                           num_classes=job.num_classes, damage_limit=cfg.damage_limit)
+                           num_classes=job.num_classes, damage_limit=cfg.damage_limit,
+                           decode_min_side=eval_min_side(res, cfg.eval_crop_fraction,
+                                                         cfg.jpeg_dct_scaling))
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
 
 
@@ -83,14 +84,16 @@ def norm_batches(job: Job, ctx: WorkerContext) -> Iterator[torch.Tensor]:
 
     cfg = job.config
     limit = math.ceil(getattr(cfg, "finetune_norm_images", 10000) / ctx.world_size)
-    tf = eval_transform(job.model["test_resolution"], cfg.eval_crop_fraction)
+    res = job.model["test_resolution"]
+    tf = eval_transform(res, cfg.eval_crop_fraction)
+    min_side = eval_min_side(res, cfg.eval_crop_fraction, cfg.jpeg_dct_scaling)
     shards = [*job.labeled["shards"], *(job.norm_shards or [])]
     mine = assign_shards(shards, ctx.rank, ctx.world_size, exhaustive=False)
     batch: list[torch.Tensor] = []
     seen = 0
     damage = Damage()
     for s in _samples(mine, damage):
-        image = _decoded(s, damage)
+        image = _decoded(s, damage, min_side)
         if image is None:
             continue
         batch.append(tf(image))

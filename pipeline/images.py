@@ -66,6 +66,18 @@ Rules (the same for every format; the numbers are what the tests check):
   thread-safe and resets every module's "already shown" registry, which would make unrelated
   warnings repeat on every image.
 
+* **Reduced decoding.** Where the caller will shrink the image anyway (evaluation,
+  pseudo-labeling and the FixRes fine-tune resize the shorter side to ``size / crop fraction``
+  and take the centre), it passes that length as ``min_side`` and a JPEG whose shorter side is
+  at least twice as long is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL's
+  ``draft``): the largest reduction that keeps the shorter side at least ``min_side``. Why:
+  decoding all of a 12-megapixel photo and then resizing it costs several times more than
+  the reduced decode and the smaller resize (``bench/decode.py`` measures both), and the
+  pixels differ from the full decode's by a level or two of 255 on average after the resize.
+  Every caller at the same ``min_side`` gets the same tensor (the teacher's test top-1 and its
+  pseudo-labels come from the same pixels); training's random crops decode in full. Other
+  formats, and JPEGs smaller than twice ``min_side``, decode in full whatever ``min_side``.
+
 Speed: ``bench/decode.py`` measures it against the torchvision decoder it replaces (figures in
 the README). A fast path through torchvision's decoder for plain 8-bit JPEGs and PNGs gave the
 same pixels but measured no faster, so there is none, which also keeps this module off
@@ -76,6 +88,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 
 import numpy as np
@@ -101,7 +114,7 @@ class _Reject(Exception):
 # ----------------------------------------------------------------------------- public API
 
 
-def decode_image(data: bytes, where: str = "") -> torch.Tensor:
+def decode_image(data: bytes, where: str = "", min_side: int | None = None) -> torch.Tensor:
     """Encoded image bytes -> contiguous ``(3, H, W)`` ``torch.uint8`` RGB tensor.
 
     Any format and mode PIL opens; EXIF orientation applied; alpha composited onto white;
@@ -109,6 +122,10 @@ def decode_image(data: bytes, where: str = "") -> torch.Tensor:
     module docstring). Raises :class:`pipeline.shards.ShardError`
     ``"<where or 'image'>: cannot decode image (<reason>)"`` for anything that is not a whole,
     decodable image of at most ``PIL.Image.MAX_IMAGE_PIXELS`` pixels.
+
+    ``min_side``: the caller will shrink the image until its shorter side is this long, so a
+    JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale, the smallest that keeps
+    the shorter side at least ``min_side`` (see "Reduced decoding" in the module docstring).
     """
     name = where or "image"
     if not isinstance(data, bytes | bytearray):
@@ -121,6 +138,8 @@ def decode_image(data: bytes, where: str = "") -> torch.Tensor:
         # garbage collector would not (the file is a BytesIO, the pixels die with ``img``).
         img = Image.open(io.BytesIO(data))
         _check_header(img)
+        if min_side:
+            _reduce_jpeg(img, min_side)
         img.load()  # decodes every pixel: truncated or corrupt data fails here
         _apply_orientation(img)
         return _chw(_rgb(img))
@@ -187,6 +206,19 @@ def _check_header(img: Image.Image) -> None:
 # Everything Image.getexif() reads orientation from (besides TIFF tags): without any of these
 # exif_transpose is a no-op, skipped to save its cost on the millions of images without EXIF.
 _ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _reduce_jpeg(img: Image.Image, min_side: int) -> None:
+    """Ask libjpeg for 1/2, 1/4 or 1/8 scale (PIL's ``draft``), the smallest that keeps the
+    shorter side at least ``min_side``. Colour mode unchanged; other formats untouched."""
+    if img.format != "JPEG":  # MPO (multi-picture JPEG) and the rest: full size
+        return
+    w, h = img.size
+    short = min(w, h)
+    if short < 2 * min_side:
+        return
+    # draft picks the largest scale s in (8, 4, 2) with w // s and h // s at least these
+    img.draft(None, (math.ceil(w * min_side / short), math.ceil(h * min_side / short)))
 
 
 def _apply_orientation(img: Image.Image) -> None:

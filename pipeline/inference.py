@@ -70,23 +70,26 @@ class InferenceError(ValueError):
 
 
 def decode_images(images: list[bytes], resolution: int, where: list[str],
-                  crop_fraction: float | None = None) -> tuple[np.ndarray, list[str]]:
+                  crop_fraction: float | None = None, jpeg_dct_scaling: bool = True
+                  ) -> tuple[np.ndarray, list[str]]:
     """Encoded images -> (N, 3, R, R) uint8 resized and center-cropped, and a reason per image
     ('' = ok). The teacher normalises (:func:`pipeline.transforms.normalize`): uint8 is a quarter
-    of float32 through the object store and over PCIe.
+    of float32 through the object store and over PCIe. Large JPEGs are decoded reduced unless
+    ``jpeg_dct_scaling`` is False, exactly as the evaluation streams decode them.
 
     Images of the same size are transformed as one batch: per-image calls of the v2 transforms
     cost about 10x more than the decode itself on small images.
     """
-    from pipeline.transforms import eval_crop
+    from pipeline.transforms import eval_crop, eval_min_side
 
     transform = eval_crop(resolution, crop_fraction)
+    min_side = eval_min_side(resolution, crop_fraction, jpeg_dct_scaling)
     out = np.zeros((len(images), 3, resolution, resolution), dtype=np.uint8)
     reasons = [""] * len(images)
     by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
     for i, data in enumerate(images):
         try:
-            img = decode_image(data, where[i])  # (3, H, W) uint8
+            img = decode_image(data, where[i], min_side)  # (3, H, W) uint8
         except ShardError as e:
             reasons[i] = str(e)
             continue
@@ -98,7 +101,8 @@ def decode_images(images: list[bytes], resolution: int, where: list[str],
 
 
 def read_decode_shards(batch: dict[str, np.ndarray], resolution: int, rows: int,
-                       crop_fraction: float | None = None) -> Iterator[dict[str, np.ndarray]]:
+                       crop_fraction: float | None = None, jpeg_dct_scaling: bool = True
+                       ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data stage (CPU task): a group of shard paths in, decoded blocks of ``rows`` rows out.
 
     The shards' samples are read in order and cut into blocks of exactly ``rows`` rows (the last
@@ -116,14 +120,14 @@ def read_decode_shards(batch: dict[str, np.ndarray], resolution: int, rows: int,
                            else _Row(path, KIND_OK, s.index, s.key, s.image))
             emitted += 1
             if len(pending) == rows:
-                yield _decode_rows(pending, resolution, crop_fraction)
+                yield _decode_rows(pending, resolution, crop_fraction, jpeg_dct_scaling)
                 pending = []
         pending.append(_Row(path, KIND_END, -1, "", "", emitted))
         if len(pending) == rows:
-            yield _decode_rows(pending, resolution, crop_fraction)
+            yield _decode_rows(pending, resolution, crop_fraction, jpeg_dct_scaling)
             pending = []
     if pending:
-        yield _decode_rows(pending, resolution, crop_fraction)
+        yield _decode_rows(pending, resolution, crop_fraction, jpeg_dct_scaling)
 
 
 @dataclass(frozen=True)
@@ -136,15 +140,15 @@ class _Row:
     n: int = 0  # KIND_END: sample rows of the shard
 
 
-def _decode_rows(rows: list[_Row], resolution: int,
-                 crop_fraction: float | None = None) -> dict[str, np.ndarray]:
+def _decode_rows(rows: list[_Row], resolution: int, crop_fraction: float | None = None,
+                 jpeg_dct_scaling: bool = True) -> dict[str, np.ndarray]:
     kinds = [r.kind for r in rows]
     errors = [r.payload if r.kind == KIND_BAD else "" for r in rows]
     ok = [i for i, k in enumerate(kinds) if k == KIND_OK]
     images = np.zeros((len(rows), 3, resolution, resolution), dtype=np.uint8)
     decoded, reasons = decode_images([rows[i].payload for i in ok], resolution,
                                      [f"shard {rows[i].shard}, key {rows[i].key}" for i in ok],
-                                     crop_fraction)
+                                     crop_fraction, jpeg_dct_scaling)
     images[ok] = decoded
     for i, reason in zip(ok, reasons, strict=True):
         if reason:
@@ -287,7 +291,8 @@ def decoded_dataset(shards: list[str], resolution: int, cfg: PseudoLabelConfig,
     ds = ray.data.from_items(shards, override_num_blocks=tasks)  # consecutive shards per block
     ds = ds.map_batches(read_decode_shards, batch_size=None, num_cpus=1,
                         fn_kwargs={"resolution": resolution, "rows": cfg.label_batch_size,
-                                   "crop_fraction": cfg.label_crop_fraction})
+                                   "crop_fraction": cfg.label_crop_fraction,
+                                   "jpeg_dct_scaling": cfg.jpeg_dct_scaling})
     # Blocks of exactly batch_size rows. A non-strict repartition right after a map is fused into
     # the read tasks (no tasks of its own, no copy) and is not fused further, so the readers stay
     # a stage of their own instead of taking turns with the teacher inside its actor.

@@ -53,7 +53,9 @@ PSEUDO_SCHEMA = pa.schema([
 META_KEY = b"noisy_student.pseudo_label"
 FILE_FORMAT = 1
 # Settings that decide a file's bytes; a file made with others is labeled again on resume.
-BYTE_SETTINGS = ("teacher_sha256", "k", "batch_size", "crop_fraction")
+BYTE_SETTINGS = ("teacher_sha256", "k", "batch_size", "crop_fraction", "jpeg_dct_scaling")
+# What a file written before a setting existed was made with.
+_BEFORE_SETTING = {"jpeg_dct_scaling": False}
 
 Progress = Callable[[str], Any]
 
@@ -139,8 +141,10 @@ def pending_shards(out_dir: Path, names: dict[str, str], meta: dict[str, Any],
             pending.append(shard)
             continue
         found = file_meta(path)
-        if found is None or any(found.get(f) != meta[f] for f in BYTE_SETTINGS):
-            progress(f"pseudo-label: {path} was made with another teacher, k or batch size; labeling it again")
+        if found is None or any(found.get(f, _BEFORE_SETTING.get(f)) != meta[f]
+                                for f in BYTE_SETTINGS):
+            progress(f"pseudo-label: {path} was made with another teacher, k, batch size, crop "
+                     "or decoding; labeling it again")
             pending.append(shard)
     return pending
 

@@ -121,7 +121,8 @@ def label_shards(model_path: str | Path, model_sha256: str, shards: list[str],
     payload = read_model_file(model_path, model_sha256)  # refuse a changed teacher up front
     k = min(cfg.topk, int(payload["num_classes"]))
     meta = {"format": FILE_FORMAT, "teacher_sha256": model_sha256, "k": k,
-            "batch_size": cfg.label_batch_size, "crop_fraction": cfg.label_crop_fraction}
+            "batch_size": cfg.label_batch_size, "crop_fraction": cfg.label_crop_fraction,
+            "jpeg_dct_scaling": cfg.jpeg_dct_scaling}
     names = pseudo_file_names(list(shards))
     remove_stale_temps(out_dir)
     pending = pending_shards(out_dir, names, meta, progress)

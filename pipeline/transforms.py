@@ -58,6 +58,19 @@ def eval_crop(resolution: int,
                        v2.CenterCrop(resolution)])
 
 
+def eval_decode_side(resolution: int, crop_fraction: float | None = None) -> int:
+    """The shorter side :func:`eval_crop` resizes an image to before its centre crop: what the
+    decoder may reduce a large JPEG to (``pipeline.images.decode_image(min_side=...)``)."""
+    f = default_crop_fraction(resolution) if crop_fraction is None else crop_fraction
+    return resolution if f == 1.0 else round(resolution / f)
+
+
+def eval_min_side(resolution: int, crop_fraction: float | None, scaling: bool) -> int | None:
+    """``min_side`` for the decoder of an evaluation stream (:func:`eval_decode_side`), or
+    None for a full decode (``--jpeg-dct-scaling False``)."""
+    return eval_decode_side(resolution, crop_fraction) if scaling else None
+
+
 def normalize() -> Callable[[torch.Tensor], torch.Tensor]:
     """The other half: uint8 -> float32 normalised (elementwise, so batches give the same)."""
     return v2.Compose(_to_float())

@@ -91,6 +91,22 @@ def test_augment_bench_writes_its_figures(tmp_path: Path) -> None:
     assert all(0 < data[k] < 100 for k in data)
 
 
+def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"other": 1.0}, path)
+    r = subprocess.run([sys.executable, "bench/reduced_decode.py", "--rounds", "1",
+                        "--min-seconds", "0.01", "--json", str(path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = read(path)
+    figures = {f"eval_decode_reduced_over_full_{t}_{s}" for t in ("12mp", "2mp")
+               for s in (224, 600)}
+    assert set(data) == {"other", *figures} and figures <= set(FIGURES)
+    assert all(0 < data[k] < 100 for k in data)
+    # the reported decode sizes are the reductions the stages get
+    assert "500x375" in r.stdout and "1000x750" in r.stdout and "1600x1200" in r.stdout
+
+
 def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:
     from bench.pseudo_label import figures
 

@@ -561,3 +561,68 @@ def test_damaged_files_give_an_image_or_shard_error_and_no_warnings():
                 else:
                     assert t.dtype == torch.uint8 and t.shape[0] == 3 and t.is_contiguous()
     assert not caught, [str(w.message) for w in caught]
+
+
+# ----------------------------------------------------------------------------- reduced decoding
+
+
+def photo(w: int, h: int) -> Image.Image:
+    """A real photograph (scikit-learn's bundled china.jpg), resized to w x h."""
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image("china.jpg")).resize((w, h), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("min_side,size", [(80, (125, 88)), (100, (250, 175)),
+                                           (300, (500, 350)), (350, (500, 350)),
+                                           (351, (1000, 700)), (400, (1000, 700))])
+def test_large_jpeg_decoded_at_the_smallest_scale_keeping_the_shorter_side(min_side, size):
+    """1000 x 700: 1/8 while the shorter side stays >= min_side (88 >= 80), 1/4 for 100 (1/8
+    would give 88), 1/2 for 300 and 350 (exactly 350); in full once 700 < 2 x min_side."""
+    data = enc(photo(1000, 700), "JPEG", quality=90)
+    t = decode_image(data, "test", min_side=min_side)
+    assert t.dtype == torch.uint8 and t.is_contiguous()
+    w, h = size
+    assert tuple(t.shape) == (3, h, w) and min(h, w) >= min_side
+
+
+def test_reduced_decode_after_the_eval_crop_is_within_a_few_levels_of_the_full_one():
+    from pipeline.transforms import eval_crop, eval_decode_side
+
+    data = enc(photo(2000, 1400), "JPEG", quality=90)
+    for resolution in (224, 380):
+        side = eval_decode_side(resolution)  # 256 and 412: 1/4 and 1/2 scale
+        crop = eval_crop(resolution)
+        full = crop(decode_image(data)[None])[0].float()
+        reduced = crop(decode_image(data, min_side=side)[None])[0].float()
+        assert full.shape == reduced.shape == (3, resolution, resolution)
+        diff = (full - reduced).abs()
+        assert 0 < diff.mean() < 3, diff.mean()  # reduced, and close: a level or two of 255
+        assert diff.quantile(0.99) < 20
+
+
+def test_reduced_decode_keeps_the_rules_orientation_grey_cmyk_and_rejection():
+    base = photo(800, 600)
+    # EXIF orientation 6 is applied after the reduction: 1/4 of 800 x 600, turned upright
+    turned = decode_image(enc(base, "JPEG", quality=90, exif=exif_orientation(6)), min_side=150)
+    assert tuple(turned.shape) == (3, 200, 150)
+    upright = decode_image(enc(base, "JPEG", quality=90), min_side=150)
+    np.testing.assert_allclose(turned.float().mean(), upright.float().mean(), atol=1)
+    grey = decode_image(enc(base.convert("L"), "JPEG", quality=90), min_side=150)
+    assert tuple(grey.shape) == (3, 150, 200) and (grey[0] == grey[1]).all()
+    cmyk = enc(base.convert("CMYK"), "JPEG", quality=90)
+    small = decode_image(cmyk, min_side=150)
+    full = decode_image(cmyk)
+    assert tuple(small.shape) == (3, 150, 200)
+    shrunk = torch.nn.functional.avg_pool2d(full[None].float(), 4)[0]  # 4x4 block means
+    assert (small.float() - shrunk).abs().mean() < 4  # the same CMYK rule at 1/4 scale
+    truncated = enc(base, "JPEG", quality=90)
+    with pytest.raises(ShardError, match="cannot decode image"):
+        decode_image(truncated[: len(truncated) // 2], min_side=150)
+
+
+def test_min_side_leaves_other_formats_and_small_jpegs_untouched():
+    img = photo(800, 600)
+    for data in (enc(img, "PNG"), enc(img, "WEBP", quality=90), enc(img, "JPEG", quality=90)):
+        min_side = 301 if data[:2] == b"\xff\xd8" else 100  # the JPEG: 600 < 2 x 301
+        assert torch.equal(decode_image(data, min_side=min_side), decode_image(data))

@@ -19,6 +19,7 @@ from pipeline.inference import (
     check_resources,
     data_context,
     data_settings,
+    decode_images,
     decoded_dataset,
     inference_dataset,
     read_decode_shards,
@@ -115,3 +116,44 @@ def test_readers_hand_the_teacher_full_batches_from_a_stage_of_their_own(
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(read_decode_shards)->StreamingRepartition" in plan
     assert "ActorPoolMapOperator[MapBatches(TeacherPredictor)]" in plan  # not fused with them
+
+
+def test_teacher_labels_and_is_evaluated_on_the_same_pixels_of_a_large_jpeg(
+        tmp_path: Path, digits_info) -> None:
+    """A photo far larger than the test resolution is decoded reduced (pipeline/images.py) by
+    the pseudo-label readers, the test stream, the FixRes fine-tune and the BatchNorm pass
+    alike, so the teacher's test top-1 and its pseudo-labels come from the same tensors; with
+    --jpeg-dct-scaling False all of them decode in full."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from pipeline.batches import test_loader
+    from pipeline.fixres import finetune_batches, norm_batches
+    from pipeline.shards import write_shards
+    from pipeline.train import WorkerContext
+    from tests.test_train import tiny_job
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_image("flower.jpg")).resize((1600, 1200)).save(buf, "JPEG")
+    data = buf.getvalue()
+    shards = [str(p) for p, _ in write_shards([("big", data, 1)], tmp_path / "s", prefix="p")]
+    for scaling in (True, False):
+        job = tiny_job(digits_info, tmp_path, jpeg_dct_scaling=scaling, eval_crop_fraction=0.875)
+        job = dataclasses.replace(job, test={"shards": shards, "count": 1},
+                                  labeled={"shards": shards, "count": 1}, norm_shards=None,
+                                  model={**job.model, "test_resolution": 224})
+        readers, _ = decode_images([data], 224, ["big"], 0.875, scaling)
+        labeled = normalize()(torch.from_numpy(readers[0]))
+        tested = next(iter(test_loader(job, WorkerContext())))[0][0]
+        tuned = next(finetune_batches(job, WorkerContext()))[0][0]
+        normed = next(norm_batches(job, WorkerContext()))[0]
+        for other in (tested, tuned, normed):
+            assert torch.equal(labeled, other)
+        if scaling:
+            reduced = labeled
+    full = labeled
+    assert not torch.equal(reduced, full)  # the default really decodes reduced ...
+    assert (reduced - full).abs().mean() < 0.05  # ... and close: about a level of 255 / std

@@ -24,7 +24,8 @@ from pipeline.pseudo_files import (
 from pipeline.storage import sha256_file
 from tests.builders import fake_label_batch
 
-META = {"format": 1, "teacher_sha256": "t" * 64, "k": 3, "batch_size": 64, "crop_fraction": None}
+META = {"format": 1, "teacher_sha256": "t" * 64, "k": 3, "batch_size": 64, "crop_fraction": None,
+        "jpeg_dct_scaling": True}
 
 
 def _file(path: Path, rows: int = 5, meta: dict | None = None, copies: list[int] | None = None
@@ -73,6 +74,15 @@ def test_files_made_with_other_byte_settings_are_labeled_again(tmp_path: Path) -
     assert pending_shards(tmp_path, names, META, said.append) == ["/d/b.tar", "/d/c.tar",
                                                                  "/d/d.tar"]
     assert len(said) == 2 and all("labeling it again" in s for s in said)
+    # Large JPEGs decoded reduced or in full give other pixels; a file from before the setting
+    # was recorded decoded in full.
+    older = {k: v for k, v in META.items() if k != "jpeg_dct_scaling"}
+    _file(tmp_path / "b.parquet", meta={**META, "jpeg_dct_scaling": False})
+    _file(tmp_path / "c.parquet", meta=older)
+    _file(tmp_path / "d.parquet")
+    assert pending_shards(tmp_path, names, META, said.append) == ["/d/b.tar", "/d/c.tar"]
+    full = {**META, "jpeg_dct_scaling": False}
+    assert pending_shards(tmp_path, names, full, said.append) == ["/d/a.tar", "/d/d.tar"]
 
 
 def test_summary_counts_rows_and_damage_and_names_missing_files(tmp_path: Path) -> None:
