@@ -12,7 +12,9 @@ at 600 px (632), after ``pipeline.images.decode_image`` with ``min_side`` as the
 CPU-second of this thread (``time.thread_time``), one torch thread as in a reader task; each
 round times both paths once, interleaved; the median round is reported. The ratio is reduced
 over full in the same run. Also printed: the mean and 99th-percentile absolute difference of
-the two paths' uint8 pixels (levels of 255).
+the two paths' uint8 pixels (levels of 255). Then the training path at 224 px: random-resized
+crop (8-100% of the area), flip and normalise, the decoder reduced down to 915 px
+(``pipeline.transforms.train_min_side``) against the full decode.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.images import decode_image  # noqa: E402
-from pipeline.transforms import eval_crop, eval_decode_side  # noqa: E402
+from pipeline.transforms import (  # noqa: E402
+    eval_crop,
+    eval_decode_side,
+    train_min_side,
+    train_transform,
+)
 
 
 def photos(w: int, h: int) -> list[bytes]:
@@ -90,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f'{at[1]}x{at[0]}':>13}{diff.mean():>9.2f}"
                   f"{diff.kthvalue(int(0.99 * len(diff))).values:>8.0f}")
             figures[f"eval_decode_reduced_over_full_{tag}_{res}"] = round(r / f, 4)
+    # Training: random-resized crop (8-100% of the area) + flip + normalise at 224 px, the
+    # decoder reduced down to the side at which the smallest crop keeps 224 px.
+    side = train_min_side(224, 0.08, True)
+    tf = train_transform(224, crop_scale=(0.08, 1.0))
+    for (w, h), tag in (((4000, 3000), "12mp"), ((1600, 1200), "2mp")):
+        data = photos(w, h)
+        at = tuple(decode_image(data[0], min_side=side).shape[1:])
+        rates = {"full": [], "reduced": []}
+        for _ in range(args.rounds):
+            rates["full"].append(rate(lambda d: tf(decode_image(d)), data, args.min_seconds))
+            rates["reduced"].append(rate(lambda d: tf(decode_image(d, min_side=side)), data,
+                                         args.min_seconds))
+        f, r = (statistics.median(rates[k]) for k in ("full", "reduced"))
+        print(f"{f'train photo {w}x{h}':<22}{224:>6}{f:>9.1f}{r:>9.1f}{r / f:>7.2f}"
+              f"{f'{at[1]}x{at[0]}':>13}{'(random crops)':>17}")
+        figures[f"train_decode_reduced_over_full_{tag}_224"] = round(r / f, 4)
     if args.json is not None:
         from bench.results import merge
 

@@ -73,6 +73,11 @@ FIGURES: dict[str, Figure] = {
         "the same, 1600x1200 photo JPEGs to 224 px", "", "reduced_decode.py"),
     "eval_decode_reduced_over_full_2mp_600": Figure(
         "the same to 600 px (not reduced: 1200 < 2 x 632)", "", "reduced_decode.py"),
+    "train_decode_reduced_over_full_12mp_224": Figure(
+        "decode + random-resized crop + flip to 224 px of 4000x3000 photo JPEGs: reduced to "
+        "the smallest crop's need (915 px) / full decode", "", "reduced_decode.py"),
+    "train_decode_reduced_over_full_2mp_224": Figure(
+        "the same, 1600x1200 (not reduced: 1200 < 2 x 915)", "", "reduced_decode.py"),
     # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
     # keys start with cpu_quick_ and only show that the code runs.
     "gpu_teacher_step_bf16_cl_over_fp32": Figure(

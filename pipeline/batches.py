@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import StudentConfig, TrainConfig
 from pipeline.data import LabeledStream, PseudoStream, make_loader
-from pipeline.transforms import eval_min_side, eval_transform, train_transform
+from pipeline.transforms import eval_min_side, eval_transform, train_min_side, train_transform
 
 if TYPE_CHECKING:
     from pipeline.train import Job, WorkerContext
@@ -42,8 +42,14 @@ def labeled_batches(job: Job, ctx: WorkerContext, transform: Any,
     stream = LabeledStream(job.labeled["shards"], transform, rank=ctx.rank,
                            world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                            num_classes=job.num_classes, damage_limit=cfg.damage_limit,
-                           damage_dir=job.damage_dir, cache_bytes=cache_bytes(cfg))
+                           damage_dir=job.damage_dir, cache_bytes=cache_bytes(cfg),
+                           decode_min_side=_train_side(job))
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
+
+
+def _train_side(job: Job) -> int | None:
+    cfg = job.config
+    return train_min_side(job.model["train_resolution"], cfg.crop_scale_min, cfg.jpeg_dct_scaling)
 
 
 def pseudo_batches(job: Job, ctx: WorkerContext, transform: Any, seed: int) -> Iterator[Batch]:
@@ -54,7 +60,8 @@ def pseudo_batches(job: Job, ctx: WorkerContext, transform: Any, seed: int) -> I
                           temperature=cfg.temperature if cfg.soft_labels else -1.0,
                           rank=ctx.rank, world_size=ctx.world_size,
                           shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-                          cache_bytes=cache_bytes(cfg), weights=job.pseudo.get("weights"))
+                          cache_bytes=cache_bytes(cfg), weights=job.pseudo.get("weights"),
+                          decode_min_side=_train_side(job))
     return iter(make_loader(stream, pseudo_batch_size(cfg), cfg.loader_workers))
 
 

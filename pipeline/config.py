@@ -42,9 +42,10 @@ class PseudoLabelConfig:
     """Pseudo-labeling: centre crop of the shorter side the teacher sees; default official:
     size / (size + 32) at ImageNet sizes, the whole image up to 64 px."""
     jpeg_dct_scaling: bool = True
-    """Evaluation, FixRes and pseudo-labeling: decode a JPEG at least twice the size the
-    centre crop resizes to at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), several times
-    faster on large photos; False decodes every image in full (docs/recipe.md, D17)."""
+    """Decode a JPEG at least twice the size a stage needs at 1/2, 1/4 or 1/8 scale (libjpeg's
+    DCT scaling), several times faster on large photos: evaluation, FixRes and pseudo-labeling
+    need the side the centre crop resizes to, training the side at which its smallest random
+    crop keeps the train resolution; False decodes every image in full (docs/recipe.md, D17)."""
     topk: int = 10
     """Soft-label entries kept per image (all classes when there are fewer)."""
     threshold: float = 0.3
@@ -133,9 +134,10 @@ class TrainConfig:
     """Evaluation and FixRes: centre crop of the shorter side; default official: size /
     (size + 32) at ImageNet sizes (0.875 at 224, bicubic), the whole image up to 64 px."""
     jpeg_dct_scaling: bool = True
-    """Evaluation, FixRes and pseudo-labeling: decode a JPEG at least twice the size the
-    centre crop resizes to at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), several times
-    faster on large photos; False decodes every image in full (docs/recipe.md, D17)."""
+    """Decode a JPEG at least twice the size a stage needs at 1/2, 1/4 or 1/8 scale (libjpeg's
+    DCT scaling), several times faster on large photos: evaluation, FixRes and pseudo-labeling
+    need the side the centre crop resizes to, training the side at which its smallest random
+    crop keeps the train resolution; False decodes every image in full (docs/recipe.md, D17)."""
     flip: bool = True
     """Random horizontal flips (turn off for data where left and right differ, e.g. digits)."""
     train_resolution: int | None = None

@@ -210,9 +210,10 @@ class LabeledStream(IterableDataset):
     """Endless (train) or single-pass (eval) stream of ``(image, label, key)`` from shards.
 
     Samples without a label, or with one outside ``[0, num_classes)`` when ``num_classes`` is
-    given, count as damaged like undecodable ones. ``decode_min_side``: the shorter side the
-    transform resizes to, for streams with an evaluation transform (large JPEGs are then
-    decoded reduced, :func:`pipeline.images.decode_image`); None decodes in full.
+    given, count as damaged like undecodable ones. ``decode_min_side``: how small the transform
+    lets the shorter side be (:func:`pipeline.transforms.eval_min_side`,
+    :func:`pipeline.transforms.train_min_side`); large JPEGs are then decoded reduced
+    (:func:`pipeline.images.decode_image`); None decodes in full.
     """
 
     def __init__(self, shards: list[str], transform: Transform, *, rank: int = 0,
@@ -315,8 +316,9 @@ class PseudoStream(IterableDataset):
     def __init__(self, shards: list[str], pseudo_dir: str, transform: Transform, *,
                  num_classes: int, temperature: float, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, seed: int = 0, cache_bytes: int = 0,
-                 weights: list[int] | None = None) -> None:
+                 weights: list[int] | None = None, decode_min_side: int | None = None) -> None:
         self.shards, self.pseudo_dir, self.transform = list(shards), pseudo_dir, transform
+        self.decode_min_side = decode_min_side  # as LabeledStream's
         self.weights = list(weights) if weights is not None else None  # copies per shard
         self.num_classes, self.temperature = num_classes, temperature
         self.rank, self.world_size = rank, world_size
@@ -346,7 +348,7 @@ class PseudoStream(IterableDataset):
                 if hit is None or hit[0] == 0:
                     continue
                 if entries is not None:
-                    s = decode_sample(s)
+                    s = decode_sample(s, self.decode_min_side)
                     entries.append((s, *hit))
                 for _ in range(hit[0]):
                     yield s, hit[1], hit[2]
@@ -368,7 +370,7 @@ class PseudoStream(IterableDataset):
             rng.shuffle(order)
             produced = 0
             for s, idx, prob in _shuffled(self._repeated(order, cache), self.shuffle_buffer, rng):
-                image = _decoded(s, Damage())  # it decoded for the teacher: same decoder
+                image = _decoded(s, Damage(), self.decode_min_side)  # the teacher's decoder
                 if image is None:
                     continue
                 target = dense_targets(torch.from_numpy(idx)[None], torch.from_numpy(prob)[None],

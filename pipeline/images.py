@@ -72,11 +72,12 @@ Rules (the same for every format; the numbers are what the tests check):
   at least twice as long is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL's
   ``draft``): the largest reduction that keeps the shorter side at least ``min_side``. Why:
   decoding all of a 12-megapixel photo and then resizing it costs several times more than
-  the reduced decode and the smaller resize (``bench/decode.py`` measures both), and the
+  the reduced decode and the smaller resize (``bench/reduced_decode.py`` measures both), and the
   pixels differ from the full decode's by a level or two of 255 on average after the resize.
   Every caller at the same ``min_side`` gets the same tensor (the teacher's test top-1 and its
-  pseudo-labels come from the same pixels); training's random crops decode in full. Other
-  formats, and JPEGs smaller than twice ``min_side``, decode in full whatever ``min_side``.
+  pseudo-labels come from the same pixels); training passes the side at which its smallest
+  random crop still has the training resolution. Other formats, and JPEGs smaller than twice
+  ``min_side``, decode in full whatever ``min_side``.
 
 Speed: ``bench/decode.py`` measures it against the torchvision decoder it replaces (figures in
 the README). A fast path through torchvision's decoder for plain 8-bit JPEGs and PNGs gave the

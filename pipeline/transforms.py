@@ -7,6 +7,7 @@ uint8 image, as the official code does, before normalisation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,16 @@ def eval_min_side(resolution: int, crop_fraction: float | None, scaling: bool) -
     """``min_side`` for the decoder of an evaluation stream (:func:`eval_decode_side`), or
     None for a full decode (``--jpeg-dct-scaling False``)."""
     return eval_decode_side(resolution, crop_fraction) if scaling else None
+
+
+def train_min_side(resolution: int, crop_scale_min: float, scaling: bool) -> int | None:
+    """``min_side`` for the decoder of a training stream, or None for a full decode: the
+    shorter side at which the smallest random-resized crop (``crop_scale_min`` of the area,
+    aspect 3/4) still has ``resolution`` pixels a side, so the reduction never makes a crop
+    smaller than the size it is resized to (915 px at 224 with the default 0.08)."""
+    if not scaling:
+        return None
+    return math.ceil(resolution / math.sqrt(crop_scale_min * 3 / 4))
 
 
 def normalize() -> Callable[[torch.Tensor], torch.Tensor]:

@@ -100,7 +100,8 @@ def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     data = read(path)
     figures = {f"eval_decode_reduced_over_full_{t}_{s}" for t in ("12mp", "2mp")
-               for s in (224, 600)}
+               for s in (224, 600)} | {f"train_decode_reduced_over_full_{t}_224"
+                                       for t in ("12mp", "2mp")}
     assert set(data) == {"other", *figures} and figures <= set(FIGURES)
     assert all(0 < data[k] < 100 for k in data)
     # the reported decode sizes are the reductions the stages get

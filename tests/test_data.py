@@ -422,3 +422,66 @@ def test_loader_socket_folder_is_removed_when_exit_hooks_do_not_run(how: str, le
         assert folder.exists() is left
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_training_streams_decode_large_jpegs_reduced_but_never_below_the_smallest_crop(
+        tmp_path: Path, digits_info) -> None:
+    """At 224 px with crops down to 8% of the area, a crop keeps 224 px a side as long as the
+    shorter side is at least 915 px: a 4000x3000 photo is decoded at half size (2000x1500),
+    a 1600x1200 one in full; --jpeg-dct-scaling False decodes both in full."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from pipeline.batches import labeled_batches
+    from pipeline.train import WorkerContext
+    from pipeline.transforms import train_min_side
+    from tests.test_train import tiny_job
+
+    def jpeg(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(load_sample_image("china.jpg")).resize((w, h)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    assert train_min_side(224, 0.08, True) == 915 and train_min_side(224, 0.08, False) is None
+    shards = [str(p) for p, _ in write_shards([("big", jpeg(4000, 3000), 0),
+                                               ("mid", jpeg(1600, 1200), 1)],
+                                              tmp_path / "s", prefix="p")]
+
+    def shapes(scaling: bool) -> set[tuple[int, ...]]:
+        job = tiny_job(digits_info, tmp_path, jpeg_dct_scaling=scaling, crop_scale_min=0.08,
+                       batch_size=1, shuffle_buffer=0)
+        job = dataclasses.replace(job, labeled={"shards": shards, "count": 2},
+                                  model={**job.model, "train_resolution": 224})
+        it = labeled_batches(job, WorkerContext(), lambda x: torch.tensor(x.shape), seed=0)
+        return {tuple(next(it)[0][0].tolist()) for _ in range(4)}
+
+    assert shapes(True) == {(3, 1500, 2000), (3, 1200, 1600)}
+    assert shapes(False) == {(3, 3000, 4000), (3, 1200, 1600)}
+
+    # The pseudo-labeled stream of a student decodes the same way.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.batches import pseudo_batches
+    from pipeline.config import StudentConfig
+    from pipeline.pseudo_files import pseudo_file_names
+
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for name in pseudo_file_names(shards).values():
+        pq.write_table(pa.table({
+            "key": ["big", "mid"], "copies": pa.array([1, 1], pa.int32()),
+            "topk_index": pa.array([[0, 1]] * 2, pa.list_(pa.int32())),
+            "topk_prob": pa.array([[0.75, 0.25]] * 2, pa.list_(pa.float16()))}), pseudo / name)
+    for scaling, big in ((True, (3, 1500, 2000)), (False, (3, 3000, 4000))):
+        cfg = StudentConfig(run="t", data="x", jpeg_dct_scaling=scaling, crop_scale_min=0.08,
+                            batch_size=1, unlabel_ratio=1.0, shuffle_buffer=0, loader_workers=0)
+        job = dataclasses.replace(tiny_job(digits_info, tmp_path), config=cfg,
+                                  pseudo={"shards": shards, "dir": str(pseudo), "count": 2},
+                                  model={**tiny_job(digits_info, tmp_path).model,
+                                         "train_resolution": 224})
+        it = pseudo_batches(job, WorkerContext(), lambda x: torch.tensor(x.shape), seed=0)
+        assert {tuple(next(it)[0][0].tolist()) for _ in range(4)} == {big, (3, 1200, 1600)}
