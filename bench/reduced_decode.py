@@ -8,7 +8,7 @@ Workloads: scikit-learn's two bundled photographs (china, flower) and their mirr
 resized to 4000x3000 (a 12-megapixel phone photo) and 1600x1200, JPEG quality 90. Paths:
 ``pipeline.transforms.eval_crop`` at 224 px (shorter side resized to 256, then the centre) and
 at 600 px (632), after ``pipeline.images.decode_image`` with ``min_side`` as the stages pass it
-(reduced) and without (full, what ``--jpeg-dct-scaling False`` does). Rates are images per
+(reduced) and without (full, what ``--no-jpeg-dct-scaling`` does). Rates are images per
 CPU-second of this thread (``time.thread_time``), one torch thread as in a reader task; each
 round times both paths once, interleaved; the median round is reported. The ratio is reduced
 over full in the same run. Also printed: the mean and 99th-percentile absolute difference of

@@ -68,7 +68,7 @@ def eval_decode_side(resolution: int, crop_fraction: float | None = None) -> int
 
 def eval_min_side(resolution: int, crop_fraction: float | None, scaling: bool) -> int | None:
     """``min_side`` for the decoder of an evaluation stream (:func:`eval_decode_side`), or
-    None for a full decode (``--jpeg-dct-scaling False``)."""
+    None for a full decode (``--no-jpeg-dct-scaling``)."""
     return eval_decode_side(resolution, crop_fraction) if scaling else None
 
 

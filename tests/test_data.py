@@ -428,7 +428,7 @@ def test_training_streams_decode_large_jpegs_reduced_but_never_below_the_smalles
         tmp_path: Path, digits_info) -> None:
     """At 224 px with crops down to 8% of the area, a crop keeps 224 px a side as long as the
     shorter side is at least 915 px: a 4000x3000 photo is decoded at half size (2000x1500),
-    a 1600x1200 one in full; --jpeg-dct-scaling False decodes both in full."""
+    a 1600x1200 one in full; --no-jpeg-dct-scaling decodes both in full."""
     import dataclasses
     import io
 

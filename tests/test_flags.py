@@ -185,3 +185,20 @@ def test_a_command_with_a_missing_value_fails_the_check() -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         parse_job_args("teacher", ["--run", "r", "--data", "d", "--use-gpu"])
     assert parse_job_args("teacher", ["--run", "r", "--data", "d", "--use-gpu", "True"])
+
+
+def test_no_plain_switch_is_documented_with_a_value() -> None:
+    """The jobs' plain bool options are switches (``--flag`` / ``--no-flag``): a ``--flag
+    False`` in a message or the docs is refused by the parser with "Unrecognized options"."""
+    from pipeline.config import PseudoLabelConfig, StudentConfig, TrainConfig
+
+    switches = {"--" + f.name.replace("_", "-")
+                for cls in (TrainConfig, StudentConfig, PseudoLabelConfig)
+                for f in dataclasses.fields(cls) if f.type in ("bool", bool)}
+    assert "--jpeg-dct-scaling" in switches and "--flip" in switches
+    with_value = re.compile(r"(--[a-z][a-z0-9-]*)[ =](True|False)\b")
+    texts = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "pipeline").rglob("*.py")), *sorted((REPO / "jobs").rglob("*.py"))]
+    wrong = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in texts
+             for m in with_value.finditer(p.read_text()) if m.group(1) in switches]
+    assert not wrong, wrong

@@ -123,7 +123,7 @@ def test_teacher_labels_and_is_evaluated_on_the_same_pixels_of_a_large_jpeg(
     """A photo far larger than the test resolution is decoded reduced (pipeline/images.py) by
     the pseudo-label readers, the test stream, the FixRes fine-tune and the BatchNorm pass
     alike, so the teacher's test top-1 and its pseudo-labels come from the same tensors; with
-    --jpeg-dct-scaling False all of them decode in full."""
+    --no-jpeg-dct-scaling all of them decode in full."""
     import dataclasses
     import io
 
