@@ -45,7 +45,7 @@ class PseudoLabelConfig:
     """Decode a JPEG at least twice the size a stage needs at 1/2, 1/4 or 1/8 scale (libjpeg's
     DCT scaling), several times faster on large photos: evaluation, FixRes and pseudo-labeling
     need the side the centre crop resizes to, training the side at which its smallest random
-    crop keeps the train resolution; False decodes every image in full (docs/recipe.md, D17)."""
+    crop keeps the train resolution; --no-jpeg-dct-scaling decodes in full (recipe.md D17)."""
     topk: int = 10
     """Soft-label entries kept per image (all classes when there are fewer)."""
     threshold: float = 0.3
@@ -137,7 +137,7 @@ class TrainConfig:
     """Decode a JPEG at least twice the size a stage needs at 1/2, 1/4 or 1/8 scale (libjpeg's
     DCT scaling), several times faster on large photos: evaluation, FixRes and pseudo-labeling
     need the side the centre crop resizes to, training the side at which its smallest random
-    crop keeps the train resolution; False decodes every image in full (docs/recipe.md, D17)."""
+    crop keeps the train resolution; --no-jpeg-dct-scaling decodes in full (recipe.md D17)."""
     flip: bool = True
     """Random horizontal flips (turn off for data where left and right differ, e.g. digits)."""
     train_resolution: int | None = None
