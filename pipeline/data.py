@@ -370,7 +370,8 @@ class PseudoStream(IterableDataset):
             rng.shuffle(order)
             produced = 0
             for s, idx, prob in _shuffled(self._repeated(order, cache), self.shuffle_buffer, rng):
-                image = _decoded(s, Damage(), self.decode_min_side)  # the teacher's decoder
+                # the decoder the teacher's readers used: what they found damaged, it skipped
+                image = _decoded(s, Damage(), self.decode_min_side)
                 if image is None:
                     continue
                 target = dense_targets(torch.from_numpy(idx)[None], torch.from_numpy(prob)[None],

@@ -52,9 +52,10 @@ def eval_crop(resolution: int,
     f = default_crop_fraction(resolution) if crop_fraction is None else crop_fraction
     if not 0 < f <= 1:
         raise ValueError(f"crop fraction must be in (0, 1], got {f}")
+    side = eval_decode_side(resolution, f)  # one rule for the resize and the decoder's limit
     if f == 1.0:
-        return v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
-    return v2.Compose([v2.Resize(round(resolution / f), antialias=True,
+        return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(resolution)])
+    return v2.Compose([v2.Resize(side, antialias=True,
                                  interpolation=v2.InterpolationMode.BICUBIC),
                        v2.CenterCrop(resolution)])
 
