@@ -78,6 +78,9 @@ FIGURES: dict[str, Figure] = {
         "the smallest crop's need (915 px) / full decode", "", "reduced_decode.py"),
     "train_decode_reduced_over_full_2mp_224": Figure(
         "the same, 1600x1200 (not reduced: 1200 < 2 x 915)", "", "reduced_decode.py"),
+    "prepare_workers_over_one": Figure(
+        "prepare imagefolder of 4000x3000 photo JPEGs (each decoded in full to check it), "
+        "files/s: one process per CPU / one process", "", "prepare.py"),
     # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
     # keys start with cpu_quick_ and only show that the code runs.
     "gpu_teacher_step_bf16_cl_over_fp32": Figure(

@@ -2,7 +2,7 @@
 
     python jobs/prepare.py digits --out data/digits                # bundled corpus, no download
     python jobs/prepare.py imagefolder SRC --out DIR --split labeled
-    python jobs/prepare.py register --labeled 'a/{000..009}.tar' --unlabeled 'u/*.tar' \
+    python jobs/prepare.py register --labeled 'a/{000..009}.tar' --unlabeled 'u/*.tar' \\
         --test t.tar --out DIR
 """
 
@@ -15,8 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.dataset import (  # noqa: E402
+    FILES_PER_WORKER,
     SPLITS,
     DatasetError,
+    default_workers,
     prepare_digits,
     prepare_imagefolder,
     register_shards,
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset folder, created or extended (local or s3://)")
     f.add_argument("--split", choices=SPLITS, default="labeled", help="which split to write")
     f.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
+    f.add_argument("--workers", type=_positive, default=None,
+                   help=f"processes that decode and check the images (default: one per CPU, "
+                        f"{default_workers()} here; at most one per {FILES_PER_WORKER} files)")
 
     r = sub.add_parser("register", help="describe existing shards without copying them")
     for split in SPLITS:
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                   shard_size=args.shard_size)
         elif args.command == "imagefolder":
             info = prepare_imagefolder(args.src, args.out, split=args.split,
-                                       shard_size=args.shard_size)
+                                       shard_size=args.shard_size, workers=args.workers)
         else:
             info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
                                    test=args.test,

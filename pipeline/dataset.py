@@ -14,12 +14,14 @@ and the shards may be local or on object storage (``s3://bucket/prefix``, :mod:`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import sys
-from collections import Counter
-from collections.abc import Iterable
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,12 +312,77 @@ def _read_image_file(path: Path) -> tuple[bytes, str]:
     return encode_png(img.permute(1, 2, 0).numpy()), "png"
 
 
+def _read_job(path: str) -> tuple[bytes, str] | str:
+    """One file for a shard, in a worker: ``(bytes, format)``, or the line saying why it is
+    skipped (an error object would need to pickle back; a line is all the parent prints)."""
+    p = Path(path)
+    try:
+        return _read_image_file(p)
+    except ShardError as e:  # names the file and why
+        return str(e)
+    except OSError as e:
+        return f"{p}: cannot be read ({e.strerror})"
+
+
+def default_workers() -> int:
+    """One per CPU this process may use (a container's or ``taskset``'s share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+# Below this many files per worker, starting the pool (each worker imports torch and PIL, about
+# a second) costs more than the decoding it shares out.
+FILES_PER_WORKER = 64
+#: Seconds between prepare's progress lines.
+PROGRESS_SECONDS = 10.0
+
+
+def _ordered_map(fn: Callable[[str], Any], items: list[str], workers: int) -> Iterator[Any]:
+    """``map(fn, items)`` in order; with ``workers > 1`` in that many processes, at most four
+    items per worker in flight, so results do not pile up while the caller is slow (a shard
+    uploading to S3) and a million-file folder is not queued all at once."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn, not fork: the parent has imported torch, whose thread pools do not survive a fork.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    todo = iter(items)
+    pending: deque[Future[Any]] = deque(pool.submit(fn, x)
+                                        for x in itertools.islice(todo, 4 * workers))
+    try:
+        while pending:
+            try:
+                result = pending.popleft().result()
+            except BrokenProcessPool:
+                raise DatasetError(f"a prepare worker process died (out of memory?); run again "
+                                   f"with fewer --workers than {workers}") from None
+            for x in itertools.islice(todo, 1):
+                pending.append(pool.submit(fn, x))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "labeled",
-                        shard_size: int = 1000) -> DatasetInfo:
+                        shard_size: int = 1000, workers: int | None = None) -> DatasetInfo:
     """Image tree -> shards of one split, added to ``out/dataset.json`` (created if missing).
 
     Labeled and test splits need one subfolder per class; an unlabeled split may be flat.
-    Unreadable files are reported by path and skipped.
+    Unreadable files are reported by path and skipped. Every file is decoded in full to check
+    it (the slow part with large photos), by ``workers`` processes (default: one per CPU, at
+    most one per :data:`FILES_PER_WORKER` files); the shards are the same whatever their number.
     """
     from pipeline.shards import ShardWriter
 
@@ -354,26 +421,31 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     bad: list[str] = []
     labels: list[int] = []
     used: set[str] = set()
+    todo: list[tuple[Path, int | None]] = []
+    for p in files:
+        rel = p.relative_to(src)
+        label = index.get(rel.parts[0]) if labeled and len(rel.parts) > 1 else None
+        if labeled and label is None:
+            bad.append(f"{p} (not inside a class folder)")
+        else:
+            todo.append((p, label))
+    workers = max(1, min(workers or default_workers(), len(todo) // FILES_PER_WORKER))
+    _log(f"prepare: {split}: checking {len(todo)} files with {workers} "
+         f"process{'es' if workers > 1 else ''}")
+    start = last = time.monotonic()
     with ShardWriter(out / split, prefix=split, maxcount=shard_size) as w:
-        for n, p in enumerate(files, 1):
-            rel = p.relative_to(src)
-            label = index.get(rel.parts[0]) if labeled and len(rel.parts) > 1 else None
-            if labeled and label is None:
-                bad.append(f"{p} (not inside a class folder)")
-                continue
-            try:
-                data, fmt = _read_image_file(p)
-            except ShardError as e:  # names the file and why
-                bad.append(str(e))
-                continue
-            except OSError as e:
-                bad.append(f"{p}: cannot be read ({e.strerror})")
-                continue
-            w.write(_key_for(rel, used), data, label, fmt)
-            if label is not None:
-                labels.append(label)
-            if n % 5000 == 0:
-                _log(f"prepare: {n}/{len(files)} files read")
+        results = _ordered_map(_read_job, [str(p) for p, _ in todo], workers)
+        for n, ((p, label), result) in enumerate(zip(todo, results, strict=True), 1):
+            if isinstance(result, str):
+                bad.append(result)
+            else:
+                w.write(_key_for(p.relative_to(src), used), result[0], label, result[1])
+                if label is not None:
+                    labels.append(label)
+            if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n < len(todo):
+                last, rate = now, n / (now - start)
+                _log(f"prepare: {split}: {n}/{len(todo)} files, {rate:.1f} files/s, about "
+                     f"{_duration((len(todo) - n) / rate)} left")
     for line in bad:
         _log(f"prepare: skipped unreadable file {line}")
     count = sum(w.counts)
@@ -463,5 +535,5 @@ def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, t
 
 __all__ = [
     "DATASET_FILE", "SPLITS", "DatasetError", "DatasetInfo", "ShardError", "SplitInfo",
-    "load_dataset", "prepare_digits", "prepare_imagefolder", "register_shards",
+    "default_workers", "load_dataset", "prepare_digits", "prepare_imagefolder", "register_shards",
 ]

@@ -4,6 +4,7 @@ and quick runs of the benchmark scripts that need no Ray."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,21 @@ def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
     assert all(0 < data[k] < 100 for k in data)
     # the reported decode sizes are the reductions the stages get
     assert "500x375" in r.stdout and "1000x750" in r.stdout and "1600x1200" in r.stdout
+
+
+def test_prepare_bench_writes_its_figures(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"other": 1.0}, path)
+    r = subprocess.run([sys.executable, "bench/prepare.py", "--files", "4", "--json", str(path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = read(path)
+    assert set(data) == {"other", "prepare_workers_over_one"} <= {"other", *FIGURES}
+    assert 0 < data["prepare_workers_over_one"] < 100
+    from pipeline.dataset import default_workers
+
+    used = re.findall(r"checking 4 files with (\d+) process", r.stderr)
+    assert used == ["1", str(min(default_workers(), 4))]  # both runs, the second with a pool
 
 
 def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:

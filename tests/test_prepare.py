@@ -276,3 +276,76 @@ def test_imagefolder_numbers_classes_in_numeric_order_and_takes_a_subset_split(
     info = load_dataset(out)
     assert info.splits["test"].class_counts == {"1": 0, "2": 0, "10": 1}
     assert [s.label for s in read_samples(info.splits["test"].shards)] == [2]
+
+
+def _photo_tree(root: Path, n: int) -> None:
+    """n small JPEGs in two class folders, one truncated and one not an image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        folder = root / ("a", "b")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(
+            folder / f"{i}.jpg", quality=90)
+    whole = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "b" / "notes.txt").write_text("not an image")
+
+
+def test_imagefolder_workers_write_the_same_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Two worker processes give the shards one process gives, byte for byte, skip the same
+    files, and print progress with a rate and the time left."""
+    import pipeline.dataset as dataset
+
+    src = tmp_path / "src"
+    _photo_tree(src, 20)
+    monkeypatch.setattr(dataset, "FILES_PER_WORKER", 1)  # a pool even for a few files
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "one"),
+                         "--workers", "1", "--shard-size", "8"]) == 0
+    one = capsys.readouterr().err
+    monkeypatch.setattr(dataset, "PROGRESS_SECONDS", 0.0)
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "two"),
+                         "--workers", "2", "--shard-size", "8"]) == 0
+    two = capsys.readouterr().err
+    assert "checking 22 files with 1 process\n" in one
+    assert "checking 22 files with 2 processes" in two
+    for err in (one, two):
+        assert "cut.jpg: cannot decode image" in err and "notes.txt: cannot decode" in err
+    assert "files/s, about" in two and "files/s" not in one
+    shards = sorted((tmp_path / "one" / "labeled").glob("*.tar"))
+    assert len(shards) == 3  # 20 images, 8 a shard
+    for a in shards:
+        assert a.read_bytes() == (tmp_path / "two" / "labeled" / a.name).read_bytes()
+
+
+def _exit_on_3(item: str) -> str:
+    import os
+
+    if item == "3":
+        os._exit(1)  # what the kernel's out-of-memory killer leaves behind
+    return item
+
+
+def _record(item: str) -> str:
+    with open(item.split("|")[0], "a") as f:
+        f.write(item + "\n")
+    return item
+
+
+def test_ordered_map_keeps_order_bounds_what_is_in_flight_and_names_a_dead_worker(
+        tmp_path: Path) -> None:
+    import time
+
+    from pipeline.dataset import _ordered_map
+
+    log = tmp_path / "log"
+    items = [f"{log}|{i}" for i in range(40)]
+    results = _ordered_map(_record, items, 2)
+    assert next(results) == items[0]
+    time.sleep(1.0)  # plenty for two workers to run far ahead if nothing held them back
+    assert len(log.read_text().splitlines()) <= 4 * 2 + 1
+    assert list(results) == items[1:]
+    with pytest.raises(DatasetError, match="worker process died .* fewer --workers than 2"):
+        list(_ordered_map(_exit_on_3, [str(i) for i in range(8)], 2))
