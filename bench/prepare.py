@@ -1,13 +1,20 @@
-"""``prepare imagefolder`` of large photos: worker processes against one process.
+"""``prepare imagefolder`` of large photos: worker processes against one process, and what
+``--max-short-side`` costs and saves.
 
-    python bench/prepare.py                          # about a minute on 2 CPU cores
+    python bench/prepare.py                          # about two minutes on 2 CPU cores
     python bench/prepare.py --json bench/latest.json # what make bench runs
 
 Workload: a class-per-folder tree of 4000x3000 JPEGs (12-megapixel phone photos, quality 90),
 made from scikit-learn's two bundled photographs, mirrored and cropped into 8 different pictures
 copied to ``--files`` files. Every file is decoded in full to check it (the cost being shared
-out). Figures: files per second of wall time with one process per CPU over one process, in the
-same run (the shards come out identical, which the test suite checks).
+out). Figures, each against a baseline of the same run:
+
+* files per second of wall time with one process per CPU over one process (the shards come
+  out identical, which the test suite checks);
+* with ``--max-short-side 915`` (what training at 224 px uses, ``train_min_side``) over
+  without, both with one process per CPU: files per second, and bytes stored;
+* the training path at 224 px (decode with the reduction training asks for, random-resized
+  crop, flip), images per CPU-second of one thread on the shrunk files over the originals.
 """
 
 from __future__ import annotations
@@ -22,9 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# Nothing here imports torch at the top: the worker processes (spawned) import this module
+# again, as they import jobs/prepare.py in real use, which does not import it either.
 from PIL import Image  # noqa: E402
 
-from pipeline.dataset import default_workers, prepare_imagefolder  # noqa: E402
+from pipeline.dataset import default_workers, load_dataset, prepare_imagefolder  # noqa: E402
+from pipeline.shards import read_samples  # noqa: E402
+
+SIDE = 915  # train_min_side(224, 0.08): the most that training at 224 px uses
 
 
 def photo_tree(root: Path, files: int) -> int:
@@ -52,33 +64,71 @@ def photo_tree(root: Path, files: int) -> int:
     return total
 
 
-def run(src: Path, out: Path, workers: int) -> float:
+def run(src: Path, out: Path, workers: int, max_short_side: int | None = None) -> float:
     """Seconds of wall time of one prepare into a new folder."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    prepare_imagefolder(src, out, split="labeled", shard_size=1000, workers=workers)
+    prepare_imagefolder(src, out, split="labeled", shard_size=1000, workers=workers,
+                        max_short_side=max_short_side)
     return time.perf_counter() - t0
+
+
+def stored(out: Path) -> list[bytes]:
+    return [s.image for s in read_samples(load_dataset(out).splits["labeled"].shards)]
+
+
+def train_rate(images: list[bytes], min_s: float) -> float:
+    """Images per CPU-second of this thread through the training path at 224 px."""
+    from pipeline.images import decode_image
+    from pipeline.transforms import train_min_side, train_transform
+
+    tf, side = train_transform(224, crop_scale=(0.08, 1.0)), train_min_side(224, 0.08, True)
+    n, t0 = 0, time.thread_time()
+    while True:
+        for d in images:
+            tf(decode_image(d, min_side=side))
+        n += len(images)
+        if (dt := time.thread_time() - t0) >= min_s:
+            return n / dt
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=256)
+    ap.add_argument("--min-seconds", type=float, default=3.0,
+                    help="CPU seconds of each training-path timing")
     ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args(argv)
     import pipeline.dataset as dataset
+    from pipeline.transforms import train_min_side
 
+    assert train_min_side(224, 0.08, True) == SIDE
     workers = default_workers()
     dataset.FILES_PER_WORKER = 1  # every worker even for a small tree: the figure is the sharing
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
-        src = Path(tmp) / "src"
+        src, tmp = Path(tmp) / "src", Path(tmp)
         total = photo_tree(src, args.files)
         print(f"{args.files} photo JPEGs 4000x3000, {total / 1e6:.0f} MB; files/s of wall time")
-        one = args.files / run(src, Path(tmp) / "one", 1)
-        many = args.files / run(src, Path(tmp) / "many", workers)
-        print(f"{'1 process':<28}{one:>8.1f}")
-        print(f"{f'{workers} processes (one per CPU)':<28}{many:>8.1f}{many / one:>8.2f}x")
+        one = args.files / run(src, tmp / "one", 1)
+        many = args.files / run(src, tmp / "many", workers)
+        small = args.files / run(src, tmp / "small", workers, SIDE)
+        print(f"{'1 process':<34}{one:>8.1f}")
+        print(f"{f'{workers} processes (one per CPU)':<34}{many:>8.1f}{many / one:>8.2f}x")
+        kept, shrunk = stored(tmp / "many"), stored(tmp / "small")
+        size = sum(map(len, shrunk)) / sum(map(len, kept))
+        print(f"{f'the same, --max-short-side {SIDE}':<34}{small:>8.1f}{small / many:>8.2f}x"
+              f"   stored {sum(map(len, shrunk)) / 1e6:.1f} MB ({size:.3f} of the originals)")
+        pictures = min(args.files, 8)  # the distinct ones: the rest are copies
+        full = train_rate(kept[:pictures], args.min_seconds)
+        reduced = train_rate(shrunk[:pictures], args.min_seconds)
+        print(f"training path at 224 px, images/CPU-s: originals {full:.1f}, shrunk "
+              f"{reduced:.1f} ({reduced / full:.2f}x)")
         figures["prepare_workers_over_one"] = round(many / one, 4)
+        figures[f"prepare_max_short_side_{SIDE}_over_kept"] = round(small / many, 4)
+        figures[f"prepare_max_short_side_{SIDE}_bytes_over_kept"] = round(size, 4)
+        figures[f"train_decode_max_short_side_{SIDE}_over_kept_12mp_224"] = round(
+            reduced / full, 4)
     if args.json is not None:
         from bench.results import merge
 

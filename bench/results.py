@@ -81,6 +81,14 @@ FIGURES: dict[str, Figure] = {
     "prepare_workers_over_one": Figure(
         "prepare imagefolder of 4000x3000 photo JPEGs (each decoded in full to check it), "
         "files/s: one process per CPU / one process", "", "prepare.py"),
+    "prepare_max_short_side_915_over_kept": Figure(
+        "the same with --max-short-side 915 (shrunk, stored as JPEG 90) / files kept as they "
+        "are, files/s, one process per CPU", "", "prepare.py"),
+    "prepare_max_short_side_915_bytes_over_kept": Figure(
+        "bytes stored with --max-short-side 915 / without (bytes ratio)", "", "prepare.py"),
+    "train_decode_max_short_side_915_over_kept_12mp_224": Figure(
+        "training path at 224 px (reduced decode, random-resized crop, flip), images/CPU-s: "
+        "files shrunk to 915 px / the 4000x3000 originals", "", "prepare.py"),
     # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
     # keys start with cpu_quick_ and only show that the code runs.
     "gpu_teacher_step_bf16_cl_over_fp32": Figure(

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=_positive, default=None,
                    help=f"processes that decode and check the images (default: one per CPU, "
                         f"{default_workers()} here; at most one per {FILES_PER_WORKER} files)")
+    f.add_argument("--max-short-side", type=_positive, default=None, metavar="PX",
+                   help="shrink images whose shorter side is longer than PX to PX (aspect "
+                        "kept) and store them as JPEG (default: every file keeps its bytes). "
+                        "Training at 224 px uses up to 915 px (its smallest random crops, 8%% "
+                        "of the area, keep full detail), at 600 px up to 2450; evaluation uses "
+                        "256 at 224 and 632 at 600. Below that, the smallest crops are upscaled")
+    f.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                   help="JPEG quality of the shrunk images, 1..95 (default 90)")
 
     r = sub.add_parser("register", help="describe existing shards without copying them")
     for split in SPLITS:
@@ -81,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                                   shard_size=args.shard_size)
         elif args.command == "imagefolder":
             info = prepare_imagefolder(args.src, args.out, split=args.split,
-                                       shard_size=args.shard_size, workers=args.workers)
+                                       shard_size=args.shard_size, workers=args.workers,
+                                       max_short_side=args.max_short_side,
+                                       jpeg_quality=args.jpeg_quality)
         else:
             info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
                                    test=args.test,

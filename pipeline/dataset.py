@@ -56,6 +56,8 @@ class SplitInfo:
     shards: list[str]  # absolute paths or s3:// URIs
     count: int
     class_counts: dict[str, int] | None = None  # None for unlabeled splits
+    # prepare --max-short-side: {max_short_side, jpeg_quality, images (how many it shrank)}
+    resized: dict[str, int] | None = None
 
     @property
     def labeled(self) -> bool:
@@ -114,6 +116,7 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
                 shards=[str(_under(path, s)) for s in spec["shards"]],
                 count=int(spec["count"]),
                 class_counts=spec.get("class_counts"),
+                resized=spec.get("resized"),
             )
             for name, spec in raw["splits"].items()
         }
@@ -162,7 +165,8 @@ def save_dataset(info: DatasetInfo) -> Path | S3Path:
         "classes": info.classes,
         "splits": {
             name: {"shards": [rel(s) for s in split.shards], "count": split.count,
-                   **({"class_counts": split.class_counts} if split.labeled else {})}
+                   **({"class_counts": split.class_counts} if split.labeled else {}),
+                   **({"resized": split.resized} if split.resized is not None else {})}
             for name, split in info.splits.items()
         },
     }
@@ -290,34 +294,59 @@ def _image_extensions() -> set[str]:
 KEPT_FORMATS = ("png", "jpg", "jpeg", "webp")
 
 
-def _read_image_file(path: Path) -> tuple[bytes, str]:
-    """Bytes ready for a shard: kept as they are for jpg/png/webp, re-encoded to PNG otherwise.
+def _read_image_file(path: Path, max_short_side: int | None = None,
+                     jpeg_quality: int = 90) -> tuple[bytes, str, bool]:
+    """Bytes ready for a shard, their format and whether they were resized: kept as they are
+    for jpg/png/webp, re-encoded to PNG otherwise, or, when the shorter side is longer than
+    ``max_short_side``, shrunk to it and encoded as JPEG at ``jpeg_quality``.
 
-    Decoded with the decoder of every stage (:func:`pipeline.images.decode_image`), so a file is
-    accepted here exactly when the stages can read it; a re-encoded file is already upright and
-    in RGB, since PNG would not carry its orientation tag."""
+    Decoded with the decoder of every stage (:mod:`pipeline.images`), so a file is accepted
+    here exactly when the stages can read it; a re-encoded file is already upright and in RGB,
+    since PNG and our JPEG would not carry its orientation tag. A file to be shrunk is decoded
+    as the stages decode what they will shrink (a large JPEG at 1/2, 1/4 or 1/8 scale, no
+    smaller than ``max_short_side``), which reads all of its data as the full decode does."""
     import io
 
     from PIL import Image
 
-    from pipeline.images import decode_image
+    from pipeline.images import decode_pil
 
     data = path.read_bytes()
-    img = decode_image(data, str(path))  # raises ShardError naming the file
-    with Image.open(io.BytesIO(data)) as im:  # the header only: which format it is
-        fmt = (im.format or "").lower()
+    pic = decode_pil(data, str(path), min_side=max_short_side)  # ShardError naming the file
+    with Image.open(io.BytesIO(data)) as im:  # the header only: its format and full size
+        fmt, short = (im.format or "").lower(), min(im.size)
+    if max_short_side is not None and short > max_short_side:
+        return _shrunk_jpeg(pic, max_short_side, jpeg_quality), "jpg", True
     fmt = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)  # MPO: its first frame is a JPEG
     if fmt in KEPT_FORMATS:
-        return data, fmt
-    return encode_png(img.permute(1, 2, 0).numpy()), "png"
+        return data, fmt, False
+    return encode_png(np.asarray(pic)), "png", False
 
 
-def _read_job(path: str) -> tuple[bytes, str] | str:
-    """One file for a shard, in a worker: ``(bytes, format)``, or the line saying why it is
-    skipped (an error object would need to pickle back; a line is all the parent prints)."""
+def _shrunk_jpeg(pic: Any, side: int, quality: int) -> bytes:
+    """An RGB PIL image -> JPEG bytes of it resized (Lanczos, aspect kept) to a shorter side of
+    ``side`` (already that long: encoded as it is)."""
+    import io
+
+    from PIL import Image
+
+    w, h = pic.size
+    size = (side, max(1, round(h * side / w))) if w <= h else (max(1, round(w * side / h)), side)
+    if size != pic.size:
+        pic = pic.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    pic.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _read_job(path: str, max_short_side: int | None = None,
+              jpeg_quality: int = 90) -> tuple[bytes, str, bool, int] | str:
+    """One file for a shard, in a worker: ``(bytes, format, resized, bytes read)``, or the line
+    saying why it is skipped (an error object would need to pickle back; a line is all the
+    parent prints)."""
     p = Path(path)
     try:
-        return _read_image_file(p)
+        return (*_read_image_file(p, max_short_side, jpeg_quality), p.stat().st_size)
     except ShardError as e:  # names the file and why
         return str(e)
     except OSError as e:
@@ -376,18 +405,35 @@ def _duration(seconds: float) -> str:
 
 
 def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "labeled",
-                        shard_size: int = 1000, workers: int | None = None) -> DatasetInfo:
+                        shard_size: int = 1000, workers: int | None = None,
+                        max_short_side: int | None = None,
+                        jpeg_quality: int | None = None) -> DatasetInfo:
     """Image tree -> shards of one split, added to ``out/dataset.json`` (created if missing).
 
     Labeled and test splits need one subfolder per class; an unlabeled split may be flat.
     Unreadable files are reported by path and skipped. Every file is decoded in full to check
     it (the slow part with large photos), by ``workers`` processes (default: one per CPU, at
     most one per :data:`FILES_PER_WORKER` files); the shards are the same whatever their number.
+
+    Files keep their bytes, unless ``max_short_side`` is given: then images whose shorter side
+    is longer are shrunk to it (aspect kept) and stored as JPEG at ``jpeg_quality`` (default
+    90), and ``dataset.json`` records it for the split (``resized``).
     """
+    import functools
+
     from pipeline.shards import ShardWriter
 
     if split not in SPLITS:
         raise DatasetError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if jpeg_quality is not None and max_short_side is None:
+        raise DatasetError("--jpeg-quality applies to images shrunk by --max-short-side; give "
+                           "--max-short-side too, or drop --jpeg-quality")
+    quality = 90 if jpeg_quality is None else jpeg_quality
+    if not 1 <= quality <= 95:
+        raise DatasetError(f"--jpeg-quality must be 1..95 (above 95 Pillow's JPEG files grow "
+                           f"with no visible gain), got {quality}")
+    if max_short_side is not None and max_short_side < 1:
+        raise DatasetError(f"--max-short-side must be >= 1 pixel, got {max_short_side}")
     src, out = Path(src), location(out)
     if not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
@@ -433,13 +479,17 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     _log(f"prepare: {split}: checking {len(todo)} files with {workers} "
          f"process{'es' if workers > 1 else ''}")
     start = last = time.monotonic()
+    job = functools.partial(_read_job, max_short_side=max_short_side, jpeg_quality=quality)
+    resized = read = written = 0
     with ShardWriter(out / split, prefix=split, maxcount=shard_size) as w:
-        results = _ordered_map(_read_job, [str(p) for p, _ in todo], workers)
+        results = _ordered_map(job, [str(p) for p, _ in todo], workers)
         for n, ((p, label), result) in enumerate(zip(todo, results, strict=True), 1):
             if isinstance(result, str):
                 bad.append(result)
             else:
-                w.write(_key_for(p.relative_to(src), used), result[0], label, result[1])
+                data, fmt, shrunk, size = result
+                w.write(_key_for(p.relative_to(src), used), data, label, fmt)
+                resized, read, written = resized + shrunk, read + size, written + len(data)
                 if label is not None:
                     labels.append(label)
             if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n < len(todo):
@@ -452,9 +502,15 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
     if count == 0:
         raise DatasetError(f"{src}: none of the {len(files)} files is a readable image")
     _log(f"prepare: {split}: {count} images in {len(w.paths)} shards, {len(bad)} files skipped")
-    info.splits[split] = SplitInfo(shards=[str(p) for p in w.paths], count=count,
-                                   class_counts=_class_counts(labels, info.classes)
-                                   if labeled else None)
+    note = (f"; {resized} resized to a shorter side of {max_short_side} px"
+            if max_short_side is not None else "")
+    _log(f"prepare: {split}: read {read / 1e6:,.1f} MB of images, stored {written / 1e6:,.1f} "
+         f"MB{note}")
+    info.splits[split] = SplitInfo(
+        shards=[str(p) for p in w.paths], count=count,
+        class_counts=_class_counts(labels, info.classes) if labeled else None,
+        resized=None if max_short_side is None else {
+            "max_short_side": max_short_side, "jpeg_quality": quality, "images": resized})
     if split == "unlabeled" and info.unlabeled_truth is not None:
         _log(f"prepare: {info.unlabeled_truth.name} described the replaced unlabeled split; "
              "dropped from dataset.json")

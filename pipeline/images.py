@@ -91,12 +91,15 @@ import contextlib
 import io
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-__all__ = ["ALPHA_BACKGROUND", "decode_image", "pil_to_rgb"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ALPHA_BACKGROUND", "decode_image", "decode_pil", "pil_to_rgb"]
 
 #: RGB background that transparent pixels are composited onto (see the module docstring).
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -128,6 +131,20 @@ def decode_image(data: bytes, where: str = "", min_side: int | None = None) -> t
     JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale, the smallest that keeps
     the shorter side at least ``min_side`` (see "Reduced decoding" in the module docstring).
     """
+    return _chw(_decode(data, where, min_side))
+
+
+def decode_pil(data: bytes, where: str = "", min_side: int | None = None) -> Image.Image:
+    """:func:`decode_image`'s pixels as an ``RGB`` PIL image (``H x W``), for code that goes on
+    in PIL (``prepare``'s resize): the same rules and errors, without the planar copy."""
+    out = _decode(data, where, min_side)
+    if isinstance(out, np.ndarray):
+        out = Image.fromarray(out, "L" if out.ndim == 2 else "RGB")
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _decode(data: bytes, where: str, min_side: int | None) -> Image.Image | np.ndarray:
+    """Bytes -> what :func:`_rgb` returns (an RGB or L image or array), errors as ShardError."""
     name = where or "image"
     if not isinstance(data, bytes | bytearray):
         data = bytes(data)  # memoryview, numpy buffer, ...
@@ -143,7 +160,7 @@ def decode_image(data: bytes, where: str = "", min_side: int | None = None) -> t
             _reduce_jpeg(img, min_side)
         img.load()  # decodes every pixel: truncated or corrupt data fails here
         _apply_orientation(img)
-        return _chw(_rgb(img))
+        return _rgb(img)
     except MemoryError:
         raise
     except Exception as e:  # decoders of untrusted data raise anything: OSError, SyntaxError...
@@ -234,6 +251,10 @@ def _apply_orientation(img: Image.Image) -> None:
 
 def _chw(x: Image.Image | np.ndarray) -> torch.Tensor:
     """An RGB or L PIL image, or an (H, W) / (H, W, 3) uint8 array -> fresh (3, H, W) tensor."""
+    # Imported here, not at the top: prepare's worker processes decode with PIL alone
+    # (decode_pil) and would otherwise spend a second importing torch each.
+    import torch
+
     if isinstance(x, Image.Image):
         w, h = x.size
         out = np.empty((3, h, w), np.uint8)

@@ -112,16 +112,22 @@ def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
 def test_prepare_bench_writes_its_figures(tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     merge({"other": 1.0}, path)
-    r = subprocess.run([sys.executable, "bench/prepare.py", "--files", "4", "--json", str(path)],
+    r = subprocess.run([sys.executable, "bench/prepare.py", "--files", "4", "--min-seconds",
+                        "0.05", "--json", str(path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = read(path)
-    assert set(data) == {"other", "prepare_workers_over_one"} <= {"other", *FIGURES}
-    assert 0 < data["prepare_workers_over_one"] < 100
+    figures = {"prepare_workers_over_one", "prepare_max_short_side_915_over_kept",
+               "prepare_max_short_side_915_bytes_over_kept",
+               "train_decode_max_short_side_915_over_kept_12mp_224"}
+    assert set(data) == {"other", *figures} and figures <= set(FIGURES)
+    assert all(0 < data[k] < 100 for k in data)
+    assert data["prepare_max_short_side_915_bytes_over_kept"] < 0.5  # 12 MP -> 1220x915
     from pipeline.dataset import default_workers
 
     used = re.findall(r"checking 4 files with (\d+) process", r.stderr)
-    assert used == ["1", str(min(default_workers(), 4))]  # both runs, the second with a pool
+    pool = str(min(default_workers(), 4))
+    assert used == ["1", pool, pool]  # the runs after the first with a pool
 
 
 def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import ALPHA_BACKGROUND, decode_image, pil_to_rgb
+from pipeline.images import ALPHA_BACKGROUND, decode_image, decode_pil, pil_to_rgb
 from pipeline.shards import ShardError
 
 
@@ -28,11 +28,14 @@ def enc(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def dec(data: bytes, where: str = "test") -> np.ndarray:
-    """Decode, check the tensor contract, return (H, W, 3) for easy comparison."""
+    """Decode, check the tensor contract, return (H, W, 3) for easy comparison. decode_pil
+    (prepare's resize) must give the same pixels as an RGB image, so every test checks it."""
     t = decode_image(data, where)
     assert isinstance(t, torch.Tensor)
     assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3
     assert t.is_contiguous()
+    pic = decode_pil(data, where)
+    assert pic.mode == "RGB" and np.array_equal(np.asarray(pic), t.permute(1, 2, 0).numpy())
     return t.permute(1, 2, 0).numpy()
 
 
@@ -379,10 +382,14 @@ def test_orientation_1_and_broken_exif_leave_pixels_as_stored():
 # ----------------------------------------------------------------------------- errors
 
 
-def assert_rejected(data: bytes, where: str = "shard-000001.tar:key42") -> str:
+def assert_rejected(data: bytes, where: str = "shard-000001.tar:key42",
+                    min_side: int | None = None) -> str:
+    with pytest.raises(ShardError) as pil_info:
+        decode_pil(data, where, min_side)
     with pytest.raises(ShardError) as info:
-        decode_image(data, where)
+        decode_image(data, where, min_side)
     msg = str(info.value)
+    assert str(pil_info.value) == msg
     assert msg.startswith(f"{where}: cannot decode image (") and msg.endswith(")"), msg
     assert "\n" not in msg
     return msg
@@ -398,6 +405,7 @@ def test_truncated_jpeg_rejected():
     data = enc(Image.fromarray(rgb_sample(64, 64)), "JPEG", quality=90)
     for cut in (len(data) - 2, len(data) // 2, 300, 30):
         assert_rejected(data[:cut])
+        assert_rejected(data[:cut], min_side=8)  # decoded at 1/8 scale: still reads it all
 
 
 def test_random_bytes_rejected():

@@ -349,3 +349,75 @@ def test_ordered_map_keeps_order_bounds_what_is_in_flight_and_names_a_dead_worke
     assert list(results) == items[1:]
     with pytest.raises(DatasetError, match="worker process died .* fewer --workers than 2"):
         list(_ordered_map(_exit_on_3, [str(i) for i in range(8)], 2))
+
+
+def test_imagefolder_max_short_side_shrinks_large_images_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-short-side: larger images come out upright, RGB, aspect kept, shorter side exactly
+    the limit, as JPEG at --jpeg-quality, close to a Lanczos resize of what the stages decode;
+    smaller ones keep their bytes; dataset.json records it; worker processes agree."""
+    from PIL import Image
+
+    import pipeline.dataset as dataset
+    from pipeline.images import decode_image
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    y, x = np.mgrid[0:60, 0:80]
+    smooth = np.stack([x * 3, y * 4, (x + y) * 2], -1).astype(np.uint8)  # 80x60, JPEG-friendly
+    Image.fromarray(smooth).save(src / "a" / "wide.jpg", quality=95)
+    rgba = np.dstack([smooth[:40, :30], np.full((40, 30), 128, np.uint8)])  # 30x40, half alpha
+    Image.fromarray(rgba, "RGBA").save(src / "a" / "tall.png")
+    rotated = Image.fromarray(smooth)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (rotate 90 clockwise)
+    rotated.save(src / "b" / "phone.jpg", quality=95, exif=exif)
+    Image.fromarray(smooth[:10, :14]).save(src / "b" / "small.png")  # shorter side 10 <= 12
+    monkeypatch.setattr(dataset, "FILES_PER_WORKER", 1)
+    for workers in ("1", "2"):
+        assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / workers),
+                             "--max-short-side", "12", "--jpeg-quality", "80",
+                             "--workers", workers]) == 0
+    err = capsys.readouterr().err
+    assert "3 resized to a shorter side of 12 px" in err
+    info = load_dataset(tmp_path / "1")
+    assert info.splits["labeled"].resized == {"max_short_side": 12, "jpeg_quality": 80,
+                                              "images": 3}
+    assert json.loads((tmp_path / "1" / "dataset.json").read_text())["splits"]["labeled"][
+        "resized"]["images"] == 3
+    samples = {s.key: s for s in read_samples(info.splits["labeled"].shards)}
+    assert samples["b_small"].image == (src / "b" / "small.png").read_bytes()
+    assert samples["b_small"].image_format == "png"
+    shapes = {}
+    for key, name in (("a_wide", "a/wide.jpg"), ("a_tall", "a/tall.png"),
+                      ("b_phone", "b/phone.jpg")):
+        s = samples[key]
+        assert s.image_format == "jpg" and s.image[:2] == b"\xff\xd8"
+        with Image.open(io.BytesIO(s.image)) as im:
+            assert im.info.get("exif") is None or 0x0112 not in im.getexif()  # no orientation
+        got = decode_image(s.image)
+        shapes[key] = tuple(got.shape[1:])
+        full = decode_image((src / name).read_bytes())  # upright, alpha on white
+        want = np.asarray(Image.fromarray(full.permute(1, 2, 0).numpy()).resize(
+            (got.shape[2], got.shape[1]), Image.Resampling.LANCZOS), np.float32)
+        assert np.abs(got.permute(1, 2, 0).numpy() - want).mean() < 6  # JPEG's loss only
+    assert shapes == {"a_wide": (12, 16), "a_tall": (16, 12), "b_phone": (16, 12)}
+    for a in sorted((tmp_path / "1" / "labeled").glob("*.tar")):
+        assert a.read_bytes() == (tmp_path / "2" / "labeled" / a.name).read_bytes()
+
+
+def test_imagefolder_resize_options_are_checked(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    _photo_tree(src, 2)
+    for args, says in ((["--jpeg-quality", "80"], "give --max-short-side too"),
+                       (["--max-short-side", "8", "--jpeg-quality", "100"], "must be 1..95")):
+        assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "o"), *args]) == 2
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "o"),
+                      "--max-short-side", "0"])
+    assert e.value.code == 2
+    assert "argument --max-short-side: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
