@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per shard (default 100)")
 
     f = sub.add_parser("imagefolder", help="a class-per-subfolder tree (flat for unlabeled)")
-    f.add_argument("src", type=Path, help="folder of images")
+    f.add_argument("src", help="folder of images (local, or an s3:// prefix)")
     f.add_argument("--out", required=True,
                    help="dataset folder, created or extended (local or s3://)")
     f.add_argument("--split", choices=SPLITS, default="labeled", help="which split to write")
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_location(location(args.out))
+        if args.command == "imagefolder":
+            check_location(location(args.src))
         if args.command == "digits":
             info = prepare_digits(args.out, labeled_fraction=args.labeled_fraction,
                                   test_fraction=args.test_fraction, seed=args.seed,

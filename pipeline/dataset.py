@@ -4,7 +4,7 @@ Three ways to make one (``jobs/prepare.py`` is the command line for them):
 
 * :func:`prepare_digits` converts scikit-learn's bundled handwritten digits (no download);
 * :func:`prepare_imagefolder` converts a class-per-subfolder tree (or a flat folder of unlabeled
-  images) into shards;
+  images), local or under an ``s3://`` prefix, into shards;
 * :func:`register_shards` describes existing shards in place, scanning them for counts.
 
 Shard paths inside ``DIR`` are stored relative to it, so a dataset folder can be moved. ``DIR``
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.fs import S3Path, location
+from pipeline.fs import SCHEME, S3Path, StorageError, location
 from pipeline.shards import (
     Damage,
     KeyIndex,
@@ -263,10 +263,18 @@ def _natural(name: str) -> list[Any]:
             for part in re.split(r"(\d+)", name) if part]
 
 
-def _files_under(src: Path) -> list[Path]:
+def _files_under(src: Path | S3Path) -> list[Path | S3Path]:
     """Every file under ``src``, sorted, following linked folders (a class folder is often a
     link to where the images live; Path.rglob does not follow them) but never into a loop.
-    Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are never data."""
+    Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are never data. Under an
+    ``s3://`` prefix: every object below it (one listing), with the same rule for hidden names."""
+    if isinstance(src, S3Path):
+        import pyarrow.fs as pafs
+
+        base = len(src.arrow_path) + 1
+        return sorted(S3Path(SCHEME + i.path, endpoint=src.endpoint or False)
+                      for i in src._list(recursive=True) if i.type == pafs.FileType.File
+                      and not any(part.startswith(".") for part in i.path[base:].split("/")))
     files, seen = [], set()
     for folder, dirs, names in os.walk(src, followlinks=True):
         real = os.path.realpath(folder)
@@ -294,7 +302,7 @@ def _image_extensions() -> set[str]:
 KEPT_FORMATS = ("png", "jpg", "jpeg", "webp")
 
 
-def _read_image_file(path: Path, max_short_side: int | None = None,
+def _read_image_file(path: Path | S3Path, max_short_side: int | None = None,
                      jpeg_quality: int = 90) -> tuple[bytes, str, bool]:
     """Bytes ready for a shard, their format and whether they were resized: kept as they are
     for jpg/png/webp, re-encoded to PNG otherwise, or, when the shorter side is longer than
@@ -344,13 +352,15 @@ def _read_job(path: str, max_short_side: int | None = None,
     """One file for a shard, in a worker: ``(bytes, format, resized, bytes read)``, or the line
     saying why it is skipped (an error object would need to pickle back; a line is all the
     parent prints)."""
-    p = Path(path)
+    p = location(path)
     try:
         return (*_read_image_file(p, max_short_side, jpeg_quality), p.stat().st_size)
     except ShardError as e:  # names the file and why
         return str(e)
     except OSError as e:
-        return f"{p}: cannot be read ({e.strerror})"
+        return f"{p}: cannot be read ({e.strerror or e})"
+    except StorageError as e:  # an object store's refusal, already one line naming the object
+        return f"{p}: cannot be read ({e})"
 
 
 def default_workers() -> int:
@@ -404,13 +414,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "labeled",
+def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
+                        split: str = "labeled",
                         shard_size: int = 1000, workers: int | None = None,
                         max_short_side: int | None = None,
                         jpeg_quality: int | None = None) -> DatasetInfo:
     """Image tree -> shards of one split, added to ``out/dataset.json`` (created if missing).
 
-    Labeled and test splits need one subfolder per class; an unlabeled split may be flat.
+    ``src`` is a local folder or an ``s3://`` prefix. Labeled and test splits need one
+    subfolder per class; an unlabeled split may be flat.
     Unreadable files are reported by path and skipped. Every file is decoded in full to check
     it (the slow part with large photos), by ``workers`` processes (default: one per CPU, at
     most one per :data:`FILES_PER_WORKER` files); the shards are the same whatever their number.
@@ -434,8 +446,8 @@ def prepare_imagefolder(src: str | Path, out: str | Path, *, split: str = "label
                            f"with no visible gain), got {quality}")
     if max_short_side is not None and max_short_side < 1:
         raise DatasetError(f"--max-short-side must be >= 1 pixel, got {max_short_side}")
-    src, out = Path(src), location(out)
-    if not src.is_dir():
+    src, out = location(src), location(out)
+    if not isinstance(src, S3Path) and not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
     files = _files_under(src)
     if not files:

@@ -193,6 +193,54 @@ def test_prepare_imagefolder_to_s3(s3, bucket: str, tmp_path: Path) -> None:
     assert labels == [0, 0, 0, 1, 1, 1]
 
 
+def test_prepare_imagefolder_from_s3_with_workers(s3, bucket: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image tree kept on S3 is read where it is, by worker processes that find the server
+    as the parent does (environment), into the shards a local copy of the tree gives; hidden
+    objects are skipped and a broken one is named."""
+    import numpy as np
+    from PIL import Image
+
+    import pipeline.dataset as dataset
+    from pipeline.dataset import load_dataset, prepare_imagefolder
+    from pipeline.shards import read_samples
+
+    rng = np.random.default_rng(3)
+    local = tmp_path / "tree"
+    for cls in ("cat", "dog"):
+        for i in range(4):
+            path = local / cls / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 30, 3), np.uint8)).save(path)
+    (local / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            (location(f"s3://{bucket}/tree") / p.relative_to(local).as_posix()).write_bytes(
+                p.read_bytes())
+    location(f"s3://{bucket}/tree/.DS_Store").write_bytes(b"finder")
+    location(f"s3://{bucket}/tree/cat/.thumbs/x.jpg").write_bytes(b"hidden")
+    monkeypatch.setattr(dataset, "FILES_PER_WORKER", 1)
+    from_s3 = prepare_imagefolder(f"s3://{bucket}/tree", tmp_path / "a", shard_size=3,
+                                  workers=2, max_short_side=20)
+    from_disk = prepare_imagefolder(local, tmp_path / "b", shard_size=3, workers=1,
+                                    max_short_side=20)
+    assert from_s3.classes == ["cat", "dog"] and from_s3.split("labeled").count == 8
+    assert from_s3.split("labeled").resized == {"max_short_side": 20, "jpeg_quality": 90,
+                                                "images": 8}
+    a = [(x.key, x.label, x.image) for x in read_samples(from_s3.split("labeled").shards)]
+    b = [(x.key, x.label, x.image) for x in read_samples(from_disk.split("labeled").shards)]
+    assert a == b and len(a) == 8
+    assert load_dataset(tmp_path / "a").split("labeled").class_counts == {"cat": 4, "dog": 4}
+    p = _prepare("imagefolder", f"s3://{bucket}/tree/dog", "--out", str(tmp_path / "c"),
+                 "--split", "unlabeled")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"s3://{bucket}/tree/dog/broken.png: cannot decode image" in p.stderr
+    missing = _prepare("imagefolder", "s3://no-such-bucket/tree", "--out", str(tmp_path / "d"))
+    assert missing.returncode == 2 and "bucket 'no-such-bucket' does not exist" in missing.stderr
+    empty = _prepare("imagefolder", f"s3://{bucket}/nothing-here", "--out", str(tmp_path / "d"))
+    assert empty.returncode == 2 and "contains no files" in empty.stderr
+
+
 def test_round_lock_on_s3_refuses_a_second_holder_and_takes_over_a_dead_ones(
         s3, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No exclusive create on S3: written when absent, read back after a pause; the same
