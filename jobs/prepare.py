@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "256 at 224 and 632 at 600. Below that, the smallest crops are upscaled")
     f.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
                    help="JPEG quality of the shrunk images, 1..95 (default 90)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the random order the samples are written in (default 0); "
+                        "shards mix the classes, as the training streams need")
 
     r = sub.add_parser("register", help="describe existing shards without copying them")
     for split in SPLITS:
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             info = prepare_imagefolder(args.src, args.out, split=args.split,
                                        shard_size=args.shard_size, workers=args.workers,
                                        max_short_side=args.max_short_side,
-                                       jpeg_quality=args.jpeg_quality)
+                                       jpeg_quality=args.jpeg_quality, seed=args.seed)
         else:
             info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
                                    test=args.test,

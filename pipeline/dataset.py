@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -418,7 +419,7 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
                         split: str = "labeled",
                         shard_size: int = 1000, workers: int | None = None,
                         max_short_side: int | None = None,
-                        jpeg_quality: int | None = None) -> DatasetInfo:
+                        jpeg_quality: int | None = None, seed: int = 0) -> DatasetInfo:
     """Image tree -> shards of one split, added to ``out/dataset.json`` (created if missing).
 
     ``src`` is a local folder or an ``s3://`` prefix. Labeled and test splits need one
@@ -426,6 +427,10 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
     Unreadable files are reported by path and skipped. Every file is decoded in full to check
     it (the slow part with large photos), by ``workers`` processes (default: one per CPU, at
     most one per :data:`FILES_PER_WORKER` files); the shards are the same whatever their number.
+
+    The samples go into the shards in a random order (``seed``), not folder by folder: the
+    training streams read a shard at a time through a bounded shuffle buffer, so shards that
+    each hold one class would make batches of one or two classes.
 
     Files keep their bytes, unless ``max_short_side`` is given: then images whose shorter side
     is longer are shrunk to it (aspect kept) and stored as JPEG at ``jpeg_quality`` (default
@@ -487,6 +492,7 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
             bad.append(f"{p} (not inside a class folder)")
         else:
             todo.append((p, label))
+    random.Random(seed).shuffle(todo)
     workers = max(1, min(workers or default_workers(), len(todo) // FILES_PER_WORKER))
     _log(f"prepare: {split}: checking {len(todo)} files with {workers} "
          f"process{'es' if workers > 1 else ''}")
@@ -541,25 +547,46 @@ def scan_shards(paths: list[str], split: str = "") -> tuple[int, Counter[int] | 
     samples, or in which two shards share a key, is refused."""
     total, labels, unlabeled, damage = 0, Counter(), 0, Damage()
     keys = KeyIndex(split)  # a key that two shards share is refused
+    purity: list[float] = []  # per labeled shard: the share of its most common label
     for path in paths:
-        shard_keys = []
+        shard_keys, shard_labels = [], Counter()
         for s in read_samples([path], damage):
             total += 1
             shard_keys.append(s.key)
             if s.label is None:
                 unlabeled += 1
             else:
-                labels[s.label] += 1
+                shard_labels[s.label] += 1
         keys.add(path, shard_keys)
+        labels.update(shard_labels)
+        if shard_labels:
+            purity.append(max(shard_labels.values()) / shard_labels.total())
     keys.check(lambda shard: (s.key for s in read_shard(shard) if isinstance(s, Sample)))
     if labels and unlabeled and split != "unlabeled":  # an unlabeled pool may hold some labels
         raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
                            "labeled split needs a .cls or .json label on every sample")
+    _warn_sorted(split, purity, labels)
     if damage.count:
         e = damage.examples[0]
         _log(f"register: {split}: {damage.count} damaged samples will be skipped (e.g. "
              f"{e['shard']}, key {e['key']!r}: {e['reason']})")
     return total, (labels if labels else None), damage
+
+
+def _warn_sorted(split: str, purity: list[float], labels: Counter[int]) -> None:
+    """Shards written class by class: the typical shard holds far more of one class than the
+    split does. Training streams read a shard at a time through a bounded shuffle buffer, so
+    such shards give batches of one or two classes (a test split is read in order anyway)."""
+    if split != "labeled" or len(purity) < 2 or len(labels) < 2:
+        return
+    typical = sorted(purity)[len(purity) // 2]
+    overall = max(labels.values()) / labels.total()
+    if typical - overall >= 0.3:
+        _log(f"register: warning: {split}: its shards each hold mostly one class (the median "
+             f"shard {typical:.0%} of one, the split {overall:.0%} of its largest); training "
+             "reads a shard at a time through a bounded shuffle buffer, so batches would hold "
+             "few classes: write the shards with the samples in a random order (`prepare "
+             "imagefolder` does)")
 
 
 def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, test: str,

@@ -116,7 +116,8 @@ def test_imagefolder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert not (tmp_path / "o" / "dataset.json").exists()
 
 
-def test_register_existing_shards(tmp_path: Path, digits_dir: Path) -> None:
+def test_register_existing_shards(tmp_path: Path, digits_dir: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     info = load_dataset(digits_dir)
     out = tmp_path / "reg"
     rc = prepare_main([
@@ -130,6 +131,22 @@ def test_register_existing_shards(tmp_path: Path, digits_dir: Path) -> None:
     assert reg.splits["labeled"].class_counts == info.splits["labeled"].class_counts
     assert reg.splits["unlabeled"].class_counts is None
     assert not list(out.rglob("*.tar"))  # described in place, not copied
+    assert "warning" not in capsys.readouterr().err  # the digits' shards mix the classes
+
+
+def test_register_warns_of_shards_written_class_by_class(tmp_path: Path, digits_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    image = encode_png(np.zeros((4, 4, 3), np.uint8))
+    samples = [(f"k{c}_{i}", image, c) for c in range(3) for i in range(20)]  # sorted by class
+    write_shards(iter(samples), tmp_path / "lab", prefix="lab", maxcount=20)
+    rc = prepare_main(["register", "--labeled", str(tmp_path / "lab" / "*.tar"),
+                       "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
+                       "--test", str(digits_dir / "test" / "*.tar"), "--out", str(tmp_path / "r")])
+    assert rc == 0  # a warning, not a refusal: the shards are usable
+    err = capsys.readouterr().err
+    assert ("register: warning: labeled: its shards each hold mostly one class (the median "
+            "shard 100% of one, the split 33% of its largest)") in err
 
 
 def test_register_errors(tmp_path: Path, digits_dir: Path,
@@ -421,3 +438,37 @@ def test_imagefolder_resize_options_are_checked(tmp_path: Path,
     assert e.value.code == 2
     assert "argument --max-short-side: must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_imagefolder_shards_mix_the_classes(tmp_path: Path) -> None:
+    """Files are written in a random order, not class folder by class folder: a training
+    stream reads a shard at a time through a bounded shuffle buffer, so class-sorted shards
+    would give it runs of one class."""
+    from PIL import Image
+
+    from pipeline.data import LabeledStream
+
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(src / cls / f"{i}.png")
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "o"),
+                         "--shard-size", "10"]) == 0
+    info = load_dataset(tmp_path / "o")
+    shards = info.splits["labeled"].shards
+    assert len(shards) == 6
+    assert all({s.label for s in read_samples([shard])} == {0, 1} for shard in shards)
+    stream = iter(LabeledStream(shards, lambda x: x, shuffle_buffer=10, seed=1))
+    labels = [next(stream)[1] for _ in range(120)]
+    windows = [set(labels[i:i + 8]) for i in range(0, 120, 8)]
+    assert sum(w == {0, 1} for w in windows) >= 12  # of 15 batches of 8; sorted shards: ~3
+    again = tmp_path / "again"
+    assert prepare_main(["imagefolder", str(src), "--out", str(again), "--shard-size", "10"]) == 0
+    assert [x.key for x in read_samples(load_dataset(again).splits["labeled"].shards)] == [
+        x.key for x in read_samples(shards)]  # the same seed, the same order
+    other = tmp_path / "other"
+    assert prepare_main(["imagefolder", str(src), "--out", str(other), "--shard-size", "10",
+                         "--seed", "1"]) == 0
+    assert [x.key for x in read_samples(load_dataset(other).splits["labeled"].shards)] != [
+        x.key for x in read_samples(shards)]
