@@ -12,6 +12,18 @@ if str(ROOT) not in sys.path:  # `python jobs/x.py` and Ray jobs run from a copy
     sys.path.insert(0, str(ROOT))
 
 
+def disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_line(name: str, e: OSError, option: str, kept: str) -> str:
+    """The one line for a full disk or quota: what, where, and that rerunning continues."""
+    what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"{name}: error: {what}{where}; free space on the volume of {option} and run the "
+            f"same command again: {kept}")
+
+
 def run_job(name: str, body: Callable[[], int]) -> int:
     """Run ``body``; a known user error becomes one line on stderr and exit code 2."""
     from models.weights import WeightsError
@@ -35,14 +47,12 @@ def run_job(name: str, body: Callable[[], int]) -> int:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(e):
             raise
         # Every file is written whole or not at all (pipeline/storage.py), so what was finished
         # before is intact; the stage that failed is redone from its last finished file.
-        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"{name}: error: {what}{where}; free space on the volume of --root and run the "
-              "same command again: finished stages and files are kept", file=sys.stderr)
+        print(disk_full_line(name, e, "--root", "finished stages and files are kept"),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted; run the same command again to continue", file=sys.stderr)

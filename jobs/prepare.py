@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs._common import disk_full, disk_full_line  # noqa: E402
 from pipeline.dataset import (  # noqa: E402
     FILES_PER_WORKER,
     SPLITS,
@@ -104,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ShardError, StorageError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        print(disk_full_line("prepare", e, "--out", "the shards it finished are kept, and "
+                             "dataset.json as it was"), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prepare: interrupted; run the same command again to continue after the shards "
+              "it finished", file=sys.stderr)
+        return 130
     counts = ", ".join(f"{k} {v}" for k, v in info.counts().items())
     print(f"prepare: wrote {info.path / 'dataset.json'} ({info.num_classes} classes; {counts})")
     return 0

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import stat
 import sys
 import time
 from collections import Counter, deque
@@ -264,18 +265,21 @@ def _natural(name: str) -> list[Any]:
             for part in re.split(r"(\d+)", name) if part]
 
 
-def _files_under(src: Path | S3Path) -> list[Path | S3Path]:
-    """Every file under ``src``, sorted, following linked folders (a class folder is often a
-    link to where the images live; Path.rglob does not follow them) but never into a loop.
-    Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are never data. Under an
-    ``s3://`` prefix: every object below it (one listing), with the same rule for hidden names."""
+def _files_under(src: Path | S3Path) -> list[tuple[Path | S3Path, int, int]]:
+    """Every file under ``src`` as (path, size, mtime in ns), sorted, following linked folders
+    (a class folder is often a link to where the images live; Path.rglob does not follow them)
+    but never into a loop. Hidden files and folders (.git, .ipynb_checkpoints, .DS_Store) are
+    never data. Under an ``s3://`` prefix: every object below it (one listing), with the same
+    rule for hidden names."""
     if isinstance(src, S3Path):
         import pyarrow.fs as pafs
 
         base = len(src.arrow_path) + 1
-        return sorted(S3Path(SCHEME + i.path, endpoint=src.endpoint or False)
-                      for i in src._list(recursive=True) if i.type == pafs.FileType.File
-                      and not any(part.startswith(".") for part in i.path[base:].split("/")))
+        return sorted(((S3Path(SCHEME + i.path, endpoint=src.endpoint or False), i.size or 0,
+                        i.mtime_ns or 0)
+                       for i in src._list(recursive=True) if i.type == pafs.FileType.File
+                       and not any(part.startswith(".") for part in i.path[base:].split("/"))),
+                      key=lambda f: f[0])
     files, seen = [], set()
     for folder, dirs, names in os.walk(src, followlinks=True):
         real = os.path.realpath(folder)
@@ -284,8 +288,15 @@ def _files_under(src: Path | S3Path) -> list[Path | S3Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(folder) / n for n in names
-                  if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+        for n in names:
+            if n.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(folder, n))  # follows links, as the read will
+            except OSError:  # a dangling link
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.append((Path(folder) / n, st.st_size, st.st_mtime_ns))
     return sorted(files)
 
 
@@ -454,9 +465,10 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
     src, out = location(src), location(out)
     if not isinstance(src, S3Path) and not src.is_dir():
         raise DatasetError(f"{src} is not a directory")
-    files = _files_under(src)
-    if not files:
+    listed = _files_under(src)
+    if not listed:
         raise DatasetError(f"{src} contains no files; point it at a folder of images")
+    files = [p for p, _, _ in listed]
     info = load_dataset(out) if (out / DATASET_FILE).exists() else DatasetInfo(
         path=out, name=out.name, classes=[])
     labeled = split != "unlabeled"
@@ -481,61 +493,142 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
         else:  # numbers in numeric order ("2" before "10"), as register numbers its classes
             info.classes = sorted(found, key=_natural)
     index = {c: i for i, c in enumerate(info.classes)}
-    bad: list[str] = []
-    labels: list[int] = []
-    used: set[str] = set()
-    todo: list[tuple[Path, int | None]] = []
-    for p in files:
+    outside: list[str] = []
+    todo: list[tuple[Path | S3Path, int | None]] = []
+    meta: dict[Any, tuple[int, int]] = {}
+    for p, size, mtime in listed:
         rel = p.relative_to(src)
         label = index.get(rel.parts[0]) if labeled and len(rel.parts) > 1 else None
         if labeled and label is None:
-            bad.append(f"{p} (not inside a class folder)")
+            outside.append(f"{p} (not inside a class folder)")
         else:
             todo.append((p, label))
+            meta[p] = (size, mtime)
     random.Random(seed).shuffle(todo)
-    workers = max(1, min(workers or default_workers(), len(todo) // FILES_PER_WORKER))
-    _log(f"prepare: {split}: checking {len(todo)} files with {workers} "
+    # What decides the shards' bytes. Their names carry its hash, so a rerun never overwrites
+    # the shards that dataset.json lists now (they stay valid until it lists the new ones) and
+    # a rerun of the same prepare finds the shards it had finished and goes on after them.
+    recipe = {"format": 1, "split": split, "shard_size": shard_size, "seed": seed,
+              "max_short_side": max_short_side, "jpeg_quality": quality}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for p, label in todo:
+        digest.update(f"{p.relative_to(src)}\0{meta[p][0]}\0{meta[p][1]}\0{label}\n".encode())
+    prefix = f"{split}-{digest.hexdigest()[:10]}"
+    folder = out / split
+    record = folder / f"{prefix}{PROGRESS_SUFFIX}"
+    done = _finished_part(record, folder, prefix, len(todo))
+    for other in (folder.glob(f"*{PROGRESS_SUFFIX}") if folder.exists() else []):
+        if other.name != record.name:
+            _log(f"prepare: {other} is left from an unfinished prepare of other files or "
+                 f"options; its shards ({other.name[:-len(PROGRESS_SUFFIX)]}-*.tar) are not "
+                 "used: delete them and it")
+    workers = max(1, min(workers or default_workers(), (len(todo) - done["consumed"])
+                         // FILES_PER_WORKER))
+    bad: list[tuple[int, str]] = [(int(i), line) for i, line in done["bad"]]
+    labels: list[int] = []
+    used: set[str] = set()
+    skipped = {i for i, _ in bad}
+    for i, (p, label) in enumerate(todo[:done["consumed"]]):  # what the finished shards hold
+        if i not in skipped:
+            _key_for(p.relative_to(src), used)
+            if label is not None:
+                labels.append(label)
+    if done["shards"]:
+        _log(f"prepare: {split}: {len(done['shards'])} shards of an interrupted run of this "
+             f"prepare are complete ({done['consumed']} of {len(todo)} files); going on after "
+             "them")
+    _log(f"prepare: {split}: checking {len(todo) - done['consumed']} files with {workers} "
          f"process{'es' if workers > 1 else ''}")
     start = last = time.monotonic()
     job = functools.partial(_read_job, max_short_side=max_short_side, jpeg_quality=quality)
-    resized = read = written = 0
-    with ShardWriter(out / split, prefix=split, maxcount=shard_size) as w:
-        results = _ordered_map(job, [str(p) for p, _ in todo], workers)
-        for n, ((p, label), result) in enumerate(zip(todo, results, strict=True), 1):
+    totals = {k: done[k] for k in ("resized", "read", "written")}
+    at = [done["consumed"]]  # the file being written when a shard closes: files before it are in
+
+    def shard_closed() -> None:
+        atomic_write_json(record, {
+            "recipe": recipe, "shards": w.counts, "consumed": at[0],
+            "bad": [[i, line] for i, line in bad if i < at[0]], **totals})
+
+    rest = todo[done["consumed"]:]
+    with ShardWriter(folder, prefix=prefix, maxcount=shard_size, on_close=shard_closed) as w:
+        if done["shards"]:
+            w.resume(done["shards"], used)
+        results = _ordered_map(job, [str(p) for p, _ in rest], workers)
+        for n, ((p, label), result) in enumerate(zip(rest, results, strict=True),
+                                                 done["consumed"]):
+            at[0] = n
             if isinstance(result, str):
-                bad.append(result)
+                bad.append((n, result))
             else:
                 data, fmt, shrunk, size = result
                 w.write(_key_for(p.relative_to(src), used), data, label, fmt)
-                resized, read, written = resized + shrunk, read + size, written + len(data)
+                totals["resized"] += shrunk
+                totals["read"] += size
+                totals["written"] += len(data)
                 if label is not None:
                     labels.append(label)
-            if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n < len(todo):
-                last, rate = now, n / (now - start)
-                _log(f"prepare: {split}: {n}/{len(todo)} files, {rate:.1f} files/s, about "
-                     f"{_duration((len(todo) - n) / rate)} left")
-    for line in bad:
+            if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n + 1 < len(todo):
+                last, rate = now, (n + 1 - done["consumed"]) / (now - start)
+                _log(f"prepare: {split}: {n + 1}/{len(todo)} files, {rate:.1f} files/s, about "
+                     f"{_duration((len(todo) - n - 1) / rate)} left")
+        at[0] = len(todo)
+    for line in outside + [line for _, line in bad]:
         _log(f"prepare: skipped unreadable file {line}")
     count = sum(w.counts)
     if count == 0:
         raise DatasetError(f"{src}: none of the {len(files)} files is a readable image")
-    _log(f"prepare: {split}: {count} images in {len(w.paths)} shards, {len(bad)} files skipped")
-    note = (f"; {resized} resized to a shorter side of {max_short_side} px"
+    _log(f"prepare: {split}: {count} images in {len(w.paths)} shards, "
+         f"{len(outside) + len(bad)} files skipped")
+    note = (f"; {totals['resized']} resized to a shorter side of {max_short_side} px"
             if max_short_side is not None else "")
-    _log(f"prepare: {split}: read {read / 1e6:,.1f} MB of images, stored {written / 1e6:,.1f} "
-         f"MB{note}")
+    _log(f"prepare: {split}: read {totals['read'] / 1e6:,.1f} MB of images, stored "
+         f"{totals['written'] / 1e6:,.1f} MB{note}")
+    before = info.splits.get(split)
     info.splits[split] = SplitInfo(
         shards=[str(p) for p in w.paths], count=count,
         class_counts=_class_counts(labels, info.classes) if labeled else None,
         resized=None if max_short_side is None else {
-            "max_short_side": max_short_side, "jpeg_quality": quality, "images": resized})
+            "max_short_side": max_short_side, "jpeg_quality": quality,
+            "images": totals["resized"]})
     if split == "unlabeled" and info.unlabeled_truth is not None:
         _log(f"prepare: {info.unlabeled_truth.name} described the replaced unlabeled split; "
              "dropped from dataset.json")
         info.unlabeled_truth = None
     out.mkdir(parents=True, exist_ok=True)
     save_dataset(info)
+    record.unlink(missing_ok=True)  # after dataset.json: a kill in between redoes the last shard
+    if before is not None:
+        now_listed = {str(location(p)) for p in info.splits[split].shards}
+        old = [p for p in before.shards if str(location(p)) not in now_listed]
+        if old:
+            _log(f"prepare: {split}: the {len(old)} shards it listed before (e.g. {old[0]}) are "
+                 "no longer in dataset.json and were left where they are; delete them when no "
+                 "run needs them")
     return info
+
+
+PROGRESS_SUFFIX = ".progress.json"
+
+
+def _finished_part(record: Path | S3Path, folder: Path | S3Path, prefix: str,
+                   files: int) -> dict[str, Any]:
+    """What an interrupted run of the same prepare finished: its progress record, when it is
+    readable and every shard it names is there; otherwise nothing (start from the beginning)."""
+    nothing = {"shards": [], "consumed": 0, "bad": [], "resized": 0, "read": 0, "written": 0}
+    if not record.exists():
+        return nothing
+    try:
+        done = json.loads(record.read_text())
+        shards = [int(c) for c in done["shards"]]
+        consumed = int(done["consumed"])
+        complete = all((folder / f"{prefix}-{i:06d}.tar").exists() for i in range(len(shards)))
+        if complete and 0 <= consumed <= files:
+            return {**nothing, **{k: done[k] for k in nothing}, "shards": shards,
+                    "consumed": consumed}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        pass
+    _log(f"prepare: {record} cannot be used (damaged, or its shards are gone); starting over")
+    return nothing
 
 
 # ----------------------------------------------------------------------------- registering

@@ -11,6 +11,7 @@ for the same input (fixed mtime, sorted members) and read back with both ``webda
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -109,8 +110,10 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | Path | S3Path, prefix: str = "shard",
-                 maxcount: int = 1000) -> None:
+                 maxcount: int = 1000, on_close: Callable[[], None] | None = None) -> None:
+        """``on_close``: called each time a shard is complete and in place (to record progress)."""
         self.out_dir = location(out_dir)
+        self.on_close = on_close
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._staging = (Path(tempfile.mkdtemp(prefix="ns-shards-"))
                          if isinstance(self.out_dir, S3Path) else None)
@@ -133,15 +136,33 @@ class ShardWriter:
         self.counts.append(0)
 
     def _close_current(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        if self._tar is None:
+            return
+        tar, self._tar = self._tar, None
+        try:
+            tar.close()  # its last blocks: a full disk can fail here
             dest = self.paths[-1]
             if isinstance(dest, S3Path):
                 dest.upload(self._tmp)
                 self._tmp.unlink()
             else:
                 os.replace(self._tmp, dest)
-            self._tar = None
+        except BaseException:  # leave no half-written shard behind, and do not count it
+            self._tmp.unlink(missing_ok=True)
+            self.paths.pop()
+            self.counts.pop()
+            raise
+        if self.on_close is not None:
+            self.on_close()
+
+    def resume(self, counts: list[int], keys: set[str]) -> None:
+        """Continue after ``len(counts)`` complete shards of this prefix, written before with
+        these sample counts and keys: the next sample opens the shard after them."""
+        if self.paths:
+            raise ShardError("resume() must come before the first write")
+        self.paths = [self.out_dir / f"{self.prefix}-{i:06d}.tar" for i in range(len(counts))]
+        self.counts = list(counts)
+        self._seen = set(keys)
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -178,11 +199,14 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         elif self._tar is not None:  # leave no half-written shard behind
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-            self.paths.pop()
-            self.counts.pop()
-            self._tar = None
+            try:
+                with contextlib.suppress(OSError):  # a full disk fails the closing write too
+                    self._tar.close()
+            finally:
+                self._tmp.unlink(missing_ok=True)
+                self.paths.pop()
+                self.counts.pop()
+                self._tar = None
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
 

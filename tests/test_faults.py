@@ -421,6 +421,61 @@ def test_disk_full_while_labeling_then_freed_continues(ray_address: str, tmp_pat
         assert all(p.read_bytes() == b for p, b in round0.items())
 
 
+def test_disk_full_while_preparing_then_freed_continues(tmp_path: Path) -> None:
+    """jobs/prepare.py imagefolder into a dataset folder on a small tmpfs that already holds
+    the split: full part-way, one line and exit 2, the dataset.json it had and every shard it
+    lists unchanged, no temporary file left; freed, the same command goes on after the shards
+    it finished and ends with what a run with room writes."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.dataset import load_dataset
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    for i in range(24):
+        path = src / ("a", "b")[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(path)  # ~7 KB
+
+    def prepare(out: Path, source: Path = src) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, str(ROOT / "jobs" / "prepare.py"), "imagefolder",
+                               str(source), "--out", str(out), "--shard-size", "4",
+                               "--workers", "1"], capture_output=True, text=True, timeout=120)
+
+    old = tmp_path / "old"
+    for i in range(4):
+        cls = ("a", "b")[i % 2]
+        (old / cls).mkdir(parents=True, exist_ok=True)
+        (old / cls / f"{i}.png").write_bytes((src / cls / f"{i}.png").read_bytes())
+    with small_disk(tmp_path / "disk", 1024) as disk:
+        out = disk / "ds"
+        assert prepare(out, old).returncode == 0
+        before = snapshot(out)
+        filler = fill(disk, 24 * 4096)  # room for two or three of the six new shards
+        line = one_error_line(prepare(out))
+        assert "prepare: error: no space left on device" in line and "--out" in line
+        assert "run the same command again" in line
+        now = snapshot(out)
+        assert {k: now[k] for k in before} == before  # the old split, whole
+        new = sorted(k for k in now if k not in before)
+        assert any(k.endswith(".progress.json") for k in new)
+        assert not any(k.endswith(".tmp") for k in new), new
+        finished = [k for k in new if k.endswith(".tar")]
+        assert 1 <= len(finished) < 6, new
+        filler.unlink()
+        p = prepare(out)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"{len(finished)} shards of an interrupted run of this prepare are complete" in (
+            p.stderr)
+    room = prepare(tmp_path / "room")
+    assert room.returncode == 0
+    # (the tmpfs is gone: compare what the rerun printed and wrote before it was unmounted)
+    assert "labeled: 24 images in 6 shards" in p.stderr and "labeled: 24 images in 6 shards" in (
+        room.stderr)
+    assert load_dataset(tmp_path / "room").splits["labeled"].count == 24
+
+
 @pytest.mark.slow
 def test_disk_full_while_training_then_freed_continues(ray_address: str, tmp_path: Path,
                                                        small_data: Path) -> None:

@@ -472,3 +472,87 @@ def test_imagefolder_shards_mix_the_classes(tmp_path: Path) -> None:
                          "--seed", "1"]) == 0
     assert [x.key for x in read_samples(load_dataset(other).splits["labeled"].shards)] != [
         x.key for x in read_samples(shards)]
+
+
+def test_imagefolder_rerun_keeps_the_listed_shards_and_resumes_after_finished_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A prepare killed half-way leaves the dataset it was replacing as it was (dataset.json
+    and every shard it lists, byte for byte); run again, it reads only the files after its
+    finished shards and ends with the shards an uninterrupted run writes."""
+    import pipeline.dataset as dataset
+
+    old_src, src = tmp_path / "old", tmp_path / "src"
+    _photo_tree(old_src, 6)
+    _photo_tree(src, 24)  # + cut.jpg and notes.txt: 26 files, 24 images
+    out = tmp_path / "ds"
+    assert prepare_main(["imagefolder", str(old_src), "--out", str(out), "--shard-size", "5"]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    listed = load_dataset(out).splits["labeled"].shards
+
+    real, calls = dataset._read_job, []
+
+    def dies_after_13(path: str, **kw):  # noqa: ANN003, ANN202
+        calls.append(path)
+        if len(calls) > 13:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: no clean-up of ours runs
+        return real(path, **kw)
+
+    monkeypatch.setattr(dataset, "_read_job", dies_after_13)
+    assert prepare_main(["imagefolder", str(src), "--out", str(out), "--shard-size", "5"]) == 130
+    assert "prepare: interrupted; run the same command again to continue" in (
+        capsys.readouterr().err)
+    for p, data in before.items():
+        assert p.read_bytes() == data, p  # the old dataset still holds together
+    assert load_dataset(out).splits["labeled"].shards == listed
+    records = list((out / "labeled").glob("*.progress.json"))
+    assert len(records) == 1
+    done = json.loads(records[0].read_text())
+    assert len(done["shards"]) == 2 and done["shards"] == [5, 5]
+    assert 10 <= done["consumed"] <= 13
+
+    calls.clear()
+    monkeypatch.setattr(dataset, "_read_job", lambda path, **kw: calls.append(path)
+                        or real(path, **kw))
+    capsys.readouterr()
+    assert prepare_main(["imagefolder", str(src), "--out", str(out), "--shard-size", "5"]) == 0
+    err = capsys.readouterr().err
+    assert len(calls) == 26 - done["consumed"]  # nothing finished is read again
+    assert "2 shards of an interrupted run of this prepare are complete" in err
+    assert "the 2 shards it listed before" in err and "left where they are" in err
+    assert "cut.jpg: cannot decode image" in err and "notes.txt: cannot decode" in err
+    assert not list((out / "labeled").glob("*.progress.json"))
+    for p, data in before.items():
+        if p.suffix == ".tar":
+            assert p.read_bytes() == data  # not listed any more, but not deleted either
+
+    clean = tmp_path / "clean"
+    assert prepare_main(["imagefolder", str(src), "--out", str(clean), "--shard-size", "5"]) == 0
+    resumed, fresh = load_dataset(out).splits["labeled"], load_dataset(clean).splits["labeled"]
+    assert resumed.count == fresh.count == 24 and resumed.class_counts == fresh.class_counts
+    assert [Path(p).name for p in resumed.shards] == [Path(p).name for p in fresh.shards]
+    for a, b in zip(resumed.shards, fresh.shards, strict=True):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+def test_imagefolder_unusable_progress_record_starts_over(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    src = tmp_path / "src"
+    _photo_tree(src, 8)
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "a"),
+                         "--shard-size", "3"]) == 0
+    shards = load_dataset(tmp_path / "a").splits["labeled"].shards
+    record = Path(shards[0]).with_name(Path(shards[0]).name.rsplit("-", 1)[0] + ".progress.json")
+    record.write_text("{not json")
+    other = record.with_name("labeled-0123456789.progress.json")
+    other.write_text("{}")
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "a"),
+                         "--shard-size", "3"]) == 0
+    err = capsys.readouterr().err
+    assert f"{record} cannot be used (damaged, or its shards are gone); starting over" in err
+    assert (f"{other} is left from an unfinished prepare of other files or options; its shards "
+            "(labeled-0123456789-*.tar) are not used") in err
+    assert load_dataset(tmp_path / "a").splits["labeled"].count == 8
+    assert [Path(p).read_bytes() for p in load_dataset(tmp_path / "a").splits["labeled"].shards
+            ] == [Path(p).read_bytes() for p in shards]
