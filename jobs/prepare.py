@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs._common import disk_full, disk_full_line  # noqa: E402
 from pipeline.dataset import (  # noqa: E402
     FILES_PER_WORKER,
+    SHARDS_PER_WORKER,
     SPLITS,
     DatasetError,
     default_workers,
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{split} shards: paths, a glob or a brace pattern (local or s3://)")
     r.add_argument("--classes", help="comma-separated class names (default: 0..max label)")
     r.add_argument("--out", required=True, help="folder for dataset.json (local or s3://)")
+    r.add_argument("--workers", type=_positive, default=None,
+                   help=f"processes that read the shards to count them (default: one per CPU, "
+                        f"{default_workers()} here; at most one per {SHARDS_PER_WORKER} shards)")
     return p
 
 
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
                                    test=args.test,
-                                   classes=args.classes.split(",") if args.classes else None)
+                                   classes=args.classes.split(",") if args.classes else None,
+                                   workers=args.workers)
     except (DatasetError, ShardError, StorageError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

@@ -634,26 +634,50 @@ def _finished_part(record: Path | S3Path, folder: Path | S3Path, prefix: str,
 # ----------------------------------------------------------------------------- registering
 
 
-def scan_shards(paths: list[str], split: str = "") -> tuple[int, Counter[int] | None, Damage]:
-    """Count samples (and labels, when every sample has one) in existing shards. Damaged samples
-    are counted, not fatal (the stages skip them too); a split that mixes labeled and unlabeled
-    samples, or in which two shards share a key, is refused."""
+def _scan_job(path: str) -> tuple[int, Counter[int], int, np.ndarray, Damage]:
+    """One shard for :func:`scan_shards`, in a worker: samples, labels, unlabeled samples, the
+    keys' hashes (8 bytes each, not the keys) and the damage."""
+    from pipeline.shards import key_hashes
+
+    damage, labels, unlabeled, keys = Damage(), Counter(), 0, []
+    for s in read_samples([path], damage):
+        keys.append(s.key)
+        if s.label is None:
+            unlabeled += 1
+        else:
+            labels[s.label] += 1
+    return len(keys), labels, unlabeled, key_hashes(keys), damage
+
+
+# Shards per worker below which scanning in this process is quicker than starting a pool.
+SHARDS_PER_WORKER = 8
+
+
+def scan_shards(paths: list[str], split: str = "", workers: int | None = None
+                ) -> tuple[int, Counter[int] | None, Damage]:
+    """Count samples (and labels, when every sample has one) in existing shards, read by
+    ``workers`` processes (default one per CPU, at most one per :data:`SHARDS_PER_WORKER`
+    shards). Damaged samples are counted, not fatal (the stages skip them too); a split that
+    mixes labeled and unlabeled samples, or in which two shards share a key, is refused."""
     total, labels, unlabeled, damage = 0, Counter(), 0, Damage()
     keys = KeyIndex(split)  # a key that two shards share is refused
     purity: list[float] = []  # per labeled shard: the share of its most common label
-    for path in paths:
-        shard_keys, shard_labels = [], Counter()
-        for s in read_samples([path], damage):
-            total += 1
-            shard_keys.append(s.key)
-            if s.label is None:
-                unlabeled += 1
-            else:
-                shard_labels[s.label] += 1
-        keys.add(path, shard_keys)
+    workers = max(1, min(workers or default_workers(), len(paths) // SHARDS_PER_WORKER))
+    start = last = time.monotonic()
+    results = _ordered_map(_scan_job, list(paths), workers)
+    for n, (path, (count, shard_labels, shard_unlabeled, hashes, shard_damage)) in enumerate(
+            zip(paths, results, strict=True), 1):
+        total += count
+        unlabeled += shard_unlabeled
+        keys.add_hashes(path, hashes)
+        damage.merge(shard_damage)
         labels.update(shard_labels)
         if shard_labels:
             purity.append(max(shard_labels.values()) / shard_labels.total())
+        if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n < len(paths):
+            last, rate = now, n / (now - start)
+            _log(f"register: {split}: {n}/{len(paths)} shards read ({total} samples), "
+                 f"{rate:.2f} shards/s, about {_duration((len(paths) - n) / rate)} left")
     keys.check(lambda shard: (s.key for s in read_shard(shard) if isinstance(s, Sample)))
     if labels and unlabeled and split != "unlabeled":  # an unlabeled pool may hold some labels
         raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
@@ -683,9 +707,10 @@ def _warn_sorted(split: str, purity: list[float], labels: Counter[int]) -> None:
 
 
 def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, test: str,
-                    classes: list[str] | None = None) -> DatasetInfo:
+                    classes: list[str] | None = None, workers: int | None = None) -> DatasetInfo:
     """Describe existing shards (paths, globs or brace patterns; local or s3://, globs on S3
-    resolved by listing) without copying them."""
+    resolved by listing) without copying them. Every shard is read once to count it, by
+    ``workers`` processes (:func:`scan_shards`)."""
     out = location(out)
     info = DatasetInfo(path=out, name=out.name, classes=[])
     seen: dict[str, Counter[int] | None] = {}
@@ -695,7 +720,7 @@ def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, t
         if not paths or missing:
             raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
                                "; check the path or pattern")
-        count, labels, damage = scan_shards(paths, split)
+        count, labels, damage = scan_shards(paths, split, workers)
         if count == 0:  # nothing a stage could use (damaged samples are not counted)
             why = (f"; e.g. {damage.examples[0]['shard']}, key {damage.examples[0]['key']!r}: "
                    f"{damage.examples[0]['reason']}" if damage.examples else "")

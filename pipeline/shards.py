@@ -455,6 +455,12 @@ class Damage:
         return {"samples": self.good + self.count, "bad": self.count,
                 "examples": list(self.examples)}
 
+    def merge(self, other: Damage) -> None:
+        """Add another tally (of other shards, e.g. counted in another process)."""
+        self.good += other.good
+        self.by_shard.update(other.by_shard)
+        self.examples += other.examples[: MAX_BAD_EXAMPLES - len(self.examples)]
+
 
 # ----------------------------------------------------------------------------- keys across shards
 
@@ -487,7 +493,10 @@ class KeyIndex:
 
     def add(self, shard: str, keys: Sequence[str] | np.ndarray) -> None:
         """The keys of one shard (each shard once)."""
-        h = key_hashes(keys)
+        self.add_hashes(shard, key_hashes(keys))
+
+    def add_hashes(self, shard: str, h: np.ndarray) -> None:
+        """:meth:`add` with the keys' :func:`key_hashes` computed elsewhere (another process)."""
         end = self._n + len(h)
         if end > len(self._hashes):
             grown = np.empty(max(end, 2 * len(self._hashes), 1024), np.uint64)

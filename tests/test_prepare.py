@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -556,3 +557,46 @@ def test_imagefolder_unusable_progress_record_starts_over(tmp_path: Path,
     assert load_dataset(tmp_path / "a").splits["labeled"].count == 8
     assert [Path(p).read_bytes() for p in load_dataset(tmp_path / "a").splits["labeled"].shards
             ] == [Path(p).read_bytes() for p in shards]
+
+
+def brace(paths: Iterable[object]) -> str:
+    """Several paths as one brace pattern, as a user would list them."""
+    return "{" + ",".join(str(p) for p in paths) + "}"
+
+
+def test_register_with_worker_processes_counts_as_one_process(
+        tmp_path: Path, digits_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Shards read by two worker processes give the dataset.json one process gives, the same
+    damage line, and a key two shards share is still found."""
+    import pipeline.dataset as dataset
+
+    monkeypatch.setattr(dataset, "SHARDS_PER_WORKER", 1)
+    monkeypatch.setattr(dataset, "PROGRESS_SECONDS", 0.0)
+    test = sorted((digits_dir / "test").glob("*.tar"))
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(test[0].read_bytes()[:5000])  # a truncated copy: keys it shares, damage
+    args = ["--labeled", str(digits_dir / "labeled" / "*.tar"),
+            "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
+            "--test", brace(test[1:])]
+    out: dict[str, str] = {}
+    for workers in ("1", "2"):
+        assert prepare_main(["register", *args, "--out", str(tmp_path / workers),
+                             "--workers", workers]) == 0
+        out[workers] = capsys.readouterr().err
+    one, two = ({k: v for k, v in json.loads((tmp_path / w / "dataset.json").read_text()).items()
+                 if k != "name"} for w in ("1", "2"))  # the name is the folder's
+    assert one == two and one["splits"]["unlabeled"]["count"] == load_dataset(
+        digits_dir).splits["unlabeled"].count
+    assert "shards read" in out["2"] and "shards/s, about" in out["2"]  # progress, per shard
+    bad = ["--labeled", str(digits_dir / "labeled" / "*.tar"), "--unlabeled",
+           brace([broken, *(digits_dir / "unlabeled").glob("*.tar")]),
+           "--test", brace(test[1:])]
+    assert prepare_main(["register", *bad, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
+    assert "register: unlabeled: 1 damaged samples will be skipped (e.g. " in (
+        capsys.readouterr().err)
+    dup = ["--labeled", str(digits_dir / "labeled" / "*.tar"), "--unlabeled",
+           str(digits_dir / "unlabeled" / "*.tar"),
+           "--test", brace([broken, *test])]
+    assert prepare_main(["register", *dup, "--out", str(tmp_path / "d"), "--workers", "2"]) == 2
+    assert "is in two shards" in capsys.readouterr().err
