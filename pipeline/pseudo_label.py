@@ -106,11 +106,15 @@ class ShardAssembler:
 
 def label_shards(model_path: str | Path, model_sha256: str, shards: list[str],
                  out_dir: str | Path, cfg: PseudoLabelConfig, *,
-                 progress: Progress = print) -> dict[str, Any]:
+                 progress: Progress = print, teacher: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """Pseudo-label ``shards`` into ``out_dir/<stem>.parquet``; resumable by shard.
 
     Needs a running Ray (``ray.init`` before). Shards that already have a finished file from the
     same teacher, k and batch size are skipped. Returns files, rows, bad samples and seconds of this call.
+    ``teacher``: the model file's payload (weights not needed) when the caller has just read it
+    and checked its sha256; otherwise it is read here. Each teacher actor reads and checks the
+    file again in any case.
     """
     from pipeline.checkpoint import read_model_file
 
@@ -118,7 +122,8 @@ def label_shards(model_path: str | Path, model_sha256: str, shards: list[str],
     start = time.perf_counter()
     out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = read_model_file(model_path, model_sha256)  # refuse a changed teacher up front
+    # refuse a changed teacher up front, before Ray Data starts
+    payload = teacher if teacher is not None else read_model_file(model_path, model_sha256)
     k = min(cfg.topk, int(payload["num_classes"]))
     meta = {"format": FILE_FORMAT, "teacher_sha256": model_sha256, "k": k,
             "batch_size": cfg.label_batch_size, "crop_fraction": cfg.label_crop_fraction,

@@ -380,16 +380,18 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     cfg.validate()
     parent = parent or load_parent(layout, round_)
     check_teacher_unchanged(rec, parent)
-    payload = read_model_file(parent.model_path, parent.record.checkpoint.sha256)
-    payload.pop("state_dict", None)
     info = load_dataset(parent.dataset_path)
-    if int(payload["num_classes"]) != info.num_classes:
-        raise ManifestError(
-            f"the teacher has {payload['num_classes']} classes but dataset {info.path} has "
-            f"{info.num_classes}; pseudo-label with the dataset the teacher was trained on")
     shards = info.split("unlabeled").shards
     if not rec.stage_complete("pseudo_label"):
-        _label_stage(layout, rec, parent, shards, cfg, progress)
+        # One read of the model file (it may be gigabytes, on S3) serves this check and the
+        # stage; a round past labeling does not read it at all.
+        payload = read_model_file(parent.model_path, parent.record.checkpoint.sha256)
+        payload.pop("state_dict", None)
+        if int(payload["num_classes"]) != info.num_classes:
+            raise ManifestError(
+                f"the teacher has {payload['num_classes']} classes but dataset {info.path} has "
+                f"{info.num_classes}; pseudo-label with the dataset the teacher was trained on")
+        _label_stage(layout, rec, parent, shards, cfg, progress, payload)
     select = rec.stage("select")
     if select is not None and select.status != "complete":  # killed or failed: files already
         rec.add_event("resume", stage="select", previous=select.status)  # rewritten are kept
@@ -407,7 +409,7 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
 
 
 def _label_stage(layout: RunLayout, rec: RoundRecord, parent: Parent, shards: list[str],
-                 cfg: PseudoLabelConfig, progress: Progress) -> None:
+                 cfg: PseudoLabelConfig, progress: Progress, teacher: dict[str, Any]) -> None:
     from pipeline.pseudo_label import label_shards
 
     if "pseudo_label" in rec.stages:  # killed or failed before: finished shards are kept
@@ -417,7 +419,7 @@ def _label_stage(layout: RunLayout, rec: RoundRecord, parent: Parent, shards: li
     save_round(layout, rec)
     with _fail_stage(layout, rec, "pseudo_label"):
         result = label_shards(parent.model_path, parent.record.checkpoint.sha256, shards, out_dir,
-                              cfg, progress=progress)
+                              cfg, progress=progress, teacher=teacher)
     rec.set_stage("pseudo_label", "complete", seconds=result["seconds"], rows=result["rows"],
                   files=len(result["files"]), bad_samples=result["bad_samples"],
                   uri=layout.relative(out_dir))

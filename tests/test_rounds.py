@@ -53,11 +53,19 @@ def test_teacher_with_wrong_hash_is_refused(tmp_path: Path, digits_dir: Path,
 
 @pytest.mark.slow
 def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
-                                               digits_dir: Path, teacher_model: Path) -> None:
+                                               digits_dir: Path, teacher_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.checkpoint as checkpoint
+
+    reads: list[str] = []  # the driver's reads of the model file (each actor reads its own)
+    real = checkpoint.read_model_file
+    monkeypatch.setattr(checkpoint, "read_model_file",
+                        lambda path, sha=None: reads.append(str(path)) or real(path, sha))
     make_round0(tmp_path, "r", digits_dir, teacher_model)
     layout = RunLayout(tmp_path, "r")
     rec = run_label_stages(layout, 1, PseudoLabelConfig(), new_round1(tmp_path, "r"),
                            progress=lambda _: None)
+    assert len(reads) == 1  # one read serves the class check and the stage
     unlabeled = load_dataset(digits_dir).split("unlabeled")
     out = layout.pseudo_dir(1)
     tables = read_all(out)
@@ -88,6 +96,7 @@ def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
     before = saved.to_json()["stages"]
     again = run_label_stages(layout, 1, PseudoLabelConfig(), saved, progress=lambda _: None)
     assert again.to_json()["stages"] == before  # complete stages are skipped
+    assert len(reads) == 1  # and the teacher's file is not read again for them
     # a different threshold is not silently ignored: selection (cheap) runs again, labels stay
     stricter = run_label_stages(layout, 1, PseudoLabelConfig(threshold=0.9), again,
                                 progress=lambda _: None)
