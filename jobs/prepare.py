@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
               "it finished", file=sys.stderr)
         return 130
     counts = ", ".join(f"{k} {v}" for k, v in info.counts().items())
-    print(f"prepare: wrote {info.path / 'dataset.json'} ({info.num_classes} classes; {counts})")
+    print(f"prepare: wrote {info.path.resolve() / 'dataset.json'} ({info.num_classes} classes; "
+          f"{counts})")  # absolute: the same path whether the folder was new or extended
     return 0
 
 

@@ -600,3 +600,15 @@ def test_register_with_worker_processes_counts_as_one_process(
            "--test", brace([broken, *test])]
     assert prepare_main(["register", *dup, "--out", str(tmp_path / "d"), "--workers", "2"]) == 2
     assert "is in two shards" in capsys.readouterr().err
+
+
+def test_the_last_line_names_dataset_json_by_its_absolute_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same path for a new folder and an extended one (load_dataset makes it absolute)."""
+    src = tmp_path / "src"
+    _photo_tree(src, 2)
+    monkeypatch.chdir(tmp_path)
+    for split in ("labeled", "test"):
+        assert prepare_main(["imagefolder", "src", "--out", "rel", "--split", split]) == 0
+        assert f"prepare: wrote {tmp_path / 'rel' / 'dataset.json'} (" in capsys.readouterr().out
