@@ -315,8 +315,9 @@ KEPT_FORMATS = ("png", "jpg", "jpeg", "webp")
 
 
 def _read_image_file(path: Path | S3Path, max_short_side: int | None = None,
-                     jpeg_quality: int = 90) -> tuple[bytes, str, bool]:
-    """Bytes ready for a shard, their format and whether they were resized: kept as they are
+                     jpeg_quality: int = 90) -> tuple[bytes, str, bool, int]:
+    """Bytes ready for a shard, their format, whether they were resized and the size of the
+    file read (no second request for it on S3). The bytes are kept as they are
     for jpg/png/webp, re-encoded to PNG otherwise, or, when the shorter side is longer than
     ``max_short_side``, shrunk to it and encoded as JPEG at ``jpeg_quality``.
 
@@ -336,11 +337,11 @@ def _read_image_file(path: Path | S3Path, max_short_side: int | None = None,
     with Image.open(io.BytesIO(data)) as im:  # the header only: its format and full size
         fmt, short = (im.format or "").lower(), min(im.size)
     if max_short_side is not None and short > max_short_side:
-        return _shrunk_jpeg(pic, max_short_side, jpeg_quality), "jpg", True
+        return _shrunk_jpeg(pic, max_short_side, jpeg_quality), "jpg", True, len(data)
     fmt = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)  # MPO: its first frame is a JPEG
     if fmt in KEPT_FORMATS:
-        return data, fmt, False
-    return encode_png(np.asarray(pic)), "png", False
+        return data, fmt, False, len(data)
+    return encode_png(np.asarray(pic)), "png", False, len(data)
 
 
 def _shrunk_jpeg(pic: Any, side: int, quality: int) -> bytes:
@@ -366,7 +367,7 @@ def _read_job(path: str, max_short_side: int | None = None,
     parent prints)."""
     p = location(path)
     try:
-        return (*_read_image_file(p, max_short_side, jpeg_quality), p.stat().st_size)
+        return _read_image_file(p, max_short_side, jpeg_quality)
     except ShardError as e:  # names the file and why
         return str(e)
     except OSError as e:
