@@ -43,7 +43,7 @@ def labeled_batches(job: Job, ctx: WorkerContext, transform: Any,
                            world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                            num_classes=job.num_classes, damage_limit=cfg.damage_limit,
                            damage_dir=job.damage_dir, cache_bytes=cache_bytes(cfg),
-                           decode_min_side=_train_side(job))
+                           decode_min_side=_train_side(job), weights=job.labeled.get("weights"))
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
 
 

@@ -13,7 +13,10 @@ Why streams look the way they do:
   no usable sample in a whole pass stops with a ShardError naming them.
 * Readers take samples at the same rate, so the pseudo-labeled shards are dealt balanced by
   their copies (:func:`balanced`), not round-robin: otherwise a reader dealt lightly selected
-  shards repeats its few samples more often than the others.
+  shards repeats its few samples more often than the others. Labeled shards are dealt by their
+  sample counts when ``dataset.json`` records them (``shard_counts``). Whole shards cannot
+  always be split evenly (3 shards over 2 readers, 10 over 16), and :func:`sampling_spread`
+  measures what is left, which the driver reports.
 * Evaluation streams are finite and disjoint (each sample is seen exactly once across ranks);
   metrics are summed across ranks afterwards.
 * Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
@@ -93,6 +96,24 @@ def balanced(shards: list[str], weights: list[int], num_readers: int) -> list[li
         parts[r].append(i)
         heapq.heappush(loads, (load + weights[i], r))
     return [[shards[i] for i in sorted(part)] for part in parts]
+
+
+def sampling_spread(weights: list[int], readers: int) -> float:
+    """How unevenly a training stream draws its samples: the rate at which the most often drawn
+    sample comes up over that of the least often drawn one (1.0: all alike), for shards of
+    ``weights`` samples dealt to ``readers`` readers as :func:`assign_shards` deals them, each
+    reader giving the same number of samples a step. Shards of weight 0 are left out."""
+    if not weights or readers < 1:
+        return 1.0
+    shards = list(range(len(weights)))
+    rate = [0.0] * len(weights)
+    for r, part in enumerate(balanced([str(i) for i in shards], weights, readers)):
+        mine = [int(i) for i in part] or [shards[r % len(shards)]]  # the wrap of assign_shards
+        total = sum(weights[i] for i in mine)
+        for i in mine:
+            rate[i] += 1 / total if total else 0.0
+    drawn = [x for x, w in zip(rate, weights, strict=True) if w > 0]
+    return max(drawn) / min(drawn) if drawn else 1.0
 
 
 def _reader_index(rank: int, world_size: int) -> tuple[int, int]:
@@ -220,8 +241,12 @@ class LabeledStream(IterableDataset):
                  world_size: int = 1, train: bool = True, shuffle_buffer: int = 1000,
                  seed: int = 0, num_classes: int | None = None, damage_limit: float = 1.0,
                  split: str = "labeled", damage_dir: str | None = None,
-                 cache_bytes: int = 0, decode_min_side: int | None = None) -> None:
+                 cache_bytes: int = 0, decode_min_side: int | None = None,
+                 weights: list[int] | None = None) -> None:
         self.shards, self.transform = list(shards), transform
+        # samples per shard (dataset.json's shard_counts): training deals the shards balanced
+        # by them, as the pseudo-labeled stream deals its shards by copies
+        self.weights = list(weights) if weights is not None else None
         self.decode_min_side = decode_min_side
         self.rank, self.world_size, self.train = rank, world_size, train
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -250,7 +275,8 @@ class LabeledStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         reader, readers = _reader_index(self.rank, self.world_size)
-        mine = assign_shards(self.shards, reader, readers, exhaustive=not self.train)
+        mine = assign_shards(self.shards, reader, readers, exhaustive=not self.train,
+                             weights=self.weights if self.train else None)
         rng = random.Random(self.seed * 1_000_003 + reader)
         if self.train:  # augmentation randomness; an evaluation stream has none to seed, and
             # reseeding there would replay the trainer's dropout draws after every evaluation

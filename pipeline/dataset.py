@@ -60,6 +60,10 @@ class SplitInfo:
     class_counts: dict[str, int] | None = None  # None for unlabeled splits
     # prepare --max-short-side: {max_short_side, jpeg_quality, images (how many it shrank)}
     resized: dict[str, int] | None = None
+    # samples per shard, in the order of ``shards`` (training deals shards balanced by them);
+    # None when dataset.json lacks one (written before they were recorded, or a shard added by
+    # hand). In the file: shard as listed -> samples.
+    shard_counts: list[int] | None = None
 
     @property
     def labeled(self) -> bool:
@@ -119,6 +123,7 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
                 count=int(spec["count"]),
                 class_counts=spec.get("class_counts"),
                 resized=spec.get("resized"),
+                shard_counts=_counts_of(spec["shards"], spec.get("shard_counts")),
             )
             for name, spec in raw["splits"].items()
         }
@@ -129,6 +134,16 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
     truth = raw.get("unlabeled_truth")
     return DatasetInfo(path=path, name=raw.get("name", path.name), classes=classes,
                        splits=splits, unlabeled_truth=(path / truth) if truth else None)
+
+
+def _counts_of(shards: list[str], counts: Any) -> list[int] | None:
+    """``shard_counts`` (shard as listed -> samples) in the order of ``shards``, or None when a
+    listed shard has none. Keyed by shard, not a list beside it, so that a shard list edited by
+    hand (a broken shard removed, as our errors suggest) keeps the others' counts."""
+    if not isinstance(counts, dict):
+        return None
+    out = [counts.get(s) for s in shards]
+    return None if any(c is None for c in out) else [int(c) for c in out]
 
 
 def _check_shard_lists(file: Path | S3Path, splits: dict[str, SplitInfo]) -> None:
@@ -168,7 +183,11 @@ def save_dataset(info: DatasetInfo) -> Path | S3Path:
         "splits": {
             name: {"shards": [rel(s) for s in split.shards], "count": split.count,
                    **({"class_counts": split.class_counts} if split.labeled else {}),
-                   **({"resized": split.resized} if split.resized is not None else {})}
+                   **({"resized": split.resized} if split.resized is not None else {}),
+                   **({"shard_counts": {rel(s): c for s, c in zip(split.shards,
+                                                                 split.shard_counts,
+                                                                 strict=True)}}
+                      if split.shard_counts is not None else {})}
             for name, split in info.splits.items()
         },
     }
@@ -235,7 +254,8 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
         written = write_shards(samples, out / split, prefix=split, maxcount=shard_size)
         info.splits[split] = SplitInfo(
             shards=[str(p) for p, _ in written], count=len(ids),
-            class_counts=_class_counts(labels[ids], classes) if keep_label else None)
+            class_counts=_class_counts(labels[ids], classes) if keep_label else None,
+            shard_counts=[n for _, n in written])
         _log(f"prepare: {split}: {len(ids)} images in {len(written)} shards under {out / split}")
     truth = pd.DataFrame({"key": [f"digit{i:05d}" for i in np.sort(unlab)],
                           "label": labels[np.sort(unlab)].astype(np.int32)})
@@ -586,7 +606,7 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
          f"{totals['written'] / 1e6:,.1f} MB{note}")
     before = info.splits.get(split)
     info.splits[split] = SplitInfo(
-        shards=[str(p) for p in w.paths], count=count,
+        shards=[str(p) for p in w.paths], count=count, shard_counts=list(w.counts),
         class_counts=_class_counts(labels, info.classes) if labeled else None,
         resized=None if max_short_side is None else {
             "max_short_side": max_short_side, "jpeg_quality": quality,
@@ -655,12 +675,14 @@ SHARDS_PER_WORKER = 8
 
 
 def scan_shards(paths: list[str], split: str = "", workers: int | None = None
-                ) -> tuple[int, Counter[int] | None, Damage]:
+                ) -> tuple[int, Counter[int] | None, Damage, list[int]]:
     """Count samples (and labels, when every sample has one) in existing shards, read by
     ``workers`` processes (default one per CPU, at most one per :data:`SHARDS_PER_WORKER`
     shards). Damaged samples are counted, not fatal (the stages skip them too); a split that
-    mixes labeled and unlabeled samples, or in which two shards share a key, is refused."""
+    mixes labeled and unlabeled samples, or in which two shards share a key, is refused.
+    Returns samples, labels, damage and the usable samples of each shard."""
     total, labels, unlabeled, damage = 0, Counter(), 0, Damage()
+    per_shard: list[int] = []
     keys = KeyIndex(split)  # a key that two shards share is refused
     purity: list[float] = []  # per labeled shard: the share of its most common label
     workers = max(1, min(workers or default_workers(), len(paths) // SHARDS_PER_WORKER))
@@ -669,6 +691,7 @@ def scan_shards(paths: list[str], split: str = "", workers: int | None = None
     for n, (path, (count, shard_labels, shard_unlabeled, hashes, shard_damage)) in enumerate(
             zip(paths, results, strict=True), 1):
         total += count
+        per_shard.append(count)
         unlabeled += shard_unlabeled
         keys.add_hashes(path, hashes)
         damage.merge(shard_damage)
@@ -688,7 +711,7 @@ def scan_shards(paths: list[str], split: str = "", workers: int | None = None
         e = damage.examples[0]
         _log(f"register: {split}: {damage.count} damaged samples will be skipped (e.g. "
              f"{e['shard']}, key {e['key']!r}: {e['reason']})")
-    return total, (labels if labels else None), damage
+    return total, (labels if labels else None), damage, per_shard
 
 
 def _warn_sorted(split: str, purity: list[float], labels: Counter[int]) -> None:
@@ -721,7 +744,7 @@ def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, t
         if not paths or missing:
             raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
                                "; check the path or pattern")
-        count, labels, damage = scan_shards(paths, split, workers)
+        count, labels, damage, per_shard = scan_shards(paths, split, workers)
         if count == 0:  # nothing a stage could use (damaged samples are not counted)
             why = (f"; e.g. {damage.examples[0]['shard']}, key {damage.examples[0]['key']!r}: "
                    f"{damage.examples[0]['reason']}" if damage.examples else "")
@@ -730,7 +753,7 @@ def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, t
         if split != "unlabeled" and labels is None:
             raise DatasetError(f"--{split} {spec!r}: samples carry no labels (.cls or .json)")
         seen[split] = labels if split != "unlabeled" else None
-        info.splits[split] = SplitInfo(shards=paths, count=count)
+        info.splits[split] = SplitInfo(shards=paths, count=count, shard_counts=per_shard)
         _log(f"register: {split}: {count} samples in {len(paths)} shards")
     top = max(max(c) for c in seen.values() if c) + 1
     info.classes = classes or [str(i) for i in range(top)]

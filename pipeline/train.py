@@ -187,7 +187,7 @@ class Job:
     config: TrainConfig  # a StudentConfig for a student
     role: str
     classes: list[str]
-    labeled: dict[str, Any]  # {"shards": [...], "count": n}
+    labeled: dict[str, Any]  # {"shards": [...], "count": n, "weights": samples per shard or None}
     test: dict[str, Any]
     model: dict[str, Any]  # {"name", "train_resolution", "test_resolution", "dropout", "drop_path",
     #                         "options" (create_model's extra arguments)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,28 @@ from pipeline.train import Job
 
 if TYPE_CHECKING:
     from pipeline.rounds import Plan
+
+
+def spread_warning(what: str, weights: list[int] | None, readers: int, workers: int,
+                   loader_workers: int) -> str | None:
+    """One line when whole shards cannot be dealt evenly to the training readers, so that some
+    samples come up markedly more often than others (:func:`pipeline.data.sampling_spread`);
+    None when they can, or when the samples per shard are not known."""
+    from pipeline.data import sampling_spread
+
+    if not weights:
+        return None
+    spread = sampling_spread(weights, readers)
+    if spread < SPREAD_WARNING:
+        return None
+    return (f"warning: the {what} split's {len(weights)} shards do not divide evenly among "
+            f"the {readers} training readers ({workers} workers x {max(1, loader_workers)} "
+            f"loader process{'es' if loader_workers > 1 else ''}): some samples come up {spread:.1f}x as often as others; many "
+            "more shards than readers even this out (`prepare imagefolder --shard-size`)")
+
+
+# Above this, the uneven draw is worth a line: e.g. 3 shards over 2 readers gives 2.0.
+SPREAD_WARNING = 1.25
 
 
 def make_job(p: Plan, rec: RoundRecord) -> Job:
@@ -45,6 +68,13 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
                            "pixels": cfg.randaugment_pixels}
     split = {s: {"shards": info.split(s).shards, "count": info.split(s).count}
              for s in ("labeled", "test")}
+    split["labeled"]["weights"] = info.split("labeled").shard_counts
+    readers = cfg.num_workers * max(1, cfg.loader_workers)
+    for what, weights in (("labeled", split["labeled"]["weights"]),
+                          ("pseudo-labeled", pseudo["weights"] if pseudo else None)):
+        line = spread_warning(what, weights, readers, cfg.num_workers, cfg.loader_workers)
+        if line:
+            print(line, file=sys.stderr, flush=True)
     m = rec.model
     model = {"name": m.name, "train_resolution": m.train_resolution,
              "test_resolution": m.test_resolution, "dropout": m.dropout, "drop_path": m.drop_path,

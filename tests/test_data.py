@@ -485,3 +485,57 @@ def test_training_streams_decode_large_jpegs_reduced_but_never_below_the_smalles
                                          "train_resolution": 224})
         it = pseudo_batches(job, WorkerContext(), lambda x: torch.tensor(x.shape), seed=0)
         assert {tuple(next(it)[0][0].tolist()) for _ in range(4)} == {big, (3, 1200, 1600)}
+
+
+def test_sampling_spread_of_whole_shards_over_readers() -> None:
+    from pipeline.data import sampling_spread
+
+    assert sampling_spread([100] * 4, 2) == 1.0
+    assert sampling_spread([100] * 3, 2) == 2.0  # one reader holds two shards, the other one
+    assert sampling_spread([1000, 1000, 10], 2) == pytest.approx(1010 / 1000)  # counts balance
+    assert sampling_spread([100] * 10, 16) == 2.0  # six shards wrap onto a second reader
+    assert sampling_spread([100] * 16, 16) == 1.0
+    assert sampling_spread([100] * 64, 16) == 1.0
+    assert sampling_spread([100] * 65, 16) == pytest.approx(5 / 4)
+    assert sampling_spread([100, 0, 100], 2) == 1.0  # an empty shard draws nothing, not "0x"
+    assert sampling_spread([], 4) == 1.0
+
+
+def test_labeled_stream_deals_training_shards_by_sample_count(tmp_path: Path) -> None:
+    """Training with dataset.json's shard_counts: readers hold near-equal samples, not equal
+    numbers of shards; evaluation stays a partition by position."""
+    import numpy as np
+
+    from pipeline.data import LabeledStream, assign_shards
+    from pipeline.shards import encode_png, write_shards
+
+    image = encode_png(np.zeros((4, 4, 3), np.uint8))
+    sizes = [6, 1, 1, 1, 1, 1, 1]
+    shards = []
+    for i, n in enumerate(sizes):
+        (path, _), = write_shards(iter([(f"s{i}_{j}", image, 0) for j in range(n)]),
+                                  tmp_path / f"d{i}", prefix=f"p{i}", maxcount=100)
+        shards.append(str(path))
+    assert assign_shards(shards, 0, 2, exhaustive=False, weights=sizes) == [shards[0]]
+    assert assign_shards(shards, 1, 2, exhaustive=False, weights=sizes) == shards[1:]
+    stream = LabeledStream(shards, lambda x: x, rank=1, world_size=2, weights=sizes,
+                           shuffle_buffer=1)
+    it = iter(stream)
+    keys = [next(it)[2] for _ in range(6)]
+    assert {k.split("_")[0] for k in keys} == {f"s{i}" for i in range(1, 7)}
+    evaluation = LabeledStream(shards, lambda x: x, rank=0, world_size=2, weights=sizes,
+                               train=False)
+    assert {k.split("_")[0] for _, _, k in evaluation} == {"s0", "s2", "s4", "s6"}
+
+
+def test_spread_warning_names_the_split_the_readers_and_the_fix() -> None:
+    from pipeline.train_stage import spread_warning
+
+    assert spread_warning("labeled", [100] * 64, 16, 2, 8) is None
+    assert spread_warning("labeled", None, 16, 2, 8) is None  # an older dataset.json
+    assert spread_warning("labeled", [100] * 10, 16, 2, 8) == (
+        "warning: the labeled split's 10 shards do not divide evenly among the 16 training "
+        "readers (2 workers x 8 loader processes): some samples come up 2.0x as often as others; "
+        "many more shards than readers even this out (`prepare imagefolder --shard-size`)")
+    assert "(2 workers x 1 loader process): some samples come up 5.0x" in spread_warning(
+        "pseudo-labeled", [5, 1], 2, 2, 0)

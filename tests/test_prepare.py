@@ -612,3 +612,34 @@ def test_the_last_line_names_dataset_json_by_its_absolute_path(
     for split in ("labeled", "test"):
         assert prepare_main(["imagefolder", "src", "--out", "rel", "--split", split]) == 0
         assert f"prepare: wrote {tmp_path / 'rel' / 'dataset.json'} (" in capsys.readouterr().out
+
+
+def test_dataset_json_records_samples_per_shard(tmp_path: Path, digits_dir: Path) -> None:
+    """Every way of making a dataset records each shard's usable samples (training deals the
+    shards by them), by shard, so that a hand-edited shard list keeps what still applies."""
+    src = tmp_path / "src"
+    _photo_tree(src, 11)
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "f"),
+                         "--shard-size", "4"]) == 0
+    assert load_dataset(tmp_path / "f").splits["labeled"].shard_counts == [4, 4, 3]
+    digits = load_dataset(digits_dir)
+    for split in digits.splits.values():
+        assert split.shard_counts == [sum(1 for _ in read_samples([s])) for s in split.shards]
+    assert prepare_main(["register", "--labeled", str(digits_dir / "labeled" / "*.tar"),
+                         "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
+                         "--test", str(digits_dir / "test" / "*.tar"),
+                         "--out", str(tmp_path / "r")]) == 0
+    registered = load_dataset(tmp_path / "r")
+    assert all(registered.splits[s].shard_counts == digits.splits[s].shard_counts
+               for s in digits.splits)
+    # edited by hand: a shard removed keeps the others' counts; one added without a count
+    # leaves the split's counts unknown (training deals its shards round-robin then)
+    file = tmp_path / "r" / "dataset.json"
+    doc = json.loads(file.read_text())
+    removed = doc["splits"]["test"]["shards"].pop(0)
+    assert removed in doc["splits"]["test"]["shard_counts"]
+    doc["splits"]["labeled"]["shards"].append(removed)
+    file.write_text(json.dumps(doc))
+    edited = load_dataset(tmp_path / "r")
+    assert edited.splits["test"].shard_counts == digits.splits["test"].shard_counts[1:]
+    assert edited.splits["labeled"].shard_counts is None
