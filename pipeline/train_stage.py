@@ -36,10 +36,12 @@ def spread_warning(what: str, weights: list[int] | None, readers: int, workers: 
     spread = sampling_spread(weights, readers)
     if spread < SPREAD_WARNING:
         return None
+    loaders = max(1, loader_workers)
     return (f"warning: the {what} split's {len(weights)} shards do not divide evenly among "
-            f"the {readers} training readers ({workers} workers x {max(1, loader_workers)} "
-            f"loader process{'es' if loader_workers > 1 else ''}): some samples come up {spread:.1f}x as often as others; many "
-            "more shards than readers even this out (`prepare imagefolder --shard-size`)")
+            f"the {readers} training readers ({workers} workers x {loaders} loader "
+            f"process{'es' if loaders > 1 else ''}): some samples come up {spread:.1f}x as "
+            "often as others; many more shards than readers even this out (`prepare "
+            "imagefolder --shard-size`)")
 
 
 # Above this, the uneven draw is worth a line: e.g. 3 shards over 2 readers gives 2.0.
