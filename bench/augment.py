@@ -26,7 +26,6 @@ import argparse
 import io
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
+from bench.timing import per_cpu_second  # noqa: E402
 from pipeline.augment import RandAugment  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
 from pipeline.transforms import MEAN, STD, train_transform  # noqa: E402
@@ -77,15 +77,9 @@ def workloads() -> dict[str, tuple[list[bytes], int]]:
 
 
 def rate(fn: Callable[[bytes], torch.Tensor], data: list[bytes], min_s: float) -> float:
-    n, t0 = 0, time.thread_time()
-    while True:
-        for d in data:
-            out = fn(d)
-        n += len(data)
-        dt = time.thread_time() - t0
-        if dt >= min_s:
-            assert out.dtype == torch.float32 and out.ndim == 3  # both give the model's input
-            return n / dt
+    out = fn(data[0])
+    assert out.dtype == torch.float32 and out.ndim == 3  # both give the model's input
+    return per_cpu_second(fn, data, min_s)
 
 
 def measure(rounds: int, min_s: float) -> dict[str, dict[str, float]]:

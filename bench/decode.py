@@ -36,7 +36,6 @@ import argparse
 import io
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.timing import per_cpu_second as rate  # noqa: E402
 from pipeline import images  # noqa: E402
 from pipeline.shards import ShardError  # noqa: E402
 
@@ -129,18 +129,6 @@ def workloads() -> dict[str, list[bytes]]:
         "noise jpg 640x480": [noise(640, 480) for _ in range(4)],
         "noise jpg 1600x1200": [noise(1600, 1200) for _ in range(2)],
     }
-
-
-def rate(decode: Callable[[bytes], torch.Tensor], data: list[bytes], min_s: float) -> float:
-    """Images/s over whole passes of ``data`` lasting at least ``min_s``."""
-    n, t0 = 0, time.thread_time()
-    while True:
-        for d in data:
-            decode(d)
-        n += len(data)
-        dt = time.thread_time() - t0
-        if dt >= min_s:
-            return n / dt
 
 
 def check_identical(data: list[bytes]) -> bool:

@@ -23,7 +23,6 @@ import argparse
 import io
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.timing import per_cpu_second as rate  # noqa: E402
 from pipeline.images import decode_image  # noqa: E402
 from pipeline.transforms import (  # noqa: E402
     eval_crop,
@@ -51,16 +51,6 @@ def photos(w: int, h: int) -> list[bytes]:
             img.resize((w, h), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
             out.append(buf.getvalue())
     return out
-
-
-def rate(fn, data: list[bytes], min_s: float) -> float:
-    n, t0 = 0, time.thread_time()
-    while True:
-        for d in data:
-            fn(d)
-        n += len(data)
-        if (dt := time.thread_time() - t0) >= min_s:
-            return n / dt
 
 
 def main(argv: list[str] | None = None) -> int:
