@@ -137,10 +137,7 @@ def decode_image(data: bytes, where: str = "", min_side: int | None = None) -> t
 def decode_pil(data: bytes, where: str = "", min_side: int | None = None) -> Image.Image:
     """:func:`decode_image`'s pixels as an ``RGB`` PIL image (``H x W``), for code that goes on
     in PIL (``prepare``'s resize): the same rules and errors, without the planar copy."""
-    out = _decode(data, where, min_side)
-    if isinstance(out, np.ndarray):
-        out = Image.fromarray(out, "L" if out.ndim == 2 else "RGB")
-    return out if out.mode == "RGB" else out.convert("RGB")
+    return _rgb_image(_decode(data, where, min_side))
 
 
 def _decode(data: bytes, where: str, min_side: int | None) -> Image.Image | np.ndarray:
@@ -176,7 +173,11 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
     Does not apply EXIF orientation (call ``ImageOps.exif_transpose`` first if wanted) and
     returns ``img`` itself when it is already plain RGB without a transparency entry.
     """
-    out = _rgb(img)
+    return _rgb_image(_rgb(img))
+
+
+def _rgb_image(out: Image.Image | np.ndarray) -> Image.Image:
+    """What :func:`_rgb` returns (RGB or L, image or array) -> an ``RGB`` PIL image."""
     if isinstance(out, np.ndarray):
         out = Image.fromarray(out, "L" if out.ndim == 2 else "RGB")
     return out if out.mode == "RGB" else out.convert("RGB")
