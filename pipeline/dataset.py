@@ -447,6 +447,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+class _Rate:
+    """For a progress line every :data:`PROGRESS_SECONDS` during long work: :meth:`due` gives
+    the rate since the start and the time left, or None when no line is due."""
+
+    def __init__(self, total: int, done: int = 0) -> None:
+        self.total, self.first = total, done  # ``done``: what an earlier run had finished
+        self.start = self.last = time.monotonic()
+
+    def due(self, done: int) -> tuple[float, str] | None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS or done >= self.total or done <= self.first:
+            return None
+        self.last, rate = now, (done - self.first) / (now - self.start)
+        return rate, _duration((self.total - done) / rate)
+
+
 def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
                         split: str = "labeled",
                         shard_size: int = 1000, workers: int | None = None,
@@ -515,8 +531,14 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
             info.classes = sorted(found, key=_natural)
     index = {c: i for i, c in enumerate(info.classes)}
     outside: list[str] = []
+    # What decides the shards' bytes: the options and each file taken (path, size, mtime,
+    # label). Their names carry its hash, so a rerun never overwrites the shards that
+    # dataset.json lists now (they stay valid until it lists the new ones) and a rerun of the
+    # same prepare finds the shards it had finished and goes on after them.
+    recipe = {"format": 1, "split": split, "shard_size": shard_size, "seed": seed,
+              "max_short_side": max_short_side, "jpeg_quality": quality}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     todo: list[tuple[Path | S3Path, int | None]] = []
-    meta: dict[Any, tuple[int, int]] = {}
     for p, size, mtime in listed:
         rel = p.relative_to(src)
         label = index.get(rel.parts[0]) if labeled and len(rel.parts) > 1 else None
@@ -524,16 +546,8 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
             outside.append(f"{p} (not inside a class folder)")
         else:
             todo.append((p, label))
-            meta[p] = (size, mtime)
-    random.Random(seed).shuffle(todo)
-    # What decides the shards' bytes. Their names carry its hash, so a rerun never overwrites
-    # the shards that dataset.json lists now (they stay valid until it lists the new ones) and
-    # a rerun of the same prepare finds the shards it had finished and goes on after them.
-    recipe = {"format": 1, "split": split, "shard_size": shard_size, "seed": seed,
-              "max_short_side": max_short_side, "jpeg_quality": quality}
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    for p, label in todo:
-        digest.update(f"{p.relative_to(src)}\0{meta[p][0]}\0{meta[p][1]}\0{label}\n".encode())
+            digest.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode())
+    random.Random(seed).shuffle(todo)  # the seed is in the recipe
     prefix = f"{split}-{digest.hexdigest()[:10]}"
     folder = out / split
     record = folder / f"{prefix}{PROGRESS_SUFFIX}"
@@ -560,7 +574,7 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
              "them")
     _log(f"prepare: {split}: checking {len(todo) - done['consumed']} files with {workers} "
          f"process{'es' if workers > 1 else ''}")
-    start = last = time.monotonic()
+    progress = _Rate(len(todo), done["consumed"])
     job = functools.partial(_read_job, max_short_side=max_short_side, jpeg_quality=quality)
     totals = {k: done[k] for k in ("resized", "read", "written")}
     at = [done["consumed"]]  # the file being written when a shard closes: files before it are in
@@ -588,10 +602,9 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
                 totals["written"] += len(data)
                 if label is not None:
                     labels.append(label)
-            if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n + 1 < len(todo):
-                last, rate = now, (n + 1 - done["consumed"]) / (now - start)
-                _log(f"prepare: {split}: {n + 1}/{len(todo)} files, {rate:.1f} files/s, about "
-                     f"{_duration((len(todo) - n - 1) / rate)} left")
+            if due := progress.due(n + 1):
+                _log(f"prepare: {split}: {n + 1}/{len(todo)} files, {due[0]:.1f} files/s, about "
+                     f"{due[1]} left")
         at[0] = len(todo)
     for line in outside + [line for _, line in bad]:
         _log(f"prepare: skipped unreadable file {line}")
@@ -686,7 +699,7 @@ def scan_shards(paths: list[str], split: str = "", workers: int | None = None
     keys = KeyIndex(split)  # a key that two shards share is refused
     purity: list[float] = []  # per labeled shard: the share of its most common label
     workers = max(1, min(workers or default_workers(), len(paths) // SHARDS_PER_WORKER))
-    start = last = time.monotonic()
+    progress = _Rate(len(paths))
     results = _ordered_map(_scan_job, list(paths), workers)
     for n, (path, (count, shard_labels, shard_unlabeled, hashes, shard_damage)) in enumerate(
             zip(paths, results, strict=True), 1):
@@ -698,10 +711,9 @@ def scan_shards(paths: list[str], split: str = "", workers: int | None = None
         labels.update(shard_labels)
         if shard_labels:
             purity.append(max(shard_labels.values()) / shard_labels.total())
-        if (now := time.monotonic()) - last >= PROGRESS_SECONDS and n < len(paths):
-            last, rate = now, n / (now - start)
+        if due := progress.due(n):
             _log(f"register: {split}: {n}/{len(paths)} shards read ({total} samples), "
-                 f"{rate:.2f} shards/s, about {_duration((len(paths) - n) / rate)} left")
+                 f"{due[0]:.2f} shards/s, about {due[1]} left")
     keys.check(lambda shard: (s.key for s in read_shard(shard) if isinstance(s, Sample)))
     if labels and unlabeled and split != "unlabeled":  # an unlabeled pool may hold some labels
         raise DatasetError(f"{unlabeled} of {total} samples in {paths[0]}... have no label; a "
