@@ -38,10 +38,10 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +53,8 @@ from pipeline.pseudo_files import pseudo_file_names, read_selected
 from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+T = TypeVar("T")
+
 _END_OF_PASS = object()  # marks where a training stream's pass over its shards ends
 
 
@@ -75,7 +77,7 @@ def assign_shards(shards: list[str], reader: int, num_readers: int, *,
     return [shards[reader % len(shards)]]
 
 
-def balanced(shards: list[str], weights: list[int], num_readers: int) -> list[list[str]]:
+def balanced(shards: Sequence[T], weights: list[int], num_readers: int) -> list[list[T]]:
     """``shards`` split into ``num_readers`` parts of near-equal total weight, each in the
     shards' order; the same on every reader (it depends on nothing else).
 
@@ -105,10 +107,9 @@ def sampling_spread(weights: list[int], readers: int) -> float:
     reader giving the same number of samples a step. Shards of weight 0 are left out."""
     if not weights or readers < 1:
         return 1.0
-    shards = list(range(len(weights)))
     rate = [0.0] * len(weights)
-    for r, part in enumerate(balanced([str(i) for i in shards], weights, readers)):
-        mine = [int(i) for i in part] or [shards[r % len(shards)]]  # the wrap of assign_shards
+    for r, part in enumerate(balanced(range(len(weights)), weights, readers)):
+        mine = part or [r % len(weights)]  # the wrap of assign_shards
         total = sum(weights[i] for i in mine)
         for i in mine:
             rate[i] += 1 / total if total else 0.0

@@ -501,13 +501,21 @@ def test_sampling_spread_of_whole_shards_over_readers() -> None:
     assert sampling_spread([], 4) == 1.0
 
 
-def test_labeled_stream_deals_training_shards_by_sample_count(tmp_path: Path) -> None:
-    """Training with dataset.json's shard_counts: readers hold near-equal samples, not equal
-    numbers of shards; evaluation stays a partition by position."""
+def test_labeled_stream_deals_training_shards_by_sample_count(tmp_path: Path,
+                                                               digits_info) -> None:
+    """Training with dataset.json's shard_counts (the job's labeled weights): readers hold
+    near-equal samples, not equal numbers of shards, in the training and the FixRes fine-tune
+    streams; evaluation stays a partition by position."""
+    import dataclasses
+
     import numpy as np
 
+    from pipeline.batches import labeled_batches
     from pipeline.data import LabeledStream, assign_shards
+    from pipeline.fixres import finetune_batches
     from pipeline.shards import encode_png, write_shards
+    from pipeline.train import WorkerContext
+    from tests.test_train import tiny_job
 
     image = encode_png(np.zeros((4, 4, 3), np.uint8))
     sizes = [6, 1, 1, 1, 1, 1, 1]
@@ -518,11 +526,13 @@ def test_labeled_stream_deals_training_shards_by_sample_count(tmp_path: Path) ->
         shards.append(str(path))
     assert assign_shards(shards, 0, 2, exhaustive=False, weights=sizes) == [shards[0]]
     assert assign_shards(shards, 1, 2, exhaustive=False, weights=sizes) == shards[1:]
-    stream = LabeledStream(shards, lambda x: x, rank=1, world_size=2, weights=sizes,
-                           shuffle_buffer=1)
-    it = iter(stream)
-    keys = [next(it)[2] for _ in range(6)]
-    assert {k.split("_")[0] for k in keys} == {f"s{i}" for i in range(1, 7)}
+    job = tiny_job(digits_info, tmp_path, batch_size=6, shuffle_buffer=0)
+    job = dataclasses.replace(job, labeled={"shards": shards, "count": 12, "weights": sizes})
+    second = WorkerContext(rank=1, world_size=2)
+    for batches in (labeled_batches(job, second, lambda x: x, seed=0),
+                    finetune_batches(job, second)):
+        keys = next(iter(batches))[2]
+        assert {k.split("_")[0] for k in keys} == {f"s{i}" for i in range(1, 7)}
     evaluation = LabeledStream(shards, lambda x: x, rank=0, world_size=2, weights=sizes,
                                train=False)
     assert {k.split("_")[0] for _, _, k in evaluation} == {"s0", "s2", "s4", "s6"}

@@ -267,6 +267,9 @@ def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monke
     assert job.pseudo["shards"] == [s for s in info.split("unlabeled").shards if by_name[names[s]]]
     assert job.pseudo["weights"] == [by_name[names[s]] for s in job.pseudo["shards"]]
     assert sum(job.pseudo["weights"]) == job.pseudo["count"] == rec.pseudo_labels.selected_with_copies
+    # and the labeled shards by dataset.json's samples per shard
+    counts = info.split("labeled").shard_counts
+    assert counts is not None and job.labeled["weights"] == counts
 
 
 @pytest.mark.slow
