@@ -699,6 +699,8 @@ def scan_shards(paths: list[str], split: str = "", workers: int | None = None
     keys = KeyIndex(split)  # a key that two shards share is refused
     purity: list[float] = []  # per labeled shard: the share of its most common label
     workers = max(1, min(workers or default_workers(), len(paths) // SHARDS_PER_WORKER))
+    if workers > 1:
+        _log(f"register: {split}: reading {len(paths)} shards with {workers} processes")
     progress = _Rate(len(paths))
     results = _ordered_map(_scan_job, list(paths), workers)
     for n, (path, (count, shard_labels, shard_unlabeled, hashes, shard_damage)) in enumerate(

@@ -589,6 +589,8 @@ def test_register_with_worker_processes_counts_as_one_process(
     assert one == two and one["splits"]["unlabeled"]["count"] == load_dataset(
         digits_dir).splits["unlabeled"].count
     assert "shards read" in out["2"] and "shards/s, about" in out["2"]  # progress, per shard
+    assert "register: unlabeled: reading 11 shards with 2 processes" in out["2"]
+    assert "processes" not in out["1"]
     bad = ["--labeled", str(digits_dir / "labeled" / "*.tar"), "--unlabeled",
            brace([broken, *(digits_dir / "unlabeled").glob("*.tar")]),
            "--test", brace(test[1:])]
