@@ -341,7 +341,7 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
     """Dataset folder; default: the one the teacher used."""
     truth_labels: bool = False
     """Ablation ceiling: train on the unlabeled split's held-out true labels (the dataset's
-    unlabeled_truth.parquet) instead of the teacher's pseudo-labels, one copy each."""
+    ``unlabeled_truth`` file in dataset.json) instead of the teacher's pseudo-labels, one copy each."""
 
     def validate(self) -> None:
         if self.round < 1:

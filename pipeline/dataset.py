@@ -46,7 +46,7 @@ from pipeline.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 SPLITS = ("labeled", "unlabeled", "test")
 DATASET_FILE = "dataset.json"
-TRUTH_FILE = "unlabeled_truth.parquet"
+TRUTH_STEM = "unlabeled_truth"  # + "-<hash>.parquet": see prepare_digits
 
 
 class DatasetError(ValueError):
@@ -227,7 +227,11 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
     """Bundled digits -> stratified labeled / unlabeled / test shards under ``out``.
 
     Fractions are of the whole corpus (1,797 images). The unlabeled shards carry no label; their
-    true labels go to ``unlabeled_truth.parquet``, which training never reads.
+    true labels go to ``unlabeled_truth-<hash>.parquet``, which training never reads.
+
+    File names carry a hash of the options (``labeled-<hash>-000000.tar``), so a rerun with
+    other options writes beside what ``dataset.json`` lists and replaces nothing it lists until
+    ``dataset.json`` itself is replaced; the files it no longer lists are named and left.
     """
     import pandas as pd
     from sklearn.model_selection import train_test_split
@@ -236,6 +240,13 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
             and labeled_fraction + test_fraction < 1):
         raise DatasetError("--labeled-fraction and --test-fraction must be in (0, 1) and sum to "
                            f"less than 1, got {labeled_fraction} and {test_fraction}")
+    out = location(out)
+    before = _existing_dataset(out)
+    # Only the bundled corpus's own description may be replaced: it has held-out labels, which
+    # an image folder's or registered shards' never have.
+    if before is not None and (before.name != "digits" or before.unlabeled_truth is None):
+        raise DatasetError(f"{out} holds the dataset {before.name!r}, which prepare digits would "
+                           "replace; give it an --out of its own")
     images, labels = digits_images()
     idx = np.arange(len(labels))
     rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels,
@@ -243,7 +254,9 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
     lab_share = labeled_fraction / (1 - test_fraction)
     unlab, lab = train_test_split(rest, test_size=lab_share, stratify=labels[rest],
                                   random_state=seed)
-    out = location(out)
+    recipe = {"format": 1, "corpus": "digits", "labeled_fraction": labeled_fraction,
+              "test_fraction": test_fraction, "seed": seed, "shard_size": shard_size}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     classes = [str(i) for i in range(10)]
     info = DatasetInfo(path=out, name="digits", classes=classes)
     for split, ids in (("labeled", lab), ("unlabeled", unlab), ("test", test)):
@@ -251,7 +264,8 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
         keep_label = split != "unlabeled"
         samples = ((f"digit{i:05d}", encode_png(images[i]),
                     int(labels[i]) if keep_label else None) for i in ids)
-        written = write_shards(samples, out / split, prefix=split, maxcount=shard_size)
+        written = write_shards(samples, out / split, prefix=f"{split}-{digest}",
+                               maxcount=shard_size)
         info.splits[split] = SplitInfo(
             shards=[str(p) for p, _ in written], count=len(ids),
             class_counts=_class_counts(labels[ids], classes) if keep_label else None,
@@ -259,10 +273,39 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
         _log(f"prepare: {split}: {len(ids)} images in {len(written)} shards under {out / split}")
     truth = pd.DataFrame({"key": [f"digit{i:05d}" for i in np.sort(unlab)],
                           "label": labels[np.sort(unlab)].astype(np.int32)})
-    atomic_write_bytes(out / TRUTH_FILE, truth.to_parquet(index=False))
-    info.unlabeled_truth = out / TRUTH_FILE
+    info.unlabeled_truth = out / f"{TRUTH_STEM}-{digest}.parquet"
+    atomic_write_bytes(info.unlabeled_truth, truth.to_parquet(index=False))
     save_dataset(info)
+    if before is not None:
+        def files(d: DatasetInfo) -> list[str | Path | S3Path]:
+            return [*(p for s in d.splits.values() for p in s.shards),
+                    *([d.unlabeled_truth] if d.unlabeled_truth is not None else [])]
+
+        if old := _unlisted(files(before), files(info)):
+            _log(f"prepare: the {len(old)} files dataset.json listed before (e.g. {old[0]}) "
+                 "are no longer in it and were left where they are; delete them when no run "
+                 "needs them")
     return info
+
+
+def _existing_dataset(out: Path | S3Path) -> DatasetInfo | None:
+    """The dataset ``out`` describes now, or None when it has no readable ``dataset.json``."""
+    if not (out / DATASET_FILE).exists():
+        return None
+    try:
+        return load_dataset(out)
+    except DatasetError:
+        return None  # damaged: nothing it lists can be relied on, so nothing to keep
+
+
+def _unlisted(before: Iterable[str | Path | S3Path], now: Iterable[str | Path | S3Path]
+              ) -> list[str]:
+    """The files of ``before`` that ``now`` does not name (relative or absolute alike)."""
+    def same(p: str | Path | S3Path) -> str:
+        return str(location(str(p)).resolve())
+
+    listed = {same(p) for p in now}
+    return [str(p) for p in before if same(p) not in listed]
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -631,13 +674,10 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
     out.mkdir(parents=True, exist_ok=True)
     save_dataset(info)
     record.unlink(missing_ok=True)  # after dataset.json: a kill in between redoes the last shard
-    if before is not None:
-        now_listed = {str(location(p)) for p in info.splits[split].shards}
-        old = [p for p in before.shards if str(location(p)) not in now_listed]
-        if old:
-            _log(f"prepare: {split}: the {len(old)} shards it listed before (e.g. {old[0]}) are "
-                 "no longer in dataset.json and were left where they are; delete them when no "
-                 "run needs them")
+    if before is not None and (old := _unlisted(before.shards, info.splits[split].shards)):
+        _log(f"prepare: {split}: the {len(old)} shards it listed before (e.g. {old[0]}) are "
+             "no longer in dataset.json and were left where they are; delete them when no "
+             "run needs them")
     return info
 
 

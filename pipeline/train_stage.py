@@ -147,8 +147,9 @@ def _truth_files(p: Plan, rec: RoundRecord) -> int:
 
     info = p.info
     if info.unlabeled_truth is None or not info.unlabeled_truth.exists():
-        raise RunError(f"--truth-labels needs {info.path}/unlabeled_truth.parquet (the held-out "
-                       "labels of the unlabeled split), which this dataset does not have")
+        raise RunError(f"--truth-labels needs the held-out labels of the unlabeled split "
+                       f"(unlabeled_truth in {info.path}/dataset.json), which this dataset "
+                       "does not have")
     truth = read_pandas(info.unlabeled_truth)
     labels = dict(zip(truth["key"].astype(str), truth["label"].astype(int), strict=True))
     src = p.layout.resolve(rec.pseudo_labels.uri)

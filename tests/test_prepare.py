@@ -49,6 +49,52 @@ def test_digits_cli_is_deterministic(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
 
+def test_digits_rerun_with_other_options_replaces_nothing_listed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rerun with other fractions writes beside the shards dataset.json lists (a run reading
+    them meanwhile keeps valid files), then names the ones no longer listed."""
+    out = tmp_path / "d"
+    assert prepare_main(["digits", "--out", str(out), "--shard-size", "500"]) == 0
+    first = load_dataset(out)
+    old = {p: Path(p).read_bytes() for s in first.splits.values() for p in s.shards}
+    old[str(first.unlabeled_truth)] = first.unlabeled_truth.read_bytes()
+    capsys.readouterr()
+    assert prepare_main(["digits", "--out", str(out), "--shard-size", "500",
+                         "--labeled-fraction", "0.2"]) == 0
+    err = capsys.readouterr().err
+    second = load_dataset(out)
+    assert second.counts()["labeled"] == 360 and first.counts()["labeled"] == 180
+    assert all(Path(p).read_bytes() == b for p, b in old.items())  # untouched
+    now = {p for s in second.splits.values() for p in s.shards} | {str(second.unlabeled_truth)}
+    assert not now & set(old)
+    assert f"the {len(old)} files dataset.json listed before" in err
+    # the same options again: the same names, nothing reported left behind
+    assert prepare_main(["digits", "--out", str(out), "--shard-size", "500",
+                         "--labeled-fraction", "0.2"]) == 0
+    assert load_dataset(out).splits == second.splits
+    assert "listed before" not in capsys.readouterr().err
+
+
+def test_digits_refuses_to_replace_another_dataset(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for c in ("cat", "dog"):
+        (src / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(src / c / f"{i}.png")
+    out = tmp_path / "digits"  # named like the bundled corpus, and still not it
+    assert prepare_main(["imagefolder", str(src), "--out", str(out)]) == 0
+    before = (out / "dataset.json").read_bytes()
+    assert prepare_main(["digits", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"prepare: error: {out} holds the dataset 'digits', which prepare digits "
+                       "would replace; give it an --out of its own")
+    assert (out / "dataset.json").read_bytes() == before
+    assert not (out / "unlabeled").exists()
+
+
 def test_shard_size_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for command in (["digits"], ["imagefolder", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
@@ -121,10 +167,13 @@ def test_register_existing_shards(tmp_path: Path, digits_dir: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     info = load_dataset(digits_dir)
     out = tmp_path / "reg"
+    lab, test = (Path(info.splits[s].shards[0]).name[:-len("-000000.tar")]
+                 for s in ("labeled", "test"))  # <split>-<hash>
     rc = prepare_main([
-        "register", "--labeled", str(digits_dir / "labeled" / "labeled-{000000..000001}.tar"),
+        "register", "--labeled", str(digits_dir / "labeled" / f"{lab}-{{000000..000001}}.tar"),
         "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
-        "--test", str(digits_dir / "test" / "test-00000{0,1,2,3,4,5}.tar"), "--out", str(out)])
+        "--test", str(digits_dir / "test" / f"{test}-00000{{0,1,2,3,4,5}}.tar"),
+        "--out", str(out)])
     assert rc == 0
     reg = load_dataset(out)
     assert reg.counts() == info.counts()
