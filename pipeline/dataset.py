@@ -784,7 +784,8 @@ def _warn_sorted(split: str, purity: list[float], labels: Counter[int]) -> None:
              "imagefolder` does)")
 
 
-def register_shards(out: str | Path | S3Path, *, labeled: str, unlabeled: str, test: str,
+def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
+                    unlabeled: str | list[str], test: str | list[str],
                     classes: list[str] | None = None, workers: int | None = None) -> DatasetInfo:
     """Describe existing shards (paths, globs or brace patterns; local or s3://, globs on S3
     resolved by listing) without copying them. Every shard is read once to count it, by
