@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from _common import run_job  # puts the repository on sys.path
 
-from pipeline.config import ConfigError, PseudoLabelConfig  # noqa: E402
+from pipeline.config import ConfigError, PseudoLabelConfig, check_unknown  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.manifest import Parent, RoundRecord  # noqa: E402
 
@@ -47,8 +47,10 @@ class PseudoLabelJob(PseudoLabelConfig):
 def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     import tyro
 
-    job = tyro.cli(PseudoLabelJob, args=argv, description=__doc__,
-                   config=(tyro.conf.FlagConversionOff,))
+    args = list(sys.argv[1:] if argv is None else argv)
+    check_unknown(PseudoLabelJob, args)
+    # Booleans are switches (--verbose, --no-jpeg-dct-scaling), as in teacher.py and student.py.
+    job = tyro.cli(PseudoLabelJob, args=args, description=__doc__)
     if not job.run:
         raise ConfigError("--run is required: name the run, e.g. --run r1")
     job.validate()

@@ -19,6 +19,7 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.config import ConfigError, check_unknown  # noqa: E402
 from pipeline.fs import StorageError  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.report import ReportError, load_run, summary_lines, write_report  # noqa: E402
@@ -41,11 +42,17 @@ class ReportConfig:
 def parse_args(argv: list[str] | None = None) -> ReportConfig:
     import tyro
 
-    return tyro.cli(ReportConfig, args=argv, description=__doc__)
+    args = list(sys.argv[1:] if argv is None else argv)
+    check_unknown(ReportConfig, args)  # one line naming the options, not tyro's usage box
+    return tyro.cli(ReportConfig, args=args, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
     try:
         report = load_run(cfg.root, cfg.run, cfg.round)
         path = write_report(report, fmt=cfg.format)

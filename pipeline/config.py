@@ -392,18 +392,19 @@ def field_names(cls: type[TrainConfig]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _check_unknown(cls: type[TrainConfig], args: Sequence[str]) -> None:
-    """tyro rejects unknown flags too; this says which ones exist in one line."""
+def check_unknown(cls: type, args: Sequence[str], extra: Sequence[str] = ()) -> None:
+    """tyro rejects unknown flags with a usage box; this says in one line which ones exist.
+    ``extra``: flags the caller handles itself (``--preset``)."""
     allowed = {f"--{n.replace('_', '-')}" for n in field_names(cls)}
     # tyro negates plain booleans only (``bool | None`` takes a value: --use-gpu False).
     allowed |= {f"--no-{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
                 if f.type in (bool, "bool")}
-    allowed |= {"--help", "-h", "--preset"}
+    allowed |= {"--help", "-h", *extra}
     for a in args:
         flag = a.split("=", 1)[0]
         if flag.startswith("-") and not _is_number(flag) and flag not in allowed:
-            names = ", ".join(f"--{n.replace('_', '-')}" for n in field_names(cls))
-            raise ConfigError(f"unknown option {flag}; allowed: --preset, {names}")
+            names = ", ".join([*extra, *(f"--{n.replace('_', '-')}" for n in field_names(cls))])
+            raise ConfigError(f"unknown option {flag}; allowed: {names}")
 
 
 def _is_number(s: str) -> bool:
@@ -429,7 +430,7 @@ def parse_config(cls: type[C], role: str, argv: Sequence[str] | None = None,
         del args[i : i + 2]
     if preset is not None and preset not in PRESETS[role]:
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS[role])}")
-    _check_unknown(cls, args)
+    check_unknown(cls, args, extra=("--preset",))
     default = cls(**PRESETS[role].get(preset, {})) if preset else cls()
     # Checked by the caller once values that come from the parent round are filled in.
     return tyro.cli(cls, default=default, args=args, description=description)

@@ -187,6 +187,46 @@ def test_a_command_with_a_missing_value_fails_the_check() -> None:
     assert parse_job_args("teacher", ["--run", "r", "--data", "d", "--use-gpu", "True"])
 
 
+def test_every_job_takes_its_plain_booleans_as_switches() -> None:
+    """``--flag`` and ``--no-flag`` for every plain bool option, in each job's own parser: the
+    README gives them that way for every job (pseudo_label.py once wanted ``--flag False``)."""
+    import dataclasses as dc
+
+    import pseudo_label
+    import report
+
+    from pipeline.config import StudentConfig, TrainConfig
+
+    jobs = {"teacher": (TrainConfig, ["--run", "r", "--data", "d"]),
+            "student": (StudentConfig, ["--run", "r"]),
+            "pseudo_label": (pseudo_label.PseudoLabelJob, ["--run", "r"]),
+            "report": (report.ReportConfig, ["--run", "r"])}
+    tried = 0
+    for job, (cls, base) in jobs.items():
+        for f in dc.fields(cls):
+            if f.type in (bool, "bool"):
+                flag = f.name.replace("_", "-")
+                assert getattr(parse_job_args(job, [*base, f"--{flag}"]), f.name) is True, flag
+                assert getattr(parse_job_args(job, [*base, f"--no-{flag}"]), f.name) is False
+                tried += 1
+    assert tried >= 10
+
+
+def test_every_job_names_its_options_in_one_line_for_an_unknown_one() -> None:
+    import pytest
+
+    from pipeline.config import ConfigError
+
+    for job, base, example in (("teacher", ["--data", "d"], "--epochs"),
+                               ("student", [], "--round"),
+                               ("pseudo_label", [], "--label-actors"),
+                               ("report", [], "--format")):
+        with pytest.raises(ConfigError) as e:
+            parse_job_args(job, ["--run", "r", *base, "--no-such-option", "1"])
+        assert str(e.value).startswith("unknown option --no-such-option; allowed: "), job
+        assert example in str(e.value) and "\n" not in str(e.value), job
+
+
 def test_no_plain_switch_is_documented_with_a_value() -> None:
     """The jobs' plain bool options are switches (``--flag`` / ``--no-flag``): a ``--flag
     False`` in a message or the docs is refused by the parser with "Unrecognized options"."""
