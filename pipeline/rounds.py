@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -108,6 +109,31 @@ def parameter_count(name: str, num_classes: int = 10) -> int:
 # ----------------------------------------------------------------------------- preflight
 
 
+def missing_shards(paths: list[str]) -> list[str]:
+    """The shards among ``paths`` that are not there, in order: one listing per folder, as a
+    check per shard would be one request each on object storage."""
+    present: dict[str, set[str]] = {}
+    missing = []
+    for p in paths:
+        loc = location(p)
+        folder = str(loc.parent)
+        if folder not in present:
+            if isinstance(loc, Path):
+                try:  # scandir: the entries' types come with the listing, no stat per file
+                    with os.scandir(folder) as entries:
+                        present[folder] = {e.name for e in entries if e.is_file()}
+                except (FileNotFoundError, NotADirectoryError):
+                    present[folder] = set()
+            else:  # one listing; a prefix with no objects lists as empty
+                import pyarrow.fs as pafs
+
+                present[folder] = {i.path.rsplit("/", 1)[-1] for i in loc.parent._list(False)
+                                   if i.type == pafs.FileType.File}
+        if loc.name not in present[folder]:
+            missing.append(p)
+    return missing
+
+
 def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, Any] | None:
     """Read and decode every labeled and test image when the splits are small enough, so that
     damage and bad labels are found before anything is written. Damaged samples are counted (the
@@ -116,6 +142,13 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     from pipeline.images import decode_image
     from pipeline.shards import BadSample, Damage, KeyIndex, ShardError, read_shard
 
+    # Checked even when the read below is skipped: the readers would count a missing shard as
+    # one damaged sample, and a run would go on without a thousand images.
+    missing = missing_shards([*info.split("labeled").shards, *info.split("test").shards])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise RunError(f"shard {missing[0]} listed in {info.path}/dataset.json does not "
+                       f"exist{more}")
     total = info.split("labeled").count + info.split("test").count
     if total > limit:
         log(f"preflight: {total} labeled+test images > --preflight-limit {limit}; damaged samples "
@@ -126,8 +159,6 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
         damage = Damage()
         keys = KeyIndex(split, expected=info.split(split).count)  # a key in two shards
         for path in info.split(split).shards:
-            if not location(path).is_file():
-                raise RunError(f"shard {path} listed in {info.path}/dataset.json does not exist")
             shard_keys = []
             for s in read_shard(path):
                 if isinstance(s, BadSample):

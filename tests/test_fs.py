@@ -147,7 +147,8 @@ def test_prepare_digits_to_s3_and_register_there(s3, bucket: str) -> None:
     raw = (info.path / "dataset.json").read_text()
     assert "s3://" not in raw
     p = _prepare("register", "--labeled", f"s3://{bucket}/digits/labeled/*.tar",
-                 "--unlabeled", f"s3://{bucket}/digits/unlabeled/unlabeled-{{000000..000002}}.tar",
+                 "--unlabeled",  # <split>-<hash>-{...}: a brace pattern on S3
+                 info.split("unlabeled").shards[0][:-len("000000.tar")] + "{000000..000002}.tar",
                  "--test", f"s3://{bucket}/digits/test/*.tar", "--out", f"s3://{bucket}/reg")
     assert p.returncode == 0, p.stderr[-2000:]
     reg = load_dataset(f"s3://{bucket}/reg")
@@ -271,3 +272,22 @@ def test_round_lock_on_s3_refuses_a_second_holder_and_takes_over_a_dead_ones(
     with round_lock(layout, 1):  # left by a process that no longer runs: taken over
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()
+
+
+def test_missing_shards_are_found_with_one_listing_per_folder(s3, bucket: str,
+                                                              tmp_path: Path) -> None:
+    """The check the preflight makes even when it reads nothing (--preflight-limit)."""
+    from pipeline.rounds import missing_shards
+
+    base = f"s3://{bucket}/ms"
+    for name in ("a/1.tar", "a/2.tar", "b/1.tar", "a/sub/x.tar"):
+        atomic_write_bytes(S3Path(f"{base}/{name}"), b"x")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.tar").write_bytes(b"x")
+    (tmp_path / "a" / "d.tar").mkdir()  # a folder is not a shard
+    shards = [f"{base}/a/1.tar", f"{base}/a/3.tar", f"{base}/a/sub", f"{base}/b/1.tar",
+              f"{base}/c/1.tar", str(tmp_path / "a" / "1.tar"), str(tmp_path / "a" / "d.tar"),
+              str(tmp_path / "none" / "1.tar")]
+    assert missing_shards(shards) == [f"{base}/a/3.tar", f"{base}/a/sub", f"{base}/c/1.tar",
+                                      str(tmp_path / "a" / "d.tar"),
+                                      str(tmp_path / "none" / "1.tar")]
