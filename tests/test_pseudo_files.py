@@ -85,6 +85,19 @@ def test_files_made_with_other_byte_settings_are_labeled_again(tmp_path: Path) -
     assert pending_shards(tmp_path, names, full, said.append) == ["/d/a.tar", "/d/d.tar"]
 
 
+@pytest.mark.parametrize("setting,other", [("k", 5), ("crop_fraction", 0.5),
+                                           ("batch_size", 128), ("jpeg_dct_scaling", False)])
+def test_each_setting_the_docs_name_relabels_on_change(tmp_path: Path, setting: str,
+                                                       other: object) -> None:
+    """README and docs/design.md: a resume with another top-k, batch size, crop fraction or
+    JPEG decoding labels the shard again."""
+    assert META[setting] != other
+    _file(tmp_path / "a.parquet")
+    assert pending_shards(tmp_path, {"/d/a.tar": "a.parquet"}, META, print) == []
+    assert pending_shards(tmp_path, {"/d/a.tar": "a.parquet"}, {**META, setting: other},
+                          print) == ["/d/a.tar"]
+
+
 def test_summary_counts_rows_and_damage_and_names_missing_files(tmp_path: Path) -> None:
     _file(tmp_path / "a.parquet", rows=5)
     _file(tmp_path / "b.parquet", rows=3)

@@ -202,6 +202,27 @@ def test_student_defaults_follow_the_official_size_table(tmp_path: Path, digits_
     assert (teacher.cfg.epochs, teacher.cfg.decay_epochs) == (350, 2.4)
 
 
+def test_a_student_smaller_than_its_teacher_is_warned_of(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from pipeline.config import StudentConfig
+    from pipeline.manifest import save_round
+    from pipeline.rounds import plan_round
+
+    rec = make_round0(tmp_path, "r", digits_dir, teacher_model)
+    rec.model = dataclasses.replace(rec.model, name="efficientnet_t2")
+    save_round(RunLayout(tmp_path, "r"), rec)
+    capsys.readouterr()
+    plan_round(StudentConfig(run="r", root=str(tmp_path), model="efficientnet_t1"))
+    assert ("warning: student efficientnet_t1 is smaller than its teacher efficientnet_t2; "
+            "Noisy Student expects an equal or larger student") in capsys.readouterr().err
+    for model in ("efficientnet_t2", "efficientnet_t3"):
+        plan_round(StudentConfig(run="r", root=str(tmp_path), model=model))
+        assert "smaller" not in capsys.readouterr().err
+
+
 def test_another_selection_is_refused_once_the_student_trains_on_this_one(
         tmp_path: Path, digits_dir: Path, teacher_model: Path) -> None:
     """Before training, another --threshold/--k/--seed just selects again (cheap); after the

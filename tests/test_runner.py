@@ -294,3 +294,39 @@ def test_ray_session_gives_the_jobs_workers_worker_env(monkeypatch: pytest.Monke
         with ray_session(num_cpus=2):
             pass
     assert [c["runtime_env"] for c in calls] == [{"env_vars": worker_env()}] * 2
+
+
+@pytest.mark.parametrize("cluster,use_gpu,expected", [
+    ({"CPU": 8.0}, None, False),               # no GPUs: CPU workers
+    ({"CPU": 8.0, "GPU": 2.0}, None, True),    # GPUs there: taken without the flag
+    ({"CPU": 8.0, "GPU": 2.0}, False, False),  # --use-gpu False keeps them on CPUs
+    ({"CPU": 8.0, "GPU": 2.0}, True, True),
+])
+def test_training_takes_gpus_when_the_cluster_has_them(monkeypatch: pytest.MonkeyPatch,
+                                                       cluster: dict, use_gpu: bool | None,
+                                                       expected: bool) -> None:
+    import ray
+
+    from pipeline.runner import check_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
+    assert check_resources(2, 1.0, use_gpu) is expected
+
+
+def test_training_short_of_gpus_or_cpus_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/cluster.md: --use-gpu True on a cluster with fewer GPUs than workers stops with one
+    line instead of waiting for GPUs that never come; so do too few CPUs."""
+    import ray
+
+    from pipeline.runner import check_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(RunError, match=r"^2 worker\(s\) need 2 GPU\(s\) but the cluster has 1; "
+                                       r"lower --num-workers or pass --use-gpu False$"):
+        check_resources(2, 1.0, True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(RunError, match=r"^2 worker\(s\) need 2 GPU\(s\) but the cluster has 0;"):
+        check_resources(2, 1.0, True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    with pytest.raises(RunError, match=r"need 4 CPUs but the cluster has 3; lower --num-workers"):
+        check_resources(2, 2.0, False)

@@ -270,6 +270,15 @@ def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monke
     # and the labeled shards by dataset.json's samples per shard
     counts = info.split("labeled").shard_counts
     assert counts is not None and job.labeled["weights"] == counts
+    # RandAugment reaches the workers unless switched off or at magnitude 0 (B0/B1 students)
+    import dataclasses
+
+    on = dataclasses.replace(plan.cfg, randaugment_n=2, randaugment_m=9)
+    assert make_job(dataclasses.replace(plan, cfg=on), rec).randaugment == {
+        "num_ops": 2, "magnitude": 9, "pixels": on.randaugment_pixels}
+    for off in (dataclasses.replace(on, randaugment=False),
+                dataclasses.replace(on, randaugment_m=0)):
+        assert make_job(dataclasses.replace(plan, cfg=off), rec).randaugment is None
 
 
 @pytest.mark.slow
