@@ -388,17 +388,18 @@ def _read_image_file(path: Path | S3Path, max_short_side: int | None = None,
     here exactly when the stages can read it; a re-encoded file is already upright and in RGB,
     since PNG and our JPEG would not carry its orientation tag. A file to be shrunk is decoded
     as the stages decode what they will shrink (a large JPEG at 1/2, 1/4 or 1/8 scale, no
-    smaller than ``max_short_side``), which reads all of its data as the full decode does."""
-    import io
-
-    from PIL import Image
-
-    from pipeline.images import decode_pil
+    smaller than ``max_short_side``), which reads all of its data as the full decode does; a
+    JPEG above PIL's pixel limit is then read too when that scale brings it within."""
+    from pipeline.images import decode_pil, header
 
     data = path.read_bytes()
-    pic = decode_pil(data, str(path), min_side=max_short_side)  # ShardError naming the file
-    with Image.open(io.BytesIO(data)) as im:  # the header only: its format and full size
-        fmt, short = (im.format or "").lower(), min(im.size)
+    # A JPEG above PIL's pixel limit is read when its reduced decode is within it: it is
+    # shrunk below the limit here, and the stages then read it like any other.
+    large = max_short_side is not None
+    pic = decode_pil(data, str(path), min_side=max_short_side,
+                     large_jpeg=large)  # ShardError naming the file
+    fmt, size = header(data, large_jpeg=large)  # the header only: its format and full size
+    fmt, short = fmt.lower(), min(size)
     if max_short_side is not None and short > max_short_side:
         return _shrunk_jpeg(pic, max_short_side, jpeg_quality), "jpg", True, len(data)
     fmt = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)  # MPO: its first frame is a JPEG

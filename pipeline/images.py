@@ -52,7 +52,10 @@ Rules (the same for every format; the numbers are what the tests check):
 * **Decompression bombs.** Images with more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's
   default, 89,478,485, about 9,459 x 9,459: plenty for a classifier that sees a few hundred
   pixels a side; read at each call, so a deployment can change it, ``None`` disables the
-  limit) are rejected with ShardError before any pixel is decoded.
+  limit) are rejected with ShardError before any pixel is decoded. One exception, for
+  ``prepare --max-short-side`` alone (``decode_pil(..., large_jpeg=True)``): a JPEG above the
+  limit is read when libjpeg's reduced decode (below) brings the pixels it decodes within it,
+  so a large scan is shrunk instead of skipped; the pixels held are bounded all the same.
 * **Warnings.** PIL only *warns* between 1x and 2x its pixel limit, and it warns about every
   malformed EXIF/TIFF tag it skips (phone photos with broken EXIF are common); one warning per
   file would flood the logs of a stage that reads millions. So this module keeps two filters at
@@ -134,13 +137,45 @@ def decode_image(data: bytes, where: str = "", min_side: int | None = None) -> t
     return _chw(_decode(data, where, min_side))
 
 
-def decode_pil(data: bytes, where: str = "", min_side: int | None = None) -> Image.Image:
+def decode_pil(data: bytes, where: str = "", min_side: int | None = None,
+               large_jpeg: bool = False) -> Image.Image:
     """:func:`decode_image`'s pixels as an ``RGB`` PIL image (``H x W``), for code that goes on
-    in PIL (``prepare``'s resize): the same rules and errors, without the planar copy."""
-    return _rgb_image(_decode(data, where, min_side))
+    in PIL (``prepare``'s resize): the same rules and errors, without the planar copy.
+
+    ``large_jpeg`` (with ``min_side``): a JPEG above the pixel limit is read all the same when
+    its reduced decode is within it, as ``prepare --max-short-side`` shrinks it anyway (see
+    "Decompression bombs" in the module docstring). The stages never pass it: what they read
+    is limited by its full size, so that the preflight and every stage reject the same files.
+    """
+    return _rgb_image(_decode(data, where, min_side, large_jpeg))
 
 
-def _decode(data: bytes, where: str, min_side: int | None) -> Image.Image | np.ndarray:
+def header(data: bytes, large_jpeg: bool = False) -> tuple[str, tuple[int, int]]:
+    """The image's format (PIL's name, e.g. ``"JPEG"``) and full size, from its header alone;
+    ``large_jpeg`` as in :func:`decode_pil`. Raises what PIL raises."""
+    _ensure_warning_filters()
+    img = _open(data, large_jpeg)
+    return img.format or "", img.size
+
+
+def _open(data: bytes, large_jpeg: bool) -> Image.Image:
+    """``Image.open`` (which refuses images above the pixel limit), except that with
+    ``large_jpeg`` a JPEG it refuses for its size is opened by the JPEG reader alone, which
+    does not check it: the caller checks the size it will decode (:func:`_check_header`)."""
+    try:
+        # No ``with``: closing costs ~10% of a small PNG's decode and frees nothing that the
+        # garbage collector would not (the file is a BytesIO, the pixels die with ``img``).
+        return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        if not (large_jpeg and data[:3] == b"\xff\xd8\xff"):
+            raise
+    from PIL import JpegImagePlugin
+
+    return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+
+
+def _decode(data: bytes, where: str, min_side: int | None,
+            large_jpeg: bool = False) -> Image.Image | np.ndarray:
     """Bytes -> what :func:`_rgb` returns (an RGB or L image or array), errors as ShardError."""
     name = where or "image"
     if not isinstance(data, bytes | bytearray):
@@ -149,12 +184,12 @@ def _decode(data: bytes, where: str, min_side: int | None) -> Image.Image | np.n
         if not data:
             raise _Reject("empty data: 0 bytes")
         _ensure_warning_filters()
-        # No ``with``: closing costs ~10% of a small PNG's decode and frees nothing that the
-        # garbage collector would not (the file is a BytesIO, the pixels die with ``img``).
-        img = Image.open(io.BytesIO(data))
-        _check_header(img)
+        img = _open(data, large_jpeg and bool(min_side))
+        full = img.size
         if min_side:
             _reduce_jpeg(img, min_side)
+        # After the reduction (which decodes nothing): the limit is on the pixels decoded.
+        _check_header(img, full)
         img.load()  # decodes every pixel: truncated or corrupt data fails here
         _apply_orientation(img)
         return _rgb(img)
@@ -210,7 +245,8 @@ def _ensure_warning_filters() -> None:
         _FRONT_FILTER = warnings.filters[0]
 
 
-def _check_header(img: Image.Image) -> None:
+def _check_header(img: Image.Image, full: tuple[int, int]) -> None:
+    """``img``: opened, maybe set to a reduced decode; ``full``: its size in the file."""
     if img.format in _REFUSED_FORMATS:
         raise _Reject(_REFUSED_FORMATS[img.format])
     w, h = img.size
@@ -218,8 +254,10 @@ def _check_header(img: Image.Image) -> None:
         raise _Reject(f"image has no pixels: {w}x{h}")
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and w * h > limit:  # PIL only warns up to 2x its limit
-        raise _Reject(f"image size ({w}x{h} = {w * h} pixels) exceeds limit of {limit} pixels "
-                      "(PIL.Image.MAX_IMAGE_PIXELS), could be a decompression bomb")
+        reduced = f", {w}x{h} decoded at reduced scale" if (w, h) != full else ""
+        raise _Reject(f"image size ({full[0]}x{full[1]} = {full[0] * full[1]} pixels{reduced}) "
+                      f"exceeds limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS), could be "
+                      "a decompression bomb")
 
 
 # Everything Image.getexif() reads orientation from (besides TIFF tags): without any of these

@@ -446,6 +446,38 @@ def test_decompression_bomb_rejected_without_warnings(monkeypatch):
     assert dec(refused).shape == (10, 30, 3)
 
 
+def test_a_jpeg_above_the_limit_is_read_reduced_only_where_prepare_asks(monkeypatch):
+    """prepare --max-short-side reads a JPEG above the pixel limit when its reduced decode is
+    within it; the stages (decode_image, with or without min_side) still refuse it."""
+    from pipeline.images import header
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    big = enc(Image.new("RGB", (48, 40), (200, 30, 30)), "JPEG")  # 1,920 px: PIL raises
+    near = enc(Image.new("RGB", (20, 10), (200, 30, 30)), "JPEG")  # 200 px: PIL only warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data in (big, near):
+            assert "exceeds limit" in assert_rejected(data)
+            with pytest.raises(ShardError, match="exceeds limit"):
+                decode_image(data, min_side=5)
+            with pytest.raises(ShardError, match="exceeds limit"):  # only with min_side
+                decode_pil(data, large_jpeg=True)
+        pic = decode_pil(big, min_side=5, large_jpeg=True)  # 1/8: 6x5
+        assert pic.size == (6, 5) and pic.getpixel((3, 2))[0] > 150
+        assert decode_pil(near, min_side=5, large_jpeg=True).size == (10, 5)  # 1/2
+        # a reduction that still leaves too many pixels: refused, the sizes named
+        with pytest.raises(ShardError, match=r"48x40 = 1920 pixels, 24x20 decoded at reduced "
+                                             r"scale\) exceeds limit of 100"):
+            decode_pil(big, min_side=20, large_jpeg=True)
+        png = enc(Image.new("RGB", (48, 40)), "PNG")  # no reduced decode for other formats
+        with pytest.raises(ShardError, match="exceeds limit"):
+            decode_pil(png, min_side=5, large_jpeg=True)
+        assert header(big, large_jpeg=True) == ("JPEG", (48, 40))
+        with pytest.raises(Image.DecompressionBombError):
+            header(big)
+    assert not caught, [str(w.message) for w in caught]
+
+
 # ----------------------------------------------------------------------------- frames, sizes
 
 

@@ -474,6 +474,37 @@ def test_imagefolder_max_short_side_shrinks_large_images_only(
         assert a.read_bytes() == (tmp_path / "2" / "labeled" / a.name).read_bytes()
 
 
+def test_imagefolder_shrinks_a_jpeg_above_the_pixel_limit_it_would_otherwise_skip(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A large scan above PIL's pixel limit (lowered here to 1,000; one process, so the limit
+    holds in the reader): skipped as a possible bomb without --max-short-side; with it, read
+    at 1/8 scale (within the limit) and shrunk; a PNG that large is still skipped."""
+    from PIL import Image
+
+    from pipeline.images import decode_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    Image.new("RGB", (160, 120), (30, 140, 220)).save(src / "a" / "scan.jpg", quality=95)
+    Image.new("RGB", (160, 120), (30, 140, 220)).save(src / "a" / "scan.png")
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(src / "a" / "small.png")
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "kept")]) == 0
+    err = capsys.readouterr().err
+    assert "scan.jpg: cannot decode image (Image size (19200 pixels) exceeds limit" in err
+    assert load_dataset(tmp_path / "kept").counts()["labeled"] == 1
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "shrunk"),
+                         "--max-short-side", "12"]) == 0
+    err = capsys.readouterr().err
+    assert "scan.jpg" not in err and "scan.png: cannot decode image" in err
+    assert "2 resized to a shorter side of 12 px" in err  # the scan and small.png
+    info = load_dataset(tmp_path / "shrunk")
+    scan = {s.key: s for s in read_samples(info.splits["labeled"].shards)}["a_scan"]
+    got = decode_image(scan.image)  # what every stage reads: within the limit now
+    assert tuple(got.shape) == (3, 12, 16)
+    assert np.abs(got.float().mean((1, 2)).numpy() - [30, 140, 220]).max() < 6
+
+
 def test_imagefolder_resize_options_are_checked(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
