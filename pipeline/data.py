@@ -15,8 +15,11 @@ Why streams look the way they do:
   their copies (:func:`balanced`), not round-robin: otherwise a reader dealt lightly selected
   shards repeats its few samples more often than the others. Labeled shards are dealt by their
   sample counts when ``dataset.json`` records them (``shard_counts``). Whole shards cannot
-  always be split evenly (3 shards over 2 readers, 10 over 16), and :func:`sampling_spread`
-  measures what is left, which the driver reports.
+  always be split evenly (3 shards over 2 readers, 10 over 16): where they cannot (a spread of
+  :data:`EVEN_ENOUGH` or more), a labeled training stream whose counts are known cuts the split
+  into equal runs of samples instead (:func:`sample_ranges`): readers share a shard, each
+  reading it and keeping its own run. :func:`sampling_spread` measures what is left, which the
+  driver reports (the pseudo-labeled stream, dealt by copies, keeps whole shards).
 * Evaluation streams are finite and disjoint (each sample is seen exactly once across ranks);
   metrics are summed across ranks afterwards.
 * Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
@@ -100,11 +103,23 @@ def balanced(shards: Sequence[T], weights: list[int], num_readers: int) -> list[
     return [[shards[i] for i in sorted(part)] for part in parts]
 
 
-def sampling_spread(weights: list[int], readers: int) -> float:
+def sampling_spread(weights: list[int], readers: int, cut: bool = False) -> float:
     """How unevenly a training stream draws its samples: the rate at which the most often drawn
     sample comes up over that of the least often drawn one (1.0: all alike), for shards of
     ``weights`` samples dealt to ``readers`` readers as :func:`assign_shards` deals them, each
-    reader giving the same number of samples a step. Shards of weight 0 are left out."""
+    reader giving the same number of samples a step. Shards of weight 0 are left out.
+    ``cut``: the stream cuts the shards into runs of samples where :func:`cuts_shards` says
+    so (the labeled stream does)."""
+    if not weights or readers < 1:
+        return 1.0
+    if cut and cuts_shards(weights, readers):
+        runs = [sum((weights[i] if end is None else end) - first for i, first, end in part)
+                for part in sample_ranges(range(len(weights)), weights, readers)]
+        return max(runs) / min(runs)
+    return _whole_shard_spread(weights, readers)
+
+
+def _whole_shard_spread(weights: list[int], readers: int) -> float:
     if not weights or readers < 1:
         return 1.0
     rate = [0.0] * len(weights)
@@ -115,6 +130,40 @@ def sampling_spread(weights: list[int], readers: int) -> float:
             rate[i] += 1 / total if total else 0.0
     drawn = [x for x, w in zip(rate, weights, strict=True) if w > 0]
     return max(drawn) / min(drawn) if drawn else 1.0
+
+
+#: The spread (:func:`sampling_spread`) from which whole shards count as unevenly dealt: 3
+#: shards over 2 readers give 2.0, 65 over 16 give 1.25 (one reader holds 5, the rest 4).
+EVEN_ENOUGH = 1.25
+
+
+def cuts_shards(weights: list[int] | None, readers: int) -> bool:
+    """Whether a labeled training stream reads runs of samples (:func:`sample_ranges`) rather
+    than whole shards: the samples per shard are known, whole shards deal unevenly, and there
+    are at least as many samples as readers (each gets one)."""
+    return (weights is not None and readers > 1 and sum(weights) >= readers
+            and _whole_shard_spread(weights, readers) >= EVEN_ENOUGH)
+
+
+def sample_ranges(shards: Sequence[T], weights: list[int], num_readers: int
+                  ) -> list[list[tuple[T, int, int | None]]]:
+    """The split as one line of samples (shards in order, ``weights`` samples each) cut into
+    ``num_readers`` runs of equal length (within one): per reader, ``(shard, first, end)``
+    with sample positions in the shard, ``end`` None for "to the shard's end" on the run that
+    holds a shard's last counted sample (so samples past a stale count are still read)."""
+    if len(weights) != len(shards):
+        raise ValueError(f"{len(weights)} weights for {len(shards)} shards")
+    total = sum(weights)
+    bounds = [round(r * total / num_readers) for r in range(num_readers + 1)]
+    parts: list[list[tuple[T, int, int | None]]] = [[] for _ in range(num_readers)]
+    start = 0
+    for shard, w in zip(shards, weights, strict=True):
+        for r in range(num_readers):
+            lo, hi = max(start, bounds[r]), min(start + w, bounds[r + 1])
+            if lo < hi:
+                parts[r].append((shard, lo - start, None if hi == start + w else hi - start))
+        start += w
+    return parts
 
 
 def _reader_index(rank: int, world_size: int) -> tuple[int, int]:
@@ -172,12 +221,16 @@ def _nbytes(entry: Any) -> int:
     return 200 + (pixels.nbytes if pixels is not None else 0)  # + the record's own overhead
 
 
-def _samples(shards: list[str], damage: Damage, cache: DecodedCache | None = None,
+Part = tuple[str, int, "int | None"]  # a shard's samples from first to end (None: all the rest)
+
+
+def _samples(shards: Sequence[str | Part], damage: Damage, cache: DecodedCache | None = None,
              min_side: int | None = None) -> Iterator[Sample]:
-    """The readable samples of ``shards`` in order; the rest counted in ``damage``. With a
-    cache that has room, the samples come decoded and each shard read whole is kept; a shard
-    it holds is replayed from memory."""
-    for shard in shards:
+    """The readable samples of ``shards`` (paths, or :data:`Part` runs of their samples) in
+    order; the rest counted in ``damage``. With a cache that has room, the samples come decoded
+    and each shard read whole is kept; a shard it holds is replayed from memory."""
+    for item in shards:
+        shard, first, end = (item, 0, None) if isinstance(item, str) else item
         kept = cache.shards.get(shard) if cache is not None else None
         if kept is not None:
             for s in kept:
@@ -188,6 +241,10 @@ def _samples(shards: list[str], damage: Damage, cache: DecodedCache | None = Non
             continue
         entries: list[Any] | None = [] if cache is not None and not cache.full else None
         for s in read_shard(shard):
+            if end is not None and s.index >= end:
+                break  # the rest of the shard is another reader's run
+            if s.index < first and not (isinstance(s, BadSample) and _is_tail(s)):
+                continue  # another reader's; an unreadable tail is everyone's loss
             if entries is not None and not isinstance(s, BadSample):
                 s = decode_sample(s, min_side)
             if entries is not None:
@@ -198,6 +255,11 @@ def _samples(shards: list[str], damage: Damage, cache: DecodedCache | None = Non
                 yield s
         if cache is not None and entries is not None:
             cache.add(shard, entries, sum(_nbytes(e) for e in entries))
+
+
+def _is_tail(s: BadSample) -> bool:
+    """Whether ``s`` stands for the unreadable rest of a shard (missing, truncated...)."""
+    return s.reason.startswith("damaged shard")
 
 
 def _decoded(s: Sample, damage: Damage, min_side: int | None = None) -> torch.Tensor | None:
@@ -255,7 +317,8 @@ class LabeledStream(IterableDataset):
         self.damage_dir = damage_dir  # where a training stream records its first pass's tally
         self.cache_bytes = cache_bytes  # a training stream's decoded cache (module doc); 0 = off
 
-    def _raw(self, mine: list[str], rng: random.Random) -> Iterator[Sample | object]:
+    def _raw(self, mine: list[str] | list[Part], rng: random.Random
+             ) -> Iterator[Sample | object]:
         if not self.train:
             yield from _samples(mine, self._damage, min_side=self.decode_min_side)
             return
@@ -276,8 +339,13 @@ class LabeledStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         reader, readers = _reader_index(self.rank, self.world_size)
-        mine = assign_shards(self.shards, reader, readers, exhaustive=not self.train,
-                             weights=self.weights if self.train else None)
+        mine: list[str] | list[Part]
+        if self.train and cuts_shards(self.weights, readers):  # whole shards deal unevenly
+            mine = sample_ranges(self.shards, self.weights, readers)[reader]
+        else:
+            mine = assign_shards(self.shards, reader, readers, exhaustive=not self.train,
+                                 weights=self.weights if self.train else None)
+        named = [p if isinstance(p, str) else _part_name(p) for p in mine]
         rng = random.Random(self.seed * 1_000_003 + reader)
         if self.train:  # augmentation randomness; an evaluation stream has none to seed, and
             # reseeding there would replay the trainer's dropout draws after every evaluation
@@ -288,12 +356,12 @@ class LabeledStream(IterableDataset):
         for s in self._raw(mine, rng):
             if s is _END_OF_PASS:  # each pass meets the same damage: check it, count afresh
                 if first_pass and self.damage_dir is not None:
-                    _record_damage(self.damage_dir, reader, mine, self._damage)
+                    _record_damage(self.damage_dir, reader, named, self._damage)
                 first_pass = False
                 self._damage.check(self.split, self.damage_limit)
                 if produced == 0:  # an endless stream with nothing in it would hang its rank
                     raise ShardError(
-                        f"{self.split} split: shard(s) {', '.join(mine[:3])} gave this reader "
+                        f"{self.split} split: shard(s) {', '.join(named[:3])} gave this reader "
                         f"no usable sample ({self._damage.count} damaged); remove empty or "
                         "broken shards from dataset.json")
                 self._damage, produced = Damage(), 0
@@ -307,6 +375,12 @@ class LabeledStream(IterableDataset):
                 produced += 1
                 yield self.transform(image), s.label, s.key
         self._damage.check(self.split, self.damage_limit)
+
+
+def _part_name(part: Part) -> str:
+    """``shard[first:end]``, as a reader's share is named in messages and damage records."""
+    shard, first, end = part
+    return f"{shard}[{first}:{'' if end is None else end}]"
 
 
 def _record_damage(folder: str, reader: int, shards: list[str], damage: Damage) -> None:

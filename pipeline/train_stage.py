@@ -25,27 +25,28 @@ if TYPE_CHECKING:
 
 
 def spread_warning(what: str, weights: list[int] | None, readers: int, workers: int,
-                   loader_workers: int) -> str | None:
-    """One line when whole shards cannot be dealt evenly to the training readers, so that some
-    samples come up markedly more often than others (:func:`pipeline.data.sampling_spread`);
-    None when they can, or when the samples per shard are not known."""
-    from pipeline.data import sampling_spread
+                   loader_workers: int, cut: bool = False) -> str | None:
+    """One line when the shards cannot be dealt evenly to the training readers, so that some
+    samples come up markedly more often than others (:func:`pipeline.data.sampling_spread`;
+    ``cut``: the stream cuts shards into runs of samples where whole ones deal unevenly, as
+    the labeled one does); None when they can, or when the samples per shard are not known."""
+    from pipeline.data import EVEN_ENOUGH, sampling_spread
 
     if not weights:
         return None
-    spread = sampling_spread(weights, readers)
-    if spread < SPREAD_WARNING:
+    spread = sampling_spread(weights, readers, cut=cut)
+    if spread < EVEN_ENOUGH:
         return None
     loaders = max(1, loader_workers)
-    return (f"warning: the {what} split's {len(weights)} shards do not divide evenly among "
-            f"the {readers} training readers ({workers} workers x {loaders} loader "
+    # Cut into runs, a split is still uneven only with a handful of images per reader.
+    parts, fix = ((f"{sum(weights)} images", "fewer readers (--num-workers, "
+                   "--loader-workers) even this out") if cut else
+                  (f"{len(weights)} shards", "many more shards than readers even this out "
+                   "(`prepare imagefolder --shard-size`)"))
+    return (f"warning: the {what} split's {parts} do not divide evenly among the {readers} "
+            f"training readers ({workers} workers x {loaders} loader "
             f"process{'es' if loaders > 1 else ''}): some samples come up {spread:.1f}x as "
-            "often as others; many more shards than readers even this out (`prepare "
-            "imagefolder --shard-size`)")
-
-
-# Above this, the uneven draw is worth a line: e.g. 3 shards over 2 readers gives 2.0.
-SPREAD_WARNING = 1.25
+            f"often as others; {fix}")
 
 
 def make_job(p: Plan, rec: RoundRecord) -> Job:
@@ -72,9 +73,10 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
              for s in ("labeled", "test")}
     split["labeled"]["weights"] = info.split("labeled").shard_counts
     readers = cfg.num_workers * max(1, cfg.loader_workers)
-    for what, weights in (("labeled", split["labeled"]["weights"]),
-                          ("pseudo-labeled", pseudo["weights"] if pseudo else None)):
-        line = spread_warning(what, weights, readers, cfg.num_workers, cfg.loader_workers)
+    for what, weights, cut in (("labeled", split["labeled"]["weights"], True),
+                               ("pseudo-labeled", pseudo["weights"] if pseudo else None, False)):
+        line = spread_warning(what, weights, readers, cfg.num_workers, cfg.loader_workers,
+                              cut=cut)
         if line:
             print(line, file=sys.stderr, flush=True)
     m = rec.model

@@ -538,6 +538,55 @@ def test_labeled_stream_deals_training_shards_by_sample_count(tmp_path: Path,
     assert {k.split("_")[0] for _, _, k in evaluation} == {"s0", "s2", "s4", "s6"}
 
 
+def test_sample_ranges_cut_the_split_into_equal_runs() -> None:
+    from pipeline.data import cuts_shards, sample_ranges
+
+    weights = [100] * 10
+    parts = sample_ranges(list(range(10)), weights, 16)
+    runs = [sum((weights[i] if e is None else e) - f for i, f, e in p) for p in parts]
+    assert set(runs) == {62, 63} and sum(runs) == 1000
+    seen = Counter((i, j) for p in parts for i, f, e in p for j in range(f, e or weights[i]))
+    assert len(seen) == 1000 and set(seen.values()) == {1}  # every sample in one run
+    # the run holding a shard's last counted sample reads to the shard's end
+    for i in range(10):
+        runs_of_i = sorted((f, e) for p in parts for j, f, e in p if j == i)
+        assert [e for _, e in runs_of_i].count(None) == 1 and runs_of_i[-1][1] is None
+    assert sample_ranges("ab", [3, 5], 2) == [[("a", 0, None), ("b", 0, 1)], [("b", 1, None)]]
+    # cut only where whole shards deal unevenly, the counts are known, and every reader can
+    # have a sample
+    assert cuts_shards([100] * 10, 16) and cuts_shards([100] * 3, 2)
+    assert not cuts_shards([100] * 64, 16) and not cuts_shards([100], 2)  # even already
+    assert not cuts_shards(None, 16) and not cuts_shards([5, 5], 16) and not cuts_shards([9], 1)
+
+
+def test_labeled_training_readers_share_shards_by_sample_runs(tmp_path: Path) -> None:
+    """3 shards over 2 readers (whole shards: one reader draws its samples twice as often):
+    each reader's pass is its own run of the split, disjoint and equal in length; a count
+    that fell behind its shard still reads the shard's extra samples."""
+    from pipeline.data import sampling_spread
+
+    shards = _shards(tmp_path, [0] * 12, maxcount=4)  # 3 shards of 4
+    assert sampling_spread([4, 4, 4], 2) == 2.0
+    assert sampling_spread([4, 4, 4], 2, cut=True) == 1.0
+    passes = []
+    for rank in (0, 1):
+        stream = LabeledStream(shards, lambda x: x, rank=rank, world_size=2, weights=[4, 4, 4],
+                               shuffle_buffer=0)
+        it = iter(stream)
+        passes.append([next(it)[2] for _ in range(12)])  # two passes of 6
+    for p in passes:
+        assert len(set(p[:6])) == 6 and set(p[:6]) == set(p[6:])
+    assert not set(passes[0]) & set(passes[1])
+    assert len(set(passes[0]) | set(passes[1])) == 12
+    # counts of 3 (one behind each shard): the runs end at the shards' ends all the same
+    got = []
+    for rank in (0, 1):
+        it = iter(LabeledStream(shards, lambda x: x, rank=rank, world_size=2,
+                                weights=[3, 3, 3], shuffle_buffer=0))
+        got.append({next(it)[2] for _ in range(14)})  # two passes or more
+    assert [len(g) for g in got] == [5, 7] and len(got[0] | got[1]) == 12
+
+
 def test_spread_warning_names_the_split_the_readers_and_the_fix() -> None:
     from pipeline.train_stage import spread_warning
 
@@ -549,3 +598,9 @@ def test_spread_warning_names_the_split_the_readers_and_the_fix() -> None:
         "many more shards than readers even this out (`prepare imagefolder --shard-size`)")
     assert "(2 workers x 1 loader process): some samples come up 5.0x" in spread_warning(
         "pseudo-labeled", [5, 1], 2, 2, 0)
+    # the labeled stream cuts the shards into runs of samples instead: nothing to warn of
+    assert spread_warning("labeled", [100] * 10, 16, 2, 8, cut=True) is None
+    assert spread_warning("labeled", [10] * 5, 16, 2, 8, cut=True) == (  # runs of 3 or 4
+        "warning: the labeled split's 50 images do not divide evenly among the 16 training "
+        "readers (2 workers x 8 loader processes): some samples come up 1.3x as often as others; "
+        "fewer readers (--num-workers, --loader-workers) even this out")
