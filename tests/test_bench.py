@@ -140,3 +140,29 @@ def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:
     assert figures(runs, 40) == {"pseudo_label_end_to_end_40x": 0.9,
                                  "pseudo_label_steady_40x": 0.95, "memory_40x_over_1x": 1.05,
                                  "bytes_per_pseudo_label_row": 40.0}
+
+
+def test_seed_tables_compute_what_the_readme_reports() -> None:
+    """bench/seeds.py's summary (the README's seed tables): mean ± sample std per row, the gap
+    recovered per seed and of the means, and all noise - no noise, on numbers checked by hand."""
+    from bench.seeds import ABLATION, summarize, tables
+
+    loops = [{"seed": 0, "teacher": 0.90, "round 1": 0.92, "round 2": 0.93, "ceiling": 0.95,
+              "gap_recovered": 0.6},
+             {"seed": 1, "teacher": 0.80, "round 1": 0.84, "round 2": 0.86, "ceiling": 0.90,
+              "gap_recovered": 0.6}]
+    abl = [{"seed": s, "teacher": 0.9, "all noise": a, **{n: 0.9 for n in ABLATION},
+            "no noise": b} for s, a, b in ((0, 0.93, 0.91), (1, 0.95, 0.92))]
+    got = summarize(loops, abl)
+    mean, std = got["loop"]["teacher"]
+    assert mean == pytest.approx(0.85) and std == pytest.approx(0.0707107, rel=1e-5)
+    # (0.895 - 0.85) / (0.925 - 0.85) = 0.6
+    assert got["gap_recovered_of_means"] == pytest.approx(0.6)
+    assert got["gap_recovered_per_seed"] == (pytest.approx(0.6), pytest.approx(0.0))
+    assert got["all_minus_no_noise"][0] == pytest.approx(0.025)
+    text = tables(loops, abl)
+    assert "| mean ± std | 85.00 ± 7.07 | 88.00 ± 5.66 | 89.50 ± 4.95 | 92.50 ± 3.54 |" in text
+    assert "gap recovered of the means, (round 2 - teacher) / (ceiling - teacher): 60%" in text
+    assert "all noise - no noise: 2.50 ± 0.71 points" in text
+    one = tables(loops[:1], [])
+    assert "90.00 (one seed)" in one and "Noise ablation" not in one
