@@ -235,6 +235,11 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
     assert "resumes_training" in s1["events"][-1]
     # ... and the record names the cluster that trained it, not the labeling job's
     assert s1["cluster"]["num_workers"] == 1 and s1["cluster"]["nodes"] >= 1
+    # Ray Train keeps the last 2 checkpoints (docs/design.md) of the 4 reported (3 epochs and
+    # the fine-tune)
+    for n in (1, 2):
+        kept = list((root / "artifacts" / "e2e" / f"round-{n}" / "train").rglob("checkpoint_*"))
+        assert len([k for k in kept if k.is_dir()]) == 2, kept
 
 
 @pytest.mark.slow
@@ -271,14 +276,49 @@ def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monke
     counts = info.split("labeled").shard_counts
     assert counts is not None and job.labeled["weights"] == counts
     # RandAugment reaches the workers unless switched off or at magnitude 0 (B0/B1 students)
-    import dataclasses
-
     on = dataclasses.replace(plan.cfg, randaugment_n=2, randaugment_m=9)
     assert make_job(dataclasses.replace(plan, cfg=on), rec).randaugment == {
         "num_ops": 2, "magnitude": 9, "pixels": on.randaugment_pixels}
     for off in (dataclasses.replace(on, randaugment=False),
                 dataclasses.replace(on, randaugment_m=0)):
         assert make_job(dataclasses.replace(plan, cfg=off), rec).randaugment is None
+
+
+@pytest.mark.slow
+def test_demo_skips_complete_rounds_and_prints_both_tables(
+        tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """jobs/demo.py (make demo) on a run whose rounds are complete: it reuses the dataset and
+    the rounds, reports, and prints the summary and FixRes tables from the manifests."""
+    import shutil
+
+    if str(ROOT / "jobs") not in sys.path:  # demo.py imports its neighbours by name
+        sys.path.insert(0, str(ROOT / "jobs"))
+    import demo
+
+    root = tmp_path / "r"
+    for folder in ("manifests", "artifacts"):
+        shutil.copytree(tiny_run / folder, root / folder)
+    (root / "data").mkdir()
+    (root / "data" / "digits-5pct").symlink_to(tiny_run / "data")
+    assert demo.main(["--root", str(root), "--run", "e2e", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"=== prepare: {root / 'data' / 'digits-5pct'} exists, reusing it" in out
+    for n, title in enumerate(["teacher", "student round 1", "student round 2"]):
+        assert f"=== {title}: round {n} is complete, skipping" in out
+    summary, fixres = out.split("Noisy Student on digits")[1].split("FixRes fine-tune")
+    lines = fixres.splitlines()
+    for n in range(3):
+        m = load_manifest(root, "e2e", n)
+        row = next(line.split() for line in summary.splitlines()
+                   if line.split()[:2] == [str(n), m["model"]["name"]])
+        assert f"{m['metrics']['top1']:.4f}" in row
+        ft = m["stages"].get("finetune")
+        got = [line.split() for line in lines if line.split()[:2] == [str(n), m["model"]["name"]]]
+        if ft is None:
+            assert not got
+            continue
+        assert got[0][3:5] == [f"{100 * ft['top1_before']:.2f}", f"{100 * ft['top1_after']:.2f}"]
+    assert (root / "reports" / "e2e" / "report.md").is_file()
 
 
 @pytest.mark.slow
