@@ -229,9 +229,12 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
     Fractions are of the whole corpus (1,797 images). The unlabeled shards carry no label; their
     true labels go to ``unlabeled_truth-<hash>.parquet``, which training never reads.
 
-    File names carry a hash of the options (``labeled-<hash>-000000.tar``), so a rerun with
-    other options writes beside what ``dataset.json`` lists and replaces nothing it lists until
-    ``dataset.json`` itself is replaced; the files it no longer lists are named and left.
+    The shards go into a folder named by a hash of the options
+    (``labeled/<hash>/labeled-000000.tar``), so a rerun with other options writes beside what
+    ``dataset.json`` lists and replaces nothing it lists until ``dataset.json`` itself is
+    replaced; the files it no longer lists are named and left. The hash is in the folder, not
+    the file name, because selection's per-row draws hash the shard's file name: the names stay
+    those of earlier versions, and so do the demo's results.
     """
     import pandas as pd
     from sklearn.model_selection import train_test_split
@@ -264,13 +267,14 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
         keep_label = split != "unlabeled"
         samples = ((f"digit{i:05d}", encode_png(images[i]),
                     int(labels[i]) if keep_label else None) for i in ids)
-        written = write_shards(samples, out / split, prefix=f"{split}-{digest}",
+        written = write_shards(samples, out / split / digest, prefix=split,
                                maxcount=shard_size)
         info.splits[split] = SplitInfo(
             shards=[str(p) for p, _ in written], count=len(ids),
             class_counts=_class_counts(labels[ids], classes) if keep_label else None,
             shard_counts=[n for _, n in written])
-        _log(f"prepare: {split}: {len(ids)} images in {len(written)} shards under {out / split}")
+        _log(f"prepare: {split}: {len(ids)} images in {len(written)} shards under "
+             f"{out / split / digest}")
     truth = pd.DataFrame({"key": [f"digit{i:05d}" for i in np.sort(unlab)],
                           "label": labels[np.sort(unlab)].astype(np.int32)})
     info.unlabeled_truth = out / f"{TRUTH_STEM}-{digest}.parquet"

@@ -256,9 +256,9 @@ def test_register_refuses_a_key_two_shards_share(tmp_path: Path, digits_dir: Pat
     shard = info.split("labeled").shards[1]
     s = next(read_samples([shard]))
     write_shards([(s.key, s.image, s.label)], tmp_path / "again", prefix="again")
-    unl = str(digits_dir / "unlabeled" / "*.tar")
+    unl = str(digits_dir / "unlabeled" / "*" / "*.tar")
     rc = prepare_main(["register", "--labeled", f"{{{shard},{tmp_path}/again/*.tar}}",
-                       "--unlabeled", unl, "--test", str(digits_dir / "test" / "*.tar"),
+                       "--unlabeled", unl, "--test", str(digits_dir / "test" / "*" / "*.tar"),
                        "--out", str(tmp_path / "o")])
     assert rc == 2
     err = capsys.readouterr().err

@@ -52,8 +52,8 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("faults-data")
     prepare_digits(base / "digits", shard_size=50)
     d = base / "digits"
-    unlabeled, test = (sorted((d / split).glob("*.tar")) for split in ("unlabeled", "test"))
-    register_shards(base / "small", labeled=str(d / "labeled" / "*.tar"),
+    unlabeled, test = (sorted((d / split).glob("*/*.tar")) for split in ("unlabeled", "test"))
+    register_shards(base / "small", labeled=str(d / "labeled" / "*" / "*.tar"),
                     unlabeled=[str(p) for p in unlabeled[:8]],
                     test=[str(p) for p in test[:4]])
     return base / "small"

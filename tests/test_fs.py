@@ -146,10 +146,10 @@ def test_prepare_digits_to_s3_and_register_there(s3, bucket: str) -> None:
     # the stored shard paths are relative: the description moves with its folder
     raw = (info.path / "dataset.json").read_text()
     assert "s3://" not in raw
-    p = _prepare("register", "--labeled", f"s3://{bucket}/digits/labeled/*.tar",
-                 "--unlabeled",  # <split>-<hash>-{...}: a brace pattern on S3
+    p = _prepare("register", "--labeled", f"s3://{bucket}/digits/labeled/*/*.tar",
+                 "--unlabeled",  # <split>/<hash>/<split>-{...}: a brace pattern on S3
                  info.split("unlabeled").shards[0][:-len("000000.tar")] + "{000000..000002}.tar",
-                 "--test", f"s3://{bucket}/digits/test/*.tar", "--out", f"s3://{bucket}/reg")
+                 "--test", f"s3://{bucket}/digits/test/*/*.tar", "--out", f"s3://{bucket}/reg")
     assert p.returncode == 0, p.stderr[-2000:]
     reg = load_dataset(f"s3://{bucket}/reg")
     assert reg.counts() == info.counts()

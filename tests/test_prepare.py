@@ -167,13 +167,11 @@ def test_register_existing_shards(tmp_path: Path, digits_dir: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     info = load_dataset(digits_dir)
     out = tmp_path / "reg"
-    lab, test = (Path(info.splits[s].shards[0]).name[:-len("-000000.tar")]
-                 for s in ("labeled", "test"))  # <split>-<hash>
-    rc = prepare_main([
-        "register", "--labeled", str(digits_dir / "labeled" / f"{lab}-{{000000..000001}}.tar"),
-        "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
-        "--test", str(digits_dir / "test" / f"{test}-00000{{0,1,2,3,4,5}}.tar"),
-        "--out", str(out)])
+    lab, test = (Path(info.splits[s].shards[0]).parent for s in ("labeled", "test"))
+    rc = prepare_main([  # <split>/<hash>/<split>-NNNNNN.tar
+        "register", "--labeled", str(lab / "labeled-{000000..000001}.tar"),
+        "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
+        "--test", str(test / "test-00000{0,1,2,3,4,5}.tar"), "--out", str(out)])
     assert rc == 0
     reg = load_dataset(out)
     assert reg.counts() == info.counts()
@@ -191,8 +189,8 @@ def test_register_warns_of_shards_written_class_by_class(tmp_path: Path, digits_
     samples = [(f"k{c}_{i}", image, c) for c in range(3) for i in range(20)]  # sorted by class
     write_shards(iter(samples), tmp_path / "lab", prefix="lab", maxcount=20)
     rc = prepare_main(["register", "--labeled", str(tmp_path / "lab" / "*.tar"),
-                       "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
-                       "--test", str(digits_dir / "test" / "*.tar"), "--out", str(tmp_path / "r")])
+                       "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
+                       "--test", str(digits_dir / "test" / "*" / "*.tar"), "--out", str(tmp_path / "r")])
     assert rc == 0  # a warning, not a refusal: the shards are usable
     err = capsys.readouterr().err
     assert ("register: warning: labeled: its shards each hold mostly one class (the median "
@@ -201,7 +199,7 @@ def test_register_warns_of_shards_written_class_by_class(tmp_path: Path, digits_
 
 def test_register_errors(tmp_path: Path, digits_dir: Path,
                          capsys: pytest.CaptureFixture[str]) -> None:
-    unl = str(digits_dir / "unlabeled" / "*.tar")
+    unl = str(digits_dir / "unlabeled" / "*" / "*.tar")
     rc = prepare_main(["register", "--labeled", str(tmp_path / "nope-*.tar"), "--unlabeled", unl,
                        "--test", unl, "--out", str(tmp_path / "o")])
     assert rc == 2 and "no such shard" in capsys.readouterr().err
@@ -214,8 +212,8 @@ def test_register_errors(tmp_path: Path, digits_dir: Path,
     rc = prepare_main(["register", "--labeled", str(mixed / "*.tar"), "--unlabeled", unl,
                        "--test", unl, "--out", str(tmp_path / "o")])
     assert rc == 2 and "have no label" in capsys.readouterr().err
-    lab = str(digits_dir / "labeled" / "*.tar")
-    test = str(digits_dir / "test" / "*.tar")
+    lab = str(digits_dir / "labeled" / "*" / "*.tar")
+    test = str(digits_dir / "test" / "*" / "*.tar")
     # an unlabeled pool may mix labeled and unlabeled samples: registered, all of them counted
     rc = prepare_main(["register", "--labeled", lab, "--unlabeled", str(mixed / "*.tar"),
                        "--test", test, "--out", str(tmp_path / "m")])
@@ -653,11 +651,11 @@ def test_register_with_worker_processes_counts_as_one_process(
 
     monkeypatch.setattr(dataset, "SHARDS_PER_WORKER", 1)
     monkeypatch.setattr(dataset, "PROGRESS_SECONDS", 0.0)
-    test = sorted((digits_dir / "test").glob("*.tar"))
+    test = sorted((digits_dir / "test").glob("*/*.tar"))
     broken = tmp_path / "broken.tar"
     broken.write_bytes(test[0].read_bytes()[:5000])  # a truncated copy: keys it shares, damage
-    args = ["--labeled", str(digits_dir / "labeled" / "*.tar"),
-            "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
+    args = ["--labeled", str(digits_dir / "labeled" / "*" / "*.tar"),
+            "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
             "--test", brace(test[1:])]
     out: dict[str, str] = {}
     for workers in ("1", "2"):
@@ -671,14 +669,14 @@ def test_register_with_worker_processes_counts_as_one_process(
     assert "shards read" in out["2"] and "shards/s, about" in out["2"]  # progress, per shard
     assert "register: unlabeled: reading 11 shards with 2 processes" in out["2"]
     assert "processes" not in out["1"]
-    bad = ["--labeled", str(digits_dir / "labeled" / "*.tar"), "--unlabeled",
-           brace([broken, *(digits_dir / "unlabeled").glob("*.tar")]),
+    bad = ["--labeled", str(digits_dir / "labeled" / "*" / "*.tar"), "--unlabeled",
+           brace([broken, *(digits_dir / "unlabeled").glob("*/*.tar")]),
            "--test", brace(test[1:])]
     assert prepare_main(["register", *bad, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
     assert "register: unlabeled: 1 damaged samples will be skipped (e.g. " in (
         capsys.readouterr().err)
-    dup = ["--labeled", str(digits_dir / "labeled" / "*.tar"), "--unlabeled",
-           str(digits_dir / "unlabeled" / "*.tar"),
+    dup = ["--labeled", str(digits_dir / "labeled" / "*" / "*.tar"), "--unlabeled",
+           str(digits_dir / "unlabeled" / "*" / "*.tar"),
            "--test", brace([broken, *test])]
     assert prepare_main(["register", *dup, "--out", str(tmp_path / "d"), "--workers", "2"]) == 2
     assert "is in two shards" in capsys.readouterr().err
@@ -707,9 +705,9 @@ def test_dataset_json_records_samples_per_shard(tmp_path: Path, digits_dir: Path
     digits = load_dataset(digits_dir)
     for split in digits.splits.values():
         assert split.shard_counts == [sum(1 for _ in read_samples([s])) for s in split.shards]
-    assert prepare_main(["register", "--labeled", str(digits_dir / "labeled" / "*.tar"),
-                         "--unlabeled", str(digits_dir / "unlabeled" / "*.tar"),
-                         "--test", str(digits_dir / "test" / "*.tar"),
+    assert prepare_main(["register", "--labeled", str(digits_dir / "labeled" / "*" / "*.tar"),
+                         "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
+                         "--test", str(digits_dir / "test" / "*" / "*.tar"),
                          "--out", str(tmp_path / "r")]) == 0
     registered = load_dataset(tmp_path / "r")
     assert all(registered.splits[s].shard_counts == digits.splits[s].shard_counts

@@ -107,7 +107,7 @@ def test_undecodable_labeled_sample_past_the_damage_limit_named(tmp_path: Path,
                                                                tiny: Path) -> None:
     ds = tmp_path / "ds"
     shutil.copytree(tiny, ds)
-    bad = sorted((ds / "labeled").glob("*.tar"))[1]
+    bad = sorted((ds / "labeled").glob("*/*.tar"))[1]
     write_shards([("broken_img", b"\x89PNG not really", 3)], tmp_path / "w", prefix="b")
     shutil.copy(tmp_path / "w" / "b-000000.tar", bad)
     p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST,
@@ -137,7 +137,7 @@ def test_damage_past_the_limit_stops_training_when_the_preflight_is_skipped(
     ds = tmp_path / "ds"
     shutil.copytree(tiny, ds)
     write_shards([("broken_img", b"\x89PNG not really", 3)], tmp_path / "w", prefix="b")
-    bad = sorted((ds / "labeled").glob("*.tar"))[1]
+    bad = sorted((ds / "labeled").glob("*/*.tar"))[1]
     shutil.copy(tmp_path / "w" / "b-000000.tar", bad)
     p = teacher("--run", "x", "--data", str(ds), "--root", str(tmp_path), *FAST,
                 "--damage-limit", "0", "--preflight-limit", "0", timeout=600)
