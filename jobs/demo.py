@@ -118,12 +118,20 @@ def fixres_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_0(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="where data/, manifests/, artifacts/ go")
     ap.add_argument("--run", default="demo", help="run name")
-    ap.add_argument("--rounds", type=int, default=2, help="student rounds after the teacher")
+    ap.add_argument("--rounds", type=_at_least_0, default=2,
+                    help="student rounds after the teacher")
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage")
     return ap
 

@@ -40,6 +40,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed numpy and scikit-learn take (0 .. 2**32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of all 1,797 images that keep their label (default 0.1)")
     d.add_argument("--test-fraction", type=float, default=0.3,
                    help="share of all images held out for testing (default 0.3)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    d.add_argument("--seed", type=_seed, default=0, help="seed of the stratified split")
     d.add_argument("--shard-size", type=_positive, default=100,
                    help="samples per shard (default 100)")
 
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "256 at 224 and 632 at 600. Below that, the smallest crops are upscaled")
     f.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
                    help="JPEG quality of the shrunk images, 1..95 (default 90)")
-    f.add_argument("--seed", type=int, default=0,
+    f.add_argument("--seed", type=_seed, default=0,
                    help="seed of the random order the samples are written in (default 0); "
                         "shards mix the classes, as the training streams need")
 
@@ -89,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.out.strip():  # "" would be the working directory
+        print("prepare: error: --out is empty; give the dataset folder", file=sys.stderr)
+        return 2
     try:
         check_location(location(args.out))
         if args.command == "imagefolder":

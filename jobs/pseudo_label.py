@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     job = tyro.cli(PseudoLabelJob, args=args, description=__doc__)
     if not job.run:
         raise ConfigError("--run is required: name the run, e.g. --run r1")
+    if not job.run.replace("-", "").replace("_", "").isalnum():  # as teacher.py checks it
+        raise ConfigError(f"--run {job.run!r}: use letters, digits, '-' and '_' only")
+    if job.num_cpus is not None and job.num_cpus < 1:
+        raise ConfigError(f"--num-cpus must be >= 1 (or omitted for all), got {job.num_cpus}")
     job.validate()
     return job
 

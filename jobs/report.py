@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, ManifestError, StorageError) as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output folder: a file in its place, no permission, a full disk
+        print(f"report: cannot write the report under {cfg.root}/reports/{cfg.run}: "
+              f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 2
     for note in report.notes:
         print(f"report: note: {note}", file=sys.stderr)
     print("\n".join(summary_lines(report)))

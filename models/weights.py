@@ -71,6 +71,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"--init-from {path}: no such file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"--init-from {path}: the file is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -79,14 +81,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raw: Any = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"--init-from {path}: not a readable safetensors file "
-                               f"({str(e).splitlines()[0]})") from None
+                               f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses pickled code: never run it
             raise WeightsError(
                 f"--init-from {path}: cannot be read as a weights file without running code from "
-                f"it ({type(e).__name__}: {str(e).splitlines()[0][:120]}); save a plain "
+                f"it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); save a plain "
                 "state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file") \
                 from None
     payload: dict[str, Any] = {}

@@ -8,6 +8,7 @@ run to the bundled digits corpus on 2 CPU cores. Command-line flags override a p
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,23 @@ BASE_EPOCHS, BASE_DECAY_EPOCHS = 350, 2.4
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and what is allowed."""
+
+
+def check_finite(cfg: Any) -> None:
+    """Every float option a finite number: ``nan`` and ``inf`` pass every range check written
+    as ``value <= 0`` (nan compares false) and would reach training."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_at_least(cfg: Any, lowest: dict[str, float]) -> None:
+    """Each named option (when set) at least its lowest value."""
+    for name, low in lowest.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,8 @@ class PseudoLabelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work."""
+        check_finite(self)
+        check_at_least(self, {"seed": 0})
         if self.label_batch_size < 1 or self.label_actors < 1 or self.topk < 1:
             raise ConfigError(
                 f"--label-batch-size, --label-actors and --topk must be >= 1, got "
@@ -227,6 +247,13 @@ class TrainConfig:
         if self.model not in list_models():
             raise ConfigError(f"--model {self.model!r} is unknown; valid: "
                               f"{', '.join(list_models())}")
+        check_finite(self)
+        check_at_least(self, {"weight_decay": 0, "grad_clip": 0, "shuffle_buffer": 0,
+                              "preflight_limit": 0, "seed": 0})
+        if not 0 < self.decay_rate <= 1:
+            raise ConfigError(f"--decay-rate must be in (0, 1], got {self.decay_rate}")
+        if self.finetune_lr_scale <= 0:
+            raise ConfigError(f"--finetune-lr-scale must be > 0, got {self.finetune_lr_scale}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "num_workers": self.num_workers, "eval_batch_size": self.eval_batch_size,
                     "eval_every": self.eval_every, "checkpoint_every": self.checkpoint_every,
@@ -347,6 +374,8 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
         if self.round < 1:
             raise ConfigError(f"--round must be >= 1 for a student, got {self.round}; round 0 is "
                               "the teacher (jobs/teacher.py)")
+        check_finite(self)
+        check_at_least(self, {"randaugment_m": 0})
         if (self.unlabel_ratio or 0) < 0 or self.temperature <= 0 or self.randaugment_n < 0:
             raise ConfigError("--unlabel-ratio and --randaugment-n must be >= 0 and "
                               "--temperature > 0")

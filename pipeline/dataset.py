@@ -115,25 +115,54 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
             f"{path}` (bundled corpus), `imagefolder` or `register`"
         )
     try:
+        if file.is_dir():
+            raise ValueError("a folder, not a file")
         raw = json.loads(file.read_text())
-        classes = [str(c) for c in raw["classes"]]
+        classes = [_text(str(c) if type(c) is int else c, "a class")
+                   for c in _listed(raw["classes"], "classes")]
         splits = {
             name: SplitInfo(
-                shards=[str(_under(path, s)) for s in spec["shards"]],
-                count=int(spec["count"]),
+                shards=[str(_under(path, _text(s, "a shard")))
+                        for s in _listed(spec["shards"], f"{name} shards")],
+                count=_count(spec["count"]),
                 class_counts=spec.get("class_counts"),
                 resized=spec.get("resized"),
                 shard_counts=_counts_of(spec["shards"], spec.get("shard_counts")),
             )
             for name, spec in raw["splits"].items()
         }
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        truth = raw.get("unlabeled_truth")
+        if truth is not None:
+            _text(truth, "unlabeled_truth")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            OverflowError) as e:
         raise DatasetError(f"{file} is not a valid dataset description ({e!r}); recreate it "
                            "with jobs/prepare.py") from None
+    if len(set(classes)) != len(classes):
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise DatasetError(f"{file}: classes {twice} are listed more than once; each class "
+                           "needs one name")
     _check_shard_lists(file, splits)
-    truth = raw.get("unlabeled_truth")
     return DatasetInfo(path=path, name=raw.get("name", path.name), classes=classes,
                        splits=splits, unlabeled_truth=(path / truth) if truth else None)
+
+
+def _listed(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a split's count must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def _counts_of(shards: list[str], counts: Any) -> list[int] | None:
@@ -252,11 +281,16 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
                            "replace; give it an --out of its own")
     images, labels = digits_images()
     idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels,
-                                  random_state=seed)
-    lab_share = labeled_fraction / (1 - test_fraction)
-    unlab, lab = train_test_split(rest, test_size=lab_share, stratify=labels[rest],
-                                  random_state=seed)
+    try:  # stratified: each split needs at least one image of each of the 10 classes
+        rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels,
+                                      random_state=seed)
+        lab_share = labeled_fraction / (1 - test_fraction)
+        unlab, lab = train_test_split(rest, test_size=lab_share, stratify=labels[rest],
+                                      random_state=seed)
+    except ValueError as e:
+        raise DatasetError(f"--labeled-fraction {labeled_fraction} and --test-fraction "
+                           f"{test_fraction} leave a split too small to hold all 10 classes "
+                           f"({str(e).splitlines()[0]}); raise the smaller one") from None
     recipe = {"format": 1, "corpus": "digits", "labeled_fraction": labeled_fraction,
               "test_fraction": test_fraction, "seed": seed, "shard_size": shard_size}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -293,13 +327,15 @@ def prepare_digits(out: str | Path, *, labeled_fraction: float = 0.1, test_fract
 
 
 def _existing_dataset(out: Path | S3Path) -> DatasetInfo | None:
-    """The dataset ``out`` describes now, or None when it has no readable ``dataset.json``."""
+    """The dataset ``out`` describes now, or None when it has no ``dataset.json``; one that
+    cannot be read is refused (what it describes is unknown, so it is not replaced)."""
     if not (out / DATASET_FILE).exists():
         return None
     try:
         return load_dataset(out)
     except DatasetError:
-        return None  # damaged: nothing it lists can be relied on, so nothing to keep
+        raise DatasetError(f"{out / DATASET_FILE} exists but cannot be read, so prepare digits "
+                           "will not replace it; delete it or give an --out of its own") from None
 
 
 def _unlisted(before: Iterable[str | Path | S3Path], now: Iterable[str | Path | S3Path]
@@ -594,7 +630,9 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
             outside.append(f"{p} (not inside a class folder)")
         else:
             todo.append((p, label))
-            digest.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode())
+            # surrogateescape: a file name that is not UTF-8 keeps its bytes
+            digest.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode("utf-8",
+                                                                     "surrogateescape"))
     random.Random(seed).shuffle(todo)  # the seed is in the recipe
     prefix = f"{split}-{digest.hexdigest()[:10]}"
     folder = out / split
@@ -795,6 +833,10 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
     """Describe existing shards (paths, globs or brace patterns; local or s3://, globs on S3
     resolved by listing) without copying them. Every shard is read once to count it, by
     ``workers`` processes (:func:`scan_shards`)."""
+    if classes and len(set(classes)) != len(classes):  # before reading any shard
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise DatasetError(f"--classes names {', '.join(twice)} more than once; give each "
+                           "class one name")
     out = location(out)
     info = DatasetInfo(path=out, name=out.name, classes=[])
     seen: dict[str, Counter[int] | None] = {}

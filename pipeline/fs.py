@@ -397,9 +397,17 @@ class _TextUpload(io.StringIO):
 
 
 def check_location(p: Path | S3Path) -> None:
-    """For job entry points: fail early and clearly on an unusable bucket."""
+    """For job entry points: fail early and clearly on an unusable bucket, or on a local path
+    that is, or lies under, a file (it could hold no folder)."""
     if isinstance(p, S3Path):
         p.check_bucket()
+        return
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "" if q == p else f"{p}: "
+                raise StorageError(f"{where}{q} is a file, not a folder; give a folder")
+            return
 
 
 def rmtree(p: Path | S3Path) -> None:

@@ -41,16 +41,74 @@ class ManifestError(ValueError):
 
 
 def _from(cls: type, raw: Any, source: str, what: str) -> Any:
-    """A dataclass from a JSON object; unknown keys are dropped, missing required ones refused."""
+    """A dataclass from a JSON object; unknown keys are dropped, missing required ones refused,
+    and a value of the wrong JSON type too (a hand edit would otherwise fail much later)."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise ManifestError(f"{source}: '{what}' must be an object, got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
+    _check_types(cls, raw, source, what)
     try:
         return cls(**{k: v for k, v in raw.items() if k in names})
     except TypeError as e:
         raise ManifestError(f"{source}: '{what}' is incomplete ({e})") from None
+
+
+def _check_types(cls: type, raw: Mapping[str, Any], source: str, what: str = "") -> None:
+    """Each of ``raw``'s values for a field of ``cls`` of the JSON type its annotation says."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        container = typing.get_origin(hints[f.name]) in (list, dict)
+        if raw.get(f.name) is None and not container:
+            continue  # a number or text not recorded (yet): the readers allow for it
+        if f.name in raw and not _typed(raw[f.name], hints[f.name]):
+            where = f"{what}.{f.name}" if what else f.name
+            raise ManifestError(f"{source}: '{where}' must be {_describe(hints[f.name])}, got "
+                                f"{json.dumps(raw[f.name], default=str)[:40]}")
+
+
+def _typed(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_typed(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_typed(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, Mapping)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, Mapping | hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             type(None): "null", list: "a list", dict: "an object"}
+    return names.get(origin or hint, "an object")
 
 
 @dataclass
@@ -152,6 +210,10 @@ class StageRecord:
         if not isinstance(raw, Mapping) or raw.get("status") not in STATUSES:
             raise ManifestError(f"{source}: stage {name!r} needs a status, one of "
                                 f"{', '.join(STATUSES)}")
+        seconds = raw.get("seconds")
+        if seconds is not None and not _typed(seconds, float):
+            raise ManifestError(f"{source}: stage {name!r}: 'seconds' must be a number, got "
+                                f"{json.dumps(seconds)[:40]}")
         info = {k: v for k, v in raw.items() if k not in ("status", "seconds")}
         return cls(status=raw["status"], seconds=raw.get("seconds"), info=info)
 
@@ -247,6 +309,7 @@ class RoundRecord:
     def from_json(cls, m: Any, source: str = "manifest") -> RoundRecord:
         """Validate a parsed manifest; raises ManifestError naming the first problem."""
         _check_header(m, source)
+        _check_types(cls, {k: v for k, v in m.items() if v is not None}, source)
         model = m["model"] or None  # {} when stage pseudo_label made the record alone
         known = {f.name for f in dataclasses.fields(cls)} | {"schema"}
         rec = cls(
@@ -340,7 +403,10 @@ def new_round(*, run: str, round_: int, config: Mapping[str, Any], model: ModelR
     return rec
 
 
-def load_round_file(path: str | Path | S3Path) -> RoundRecord:
+def load_round_file(path: str | Path | S3Path,
+                    expect: tuple[str, int] | None = None) -> RoundRecord:
+    """``expect``: the (run, round) the file should record, checked before the rest, since a
+    manifest copied or renamed fails other checks that would not say so."""
     path = location(path)
     try:
         text = path.read_text()
@@ -354,7 +420,17 @@ def load_round_file(path: str | Path | S3Path) -> RoundRecord:
         raise ManifestError(
             f"{path}: not valid JSON ({e.msg} at line {e.lineno}); restore it from version control "
             "or rerun the round with --force") from None
+    if expect is not None and isinstance(raw, Mapping):
+        _check_identity(path, raw.get("run"), raw.get("round"), *expect)
     return RoundRecord.from_json(raw, source=str(path))
+
+
+def _check_identity(path: Path | S3Path, run: Any, round_: Any, want_run: str,
+                    want_round: int) -> None:
+    if (run, round_) != (want_run, want_round):
+        raise ManifestError(f"{path} is the record of round {round_} of run {run!r}, not of "
+                            f"round {want_round} of run {want_run!r} (copied or renamed?); put "
+                            "the right manifest back")
 
 
 def load_round(layout: RunLayout, round_: int) -> RoundRecord | None:
@@ -363,12 +439,7 @@ def load_round(layout: RunLayout, round_: int) -> RoundRecord | None:
     path = layout.manifest_path(round_)
     if not path.exists():
         return None
-    rec = load_round_file(path)
-    if rec.run != layout.run or rec.round != round_:
-        raise ManifestError(f"{path} is the record of round {rec.round} of run {rec.run!r}, not of "
-                            f"round {round_} of run {layout.run!r} (copied or renamed?); put the "
-                            "right manifest back")
-    return rec
+    return load_round_file(path, expect=(layout.run, round_))
 
 
 def save_round(layout: RunLayout, rec: RoundRecord) -> Path:

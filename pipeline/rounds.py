@@ -215,6 +215,12 @@ def plan_round(cfg: TrainConfig) -> Plan:
     parent = load_parent(layout, round_) if round_ >= 1 else None
     if parent is not None:
         teacher_model = parent.record.model.name
+        from models import list_models
+
+        if teacher_model not in list_models():  # a hand edit: nothing could load its weights
+            raise ManifestError(f"{layout.manifest_path(round_ - 1)}: model.name "
+                                f"{teacher_model!r} is not a registered model; put the right "
+                                "manifest back")
         model = {"": teacher_model, "next": next_model(teacher_model)}.get(cfg.model, cfg.model)
         magnitude = cfg.randaugment_m if cfg.randaugment_m is not None \
             else default_magnitude(model)

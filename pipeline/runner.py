@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import STATE_FILE
-from pipeline.fs import S3Path, arrow_fs, location
+from pipeline.fs import S3Path, arrow_fs, check_location, location
 from pipeline.train import Job, WorkerContext, train_worker
 
 TRAIN_DIR = "train"  # Ray Train's run folder inside artifacts/<run>/round-<N>/
@@ -49,8 +49,8 @@ def resolve_root(root: str) -> Path | S3Path:
     """The absolute root (local or ``s3://``, whose bucket is checked now); refuses a relative
     one inside a Ray job's temporary working dir, where results would vanish with the job."""
     loc = location(root)
+    check_location(loc)  # a missing bucket, or a file where the folder should be
     if isinstance(loc, S3Path):
-        loc.check_bucket()
         return loc
     if not Path(root).is_absolute() and in_job_working_dir():
         raise RunError(

@@ -10,6 +10,7 @@ the problem and the fix, no traceback, nothing written.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -452,3 +453,122 @@ def test_report_on_a_failed_round_shows_it_failed(tmp_path: Path,
     assert (root / "reports" / RUN / "report.md").stat().st_size > 0
     assert json.loads(path.read_text())["status"] == "failed"  # the report writes no manifest
     assert pq.read_table(next((root / "artifacts" / RUN / "round-2").rglob("*.parquet")))
+
+
+# ----------------------------------------------------------------------------- found by trying
+
+
+def test_prepare_refuses_unusable_out_seed_and_fractions_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each was a traceback (sklearn's seed range, a split smaller than the classes, a file
+    where the folder goes) or wrote into the working directory (--out '')."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, says in (
+            (["digits", "--out", str(afile)], f"prepare: error: {afile} is a file, not a folder"),
+            (["digits", "--out", str(afile / "sub")],
+             f"prepare: error: {afile / 'sub'}: {afile} is a file, not a folder"),
+            (["register", "--labeled", "x", "--unlabeled", "x", "--test", "x", "--out",
+              str(afile)], f"prepare: error: {afile} is a file, not a folder"),
+            (["digits", "--out", ""], "prepare: error: --out is empty"),
+            (["digits", "--out", str(tmp_path / "d"), "--labeled-fraction", "0.001"],
+             "prepare: error: --labeled-fraction 0.001 and --test-fraction 0.3 leave a split "
+             "too small to hold all 10 classes")):
+        assert prepare_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(says), err
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["digits", "--out", str(tmp_path / "d"), "--seed", "-1"])
+    assert e.value.code == 2
+    assert "argument --seed: must be in 0..4294967295, got -1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_hand_edited_dataset_json_of_wrong_types_is_one_line(tmp_path: Path,
+                                                              digits_dir: Path) -> None:
+    """Types a hand edit can get wrong: each a DatasetError naming dataset.json (tracebacks
+    before: OverflowError, AttributeError, TypeError), and classes named twice."""
+    from pipeline.dataset import DatasetError
+
+    def set_(path: list[str], value: object) -> Callable[[dict, Path], None]:
+        def edit(doc: dict, _: Path) -> None:
+            target = doc
+            for k in path[:-1]:
+                target = target[k]
+            target[path[-1]] = value
+        return edit
+
+    cases = [(["splits", "labeled", "count"], float("inf"), "count must be a whole number"),
+             (["splits", "labeled", "count"], -5, "count must be a whole number >= 0"),
+             (["splits"], [], "has no attribute 'items'"),
+             (["unlabeled_truth"], 5, "unlabeled_truth must be a non-empty string"),
+             (["splits", "labeled", "shards"], "lab.tar", "labeled shards must be a list"),
+             (["classes"], "0123456789", "classes must be a list"),
+             (["classes"], ["a", "b", "a", *map(str, range(7))], None)]
+    for n, (path, value, says) in enumerate(cases):
+        d = edited_dataset(digits_dir, tmp_path / str(n), set_(path, value))
+        with pytest.raises(DatasetError) as e:
+            load_dataset(d)
+        text = str(e.value)
+        assert "\n" not in text and str(d / "dataset.json") in text
+        if says is None:
+            assert "classes ['a'] are listed more than once" in text
+        else:
+            assert "is not a valid dataset description" in text and says in text, text
+    (tmp_path / "dir" / "dataset.json").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="not a valid dataset description"):
+        load_dataset(tmp_path / "dir")
+
+
+def test_register_refuses_a_class_named_twice(tmp_path: Path, digits_dir: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    rc = prepare_main(["register", "--labeled", str(digits_dir / "labeled" / "*" / "*.tar"),
+                       "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
+                       "--test", str(digits_dir / "test" / "*" / "*.tar"),
+                       "--classes", "a,b,a,c,d,e,f,g,h,i", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == ("prepare: error: --classes names a more than "
+                                               "once; give each class one name")
+    assert not (tmp_path / "r").exists()
+
+
+def test_prepare_digits_leaves_a_dataset_json_it_cannot_read(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """It used to replace it, since only a readable one was checked for another dataset."""
+    (tmp_path / "dataset.json").write_text('{"classes": ["x"], "splits": {"labeled": 5}}')
+    before = (tmp_path / "dataset.json").read_bytes()
+    assert prepare_main(["digits", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"prepare: error: {tmp_path / 'dataset.json'} exists but cannot be read, so prepare "
+        "digits will not replace it; delete it or give an --out of its own")
+    assert (tmp_path / "dataset.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]
+
+
+def test_job_options_out_of_range_are_one_line(tmp_path: Path) -> None:
+    """pseudo_label.py --num-cpus below 1 (a Ray traceback, and 0 silently meant all CPUs) and
+    a --run that is not a plain name; a --root that is a file (a traceback after Ray started);
+    demo.py --rounds -1 (ran to its report step, then failed)."""
+    if str(ROOT / "jobs") not in sys.path:  # the jobs import their neighbours by name
+        sys.path.insert(0, str(ROOT / "jobs"))
+    import pseudo_label
+
+    from pipeline.config import ConfigError
+    from pipeline.fs import StorageError
+    from pipeline.runner import resolve_root
+
+    for argv, says in ((["--num-cpus", "0"], "--num-cpus must be >= 1 (or omitted for all), "
+                        "got 0"),
+                       (["--num-cpus", "-1"], "--num-cpus must be >= 1"),
+                       (["--run", "../r"], "--run '../r': use letters, digits, '-' and '_' only")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            pseudo_label.parse_args(["--run", "r", *argv])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StorageError, match=re.escape(f"{tmp_path / 'afile'} is a file, not a "
+                                                     "folder; give a folder")):
+        resolve_root(str(tmp_path / "afile"))
+    p = subprocess.run([PY, str(ROOT / "jobs" / "demo.py"), "--root", str(tmp_path / "x"),
+                        "--rounds", "-1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "argument --rounds: must be >= 0, got -1" in p.stderr
+    assert not (tmp_path / "x").exists()

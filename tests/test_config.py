@@ -83,6 +83,19 @@ def test_only_plain_booleans_have_a_no_flag() -> None:
     (StudentConfig, {"threshold": 1.0}, r"--threshold must be in \[0, 1\)"),
     (StudentConfig, {"label_actors": 0}, "--label-actors must be >= 1|--label-batch-size"),
     (StudentConfig, {"k": 0}, "--k must be >= 1"),
+    # nan passes every "value <= 0" check; found by trying bad values on every job
+    (TrainConfig, {"lr": float("nan")}, "--lr must be a finite number, got nan"),
+    (TrainConfig, {"warmup_epochs": float("inf")}, "--warmup-epochs must be a finite number"),
+    (StudentConfig, {"temperature": float("nan")}, "--temperature must be a finite number"),
+    (StudentConfig, {"cpus_per_actor": float("nan")}, "--cpus-per-actor must be a finite"),
+    (TrainConfig, {"decay_rate": 0.0}, r"--decay-rate must be in \(0, 1\], got 0.0"),
+    (TrainConfig, {"weight_decay": -1.0}, "--weight-decay must be >= 0, got -1.0"),
+    (TrainConfig, {"grad_clip": -1.0}, "--grad-clip must be >= 0"),
+    (TrainConfig, {"shuffle_buffer": -5}, "--shuffle-buffer must be >= 0"),
+    (TrainConfig, {"preflight_limit": -1}, "--preflight-limit must be >= 0"),
+    (TrainConfig, {"seed": -1}, "--seed must be >= 0"),
+    (TrainConfig, {"finetune_lr_scale": -1.0}, "--finetune-lr-scale must be > 0"),
+    (StudentConfig, {"randaugment_m": -5.0}, "--randaugment-m must be >= 0"),
 ])
 def test_bad_values_are_refused_by_name(cls: type, values: dict, message: str) -> None:
     base = {"run": "r", "data": "d", "model": "efficientnet_t0"}

@@ -119,12 +119,50 @@ def test_mark_failed_records_error() -> None:
     (lambda m: m.update(stages={"train": {"seconds": 1}}), "stage 'train' needs a status"),
     (lambda m: m.update(checkpoint={"uri": "x"}), "'checkpoint' is incomplete"),
     (lambda m: m.update(model=[1]), "'model' must be an object"),
+    # wrong JSON types from a hand edit: tracebacks in report.py and student.py before
+    (lambda m: m.update(history=5), "'history' must be a list, got 5"),
+    (lambda m: m.update(events=5), "'events' must be a list"),
+    (lambda m: m["metrics"].update(top1="high"), "'metrics.top1' must be a number or null, got "
+                                                 '"high"'),
+    (lambda m: m["model"].update(params="many"), "'model.params' must be an integer"),
+    (lambda m: m["data"].update(dataset=5), "'data.dataset' must be a string, got 5"),
+    (lambda m: m.update(stages={"train": {"status": "complete", "seconds": "long"}}),
+     "stage 'train': 'seconds' must be a number"),
 ])
 def test_validation_errors(mutate, message: str) -> None:
     raw = _json(_teacher())
     mutate(raw)
     with pytest.raises(ManifestError, match=message):
         RoundRecord.from_json(raw)
+
+
+def test_wrong_types_in_a_student_record_name_the_key() -> None:
+    raw = _json(_teacher())
+    raw.update(round=1, role="student", teacher={"round": 0, "manifest_sha256": "a" * 64,
+                                                 "checkpoint_sha256": "a" * 64},
+               pseudo_labels={"uri": "p", "files": None, "rows": 1, "kept": 1,
+                              "selected_with_copies": 1, "threshold": 0.3})
+    with pytest.raises(ManifestError, match="'pseudo_labels.files' must be a list, got null"):
+        RoundRecord.from_json(raw)
+    raw["pseudo_labels"].update(files=[], threshold="x")
+    with pytest.raises(ManifestError, match="'pseudo_labels.threshold' must be a number"):
+        RoundRecord.from_json(raw)
+    raw["pseudo_labels"].update(threshold=0.3, per_class=[1])
+    with pytest.raises(ManifestError, match="'pseudo_labels.per_class' must be an object"):
+        RoundRecord.from_json(raw)
+    raw["pseudo_labels"].update(per_class={})
+    assert RoundRecord.from_json(raw).pseudo_labels.threshold == 0.3
+
+
+def test_a_round_number_that_disagrees_with_the_file_name_is_said_first(tmp_path: Path) -> None:
+    """round-0.json holding "round": 3 used to fail on the keys a student round needs."""
+    path = save_round(RunLayout(tmp_path, "r1"), _teacher())
+    raw = json.loads(path.read_text())
+    raw["round"] = 3
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"is the record of round 3 of run 'r1', not of "
+                                            r"round 0 of run 'r1'"):
+        load_round(RunLayout(tmp_path, "r1"), 0)
 
 
 def test_bad_json_and_missing_file(tmp_path: Path) -> None:

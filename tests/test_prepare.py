@@ -236,6 +236,24 @@ def test_register_errors(tmp_path: Path, digits_dir: Path,
     assert not (tmp_path / "o" / "dataset.json").exists()
 
 
+def test_imagefolder_takes_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    import os
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (90, 0, 0)).save(src / c / "ok.png")
+    raw = os.path.join(os.fsencode(src / "a"), b"bad\xff.png")  # Latin-1 era name
+    with open(raw, "wb") as f:
+        f.write((src / "a" / "ok.png").read_bytes())
+    assert prepare_main(["imagefolder", str(src), "--out", str(tmp_path / "d")]) == 0
+    info = load_dataset(tmp_path / "d")
+    keys = sorted(s.key for s in read_samples(info.splits["labeled"].shards))
+    assert len(keys) == 3 and all(k.isascii() for k in keys)
+
+
 def test_imagefolder_classes_are_folders_of_images(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """What a real photo tree holds besides classes: hidden folders (.git, notebook checkpoints)

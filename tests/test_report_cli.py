@@ -69,3 +69,21 @@ def test_cli_newer_schema_in_a_subprocess(root: Path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "schema 2" in proc.stderr and "upgrade" in proc.stderr
+
+
+def test_cli_output_folder_blocked_is_one_line(root: Path, capsys):
+    (root / "reports").mkdir()
+    (root / "reports" / RUN).write_text("not a folder")
+    rc, out, err = run_cli(capsys, "--run", RUN, "--root", str(root))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"report: cannot write the report under {root}/reports/{RUN}: ")
+
+
+def test_cli_unreadable_truth_is_a_note_not_a_traceback(root: Path, capsys):
+    doc = json.loads((root / "data" / "toy" / "dataset.json").read_text())
+    truth = root / "data" / "toy" / doc["unlabeled_truth"]
+    truth.write_bytes(b"not parquet at all")
+    rc, out, err = run_cli(capsys, "--run", RUN, "--root", str(root))
+    assert rc == 0
+    assert f"report: note: held-out truth {truth} cannot be read (" in err
+    assert "): no precision" in err

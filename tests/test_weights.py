@@ -163,6 +163,12 @@ def test_files_are_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture
         read_state_dict(tmp_path / "junk.safetensors")
     with pytest.raises(WeightsError, match="no such file"):
         read_state_dict(tmp_path / "nope.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")  # an IndexError on the empty message once
+    with pytest.raises(WeightsError, match=r"empty\.pt: the file is empty$"):
+        read_state_dict(tmp_path / "empty.pt")
+    (tmp_path / "short.pt").write_bytes(b"\x80")  # a reason without text: still one line
+    with pytest.raises(WeightsError, match="without running code from it"):
+        read_state_dict(tmp_path / "short.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(WeightsError, match="holds no state dict"):
         read_state_dict(tmp_path / "list.pt")

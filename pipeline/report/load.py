@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.fs import location
+from pipeline.fs import location, parquet_file
 from pipeline.layout import RunLayout
 from pipeline.manifest import ManifestError, PseudoFile, RoundRecord, load_round
 from pipeline.report.errors import ReportError
@@ -215,6 +215,17 @@ def _truth_path(dataset: Any, notes: list[str]) -> Path | None:
         return None
     if not location(dataset.unlabeled_truth).exists():
         notes.append(f"held-out truth {dataset.unlabeled_truth} is missing: no precision")
+        return None
+    try:  # the schema only: a file that is not Parquet, or lacks the columns, is a note
+        names = set(parquet_file(dataset.unlabeled_truth).schema_arrow.names)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        notes.append(f"held-out truth {dataset.unlabeled_truth} cannot be read ({reason}): no "
+                     "precision")
+        return None
+    if not {"key", "label"} <= names:
+        notes.append(f"held-out truth {dataset.unlabeled_truth} has no key and label columns: "
+                     "no precision")
         return None
     return location(dataset.unlabeled_truth)
 
