@@ -242,3 +242,15 @@ def test_no_plain_switch_is_documented_with_a_value() -> None:
     wrong = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in texts
              for m in with_value.finditer(p.read_text()) if m.group(1) in switches]
     assert not wrong, wrong
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """docs/bad_input.md backs each row with a test by name (``tests/x.py::test_y``), as do the
+    README and the other docs: a renamed or removed test must not leave a row unbacked."""
+    cited = [(md.name, f, name)
+             for md in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+             for f, name in re.findall(r"tests/(\w+\.py)::(\w+)", md.read_text())]
+    assert len(cited) > 50
+    missing = [c for c in cited
+               if not re.search(rf"^def {c[2]}\(", (REPO / "tests" / c[1]).read_text(), re.M)]
+    assert not missing, missing
