@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> ReportConfig:
 
     args = list(sys.argv[1:] if argv is None else argv)
     check_unknown(ReportConfig, args)  # one line naming the options, not tyro's usage box
-    return tyro.cli(ReportConfig, args=args, description=__doc__)
+    cfg = tyro.cli(ReportConfig, args=args, description=__doc__)
+    if not cfg.run.replace("-", "").replace("_", "").isalnum():  # as teacher.py checks it
+        raise ConfigError(f"--run {cfg.run!r}: use letters, digits, '-' and '_' only")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

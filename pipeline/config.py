@@ -451,6 +451,10 @@ def parse_config(cls: type[C], role: str, argv: Sequence[str] | None = None,
 
     args = list(sys.argv[1:] if argv is None else argv)
     preset = None
+    for i, a in enumerate(args):  # --preset=NAME, as tyro takes --flag=value
+        if a.startswith("--preset="):
+            args[i : i + 1] = ["--preset", a.split("=", 1)[1]]
+            break
     if "--preset" in args:
         i = args.index("--preset")
         if i + 1 >= len(args):

@@ -13,6 +13,7 @@ and the shards may be local or on object storage (``s3://bucket/prefix``, :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -841,6 +842,9 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
     info = DatasetInfo(path=out, name=out.name, classes=[])
     seen: dict[str, Counter[int] | None] = {}
     for split, spec in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test)):
+        if isinstance(spec, str) and not spec.strip():  # "" would name the working directory
+            raise DatasetError(f"--{split} is empty; give shard paths, a glob or a brace "
+                               "pattern")
         paths = [str(location(p).resolve()) for p in expand_shards(spec)]
         missing = [p for p in paths if not location(p).is_file()]
         if not paths or missing:
@@ -868,7 +872,16 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
                                                for i, name in enumerate(info.classes)}
     _check_shard_lists(out / DATASET_FILE, info.splits)  # what load_dataset would refuse
     out.mkdir(parents=True, exist_ok=True)
+    before = None
+    with contextlib.suppress(DatasetError):  # what it replaces, to say so (unreadable: nothing)
+        before = load_dataset(out) if (out / DATASET_FILE).exists() else None
     save_dataset(info)
+    if before is not None and (before.counts() != info.counts()
+                               or before.unlabeled_truth is not None):
+        was = ", ".join(f"{k} {before.counts().get(k, 0)} -> {v}" for k, v in info.counts().items())
+        lost = "; its held-out labels of the unlabeled split are dropped" \
+            if before.unlabeled_truth is not None else ""
+        _log(f"register: replaced the dataset.json that was in {out} ({was}){lost}")
     return info
 
 

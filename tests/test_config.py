@@ -139,3 +139,11 @@ def test_resolutions_and_the_teacher_fine_tune_follow_the_model() -> None:
 def test_bad_fixres_values_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig(run="r", data="d", model="efficientnet_t0", **values).validate()
+
+
+def test_a_preset_given_with_an_equals_sign() -> None:
+    """``--preset=demo`` reached tyro, which refused it as an unknown option."""
+    cfg = parse_config(TrainConfig, "teacher", ["--run", "r", "--data", "d", "--preset=demo"])
+    assert cfg == parse_config(TrainConfig, "teacher", ["--run", "r", "--data", "d",
+                                                        "--preset", "demo"])
+    assert cfg.model == PRESETS["teacher"]["demo"]["model"]

@@ -741,3 +741,24 @@ def test_dataset_json_records_samples_per_shard(tmp_path: Path, digits_dir: Path
     edited = load_dataset(tmp_path / "r")
     assert edited.splits["test"].shard_counts == digits.splits["test"].shard_counts[1:]
     assert edited.splits["labeled"].shard_counts is None
+
+
+def test_register_says_what_it_replaced_and_refuses_an_empty_pattern(
+        tmp_path: Path, digits_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    out = tmp_path / "d"
+    shutil.copytree(digits_dir, out)
+    one = sorted((out / "unlabeled").glob("*/*.tar"))[0]
+    assert prepare_main(["register", "--labeled", str(out / "labeled" / "*" / "*.tar"),
+                         "--unlabeled", str(one), "--test", str(out / "test" / "*" / "*.tar"),
+                         "--out", str(out)]) == 0
+    assert ("register: replaced the dataset.json that was in "
+            f"{out} (labeled 180 -> 180, unlabeled 1077 -> 100, test 540 -> 540); its held-out "
+            "labels of the unlabeled split are dropped") in capsys.readouterr().err
+    before = (out / "dataset.json").read_bytes()
+    assert prepare_main(["register", "--labeled", "", "--unlabeled", str(one), "--test",
+                         str(one), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == ("prepare: error: --labeled is empty; give shard "
+                                               "paths, a glob or a brace pattern")
+    assert (out / "dataset.json").read_bytes() == before

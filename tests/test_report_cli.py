@@ -36,6 +36,7 @@ def test_cli_writes_report_and_prints_summary(root: Path, capsys):
     (["--run", "nope"], "no run 'nope'"),
     (["--run", RUN, "--round", "0"], "round 0 is the teacher"),
     (["--run", RUN, "--round", "5"], "has no round 5"),
+    (["--run", "/etc"], "--run '/etc': use letters, digits, '-' and '_' only"),
 ])
 def test_cli_errors_are_one_line_exit_2(root: Path, capsys, argv, message):
     rc, out, err = run_cli(capsys, *argv, "--root", str(root))
