@@ -83,6 +83,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise WeightsError(f"--init-from {path}: not a readable safetensors file "
                                f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     else:
+        with path.open("rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip (PK) or, in its legacy format, a pickle (protocol byte 0x80)
+        if head != b"PK" and head[:1] != b"\x80":
+            raise WeightsError(f"--init-from {path}: not a PyTorch weights file (torch.save) or "
+                               "a .safetensors file")
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses pickled code: never run it

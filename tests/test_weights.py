@@ -166,6 +166,10 @@ def test_files_are_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty.pt").write_bytes(b"")  # an IndexError on the empty message once
     with pytest.raises(WeightsError, match=r"empty\.pt: the file is empty$"):
         read_state_dict(tmp_path / "empty.pt")
+    (tmp_path / "notes.pt").write_text('{"weights": "elsewhere"}')  # not code: say what it is
+    with pytest.raises(WeightsError, match=r"notes\.pt: not a PyTorch weights file "
+                                           r"\(torch\.save\) or a \.safetensors file$"):
+        read_state_dict(tmp_path / "notes.pt")
     (tmp_path / "short.pt").write_bytes(b"\x80")  # a reason without text: still one line
     with pytest.raises(WeightsError, match="without running code from it"):
         read_state_dict(tmp_path / "short.pt")
