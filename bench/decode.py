@@ -79,7 +79,7 @@ def baseline_contiguous(data: bytes) -> torch.Tensor:
 def tv_fastpath(data: bytes) -> torch.Tensor:
     """torchvision pixels after PIL's header checks; anything unusual goes to ``images``."""
     with Image.open(io.BytesIO(data)) as img:
-        images._check_header(img)
+        images._check_header(img, img.size)
         plain = (img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L")
                  and "transparency" not in img.info
                  and not any(k in img.info for k in images._ORIENTATION_KEYS))

@@ -166,3 +166,14 @@ def test_seed_tables_compute_what_the_readme_reports() -> None:
     assert "all noise - no noise: 2.50 ± 0.71 points" in text
     one = tables(loops[:1], [])
     assert "90.00 (one seed)" in one and "Noise ablation" not in one
+
+
+def test_decode_bench_runs_and_finds_identical_pixels() -> None:
+    """bench/decode.py is not in `make bench`: this keeps it runnable (it reaches into
+    pipeline.images' header check, which once changed under it)."""
+    r = subprocess.run([sys.executable, "bench/decode.py", "--rounds", "1", "--min-seconds",
+                        "0.01"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("digits", "photo",
+                                                                      "noise"))]
+    assert len(rows) == 6 and all(line.rstrip().endswith("yes") for line in rows)
