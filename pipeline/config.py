@@ -58,7 +58,8 @@ class PseudoLabelConfig:
     """Pseudo-labeling: CPUs reserved per actor (also its torch threads); the rest read shards."""
     label_crop_fraction: float | None = None
     """Pseudo-labeling: centre crop of the shorter side the teacher sees; default official:
-    size / (size + 32) at ImageNet sizes, the whole image up to 64 px."""
+    size / (size + 32) at ImageNet sizes; up to 64 px the shorter side whole (the centre
+    square)."""
     jpeg_dct_scaling: bool = True
     """Decode a JPEG at least twice the size a stage needs at 1/2, 1/4 or 1/8 scale (libjpeg's
     DCT scaling), several times faster on large photos: evaluation, FixRes and pseudo-labeling
@@ -117,8 +118,8 @@ class TrainConfig:
     """Images per step on each worker."""
     optimizer: Literal["rmsprop", "sgd", "adamw"] = "rmsprop"
     """rmsprop (TensorFlow's, as the official code: decay 0.9, momentum 0.9, eps 1e-3 inside the
-    square root, mean square starting at 1, lr inside the momentum), sgd (momentum 0.9) or
-    adamw."""
+    square root, mean square starting at 1, lr inside the momentum), sgd (Nesterov momentum
+    0.9) or adamw."""
     norm: Literal["tf", "pytorch"] = "tf"
     """BatchNorm of a model trained from scratch: tf (the official code: momentum 0.99 in TF's
     terms, i.e. 0.01 in PyTorch's, eps 1e-3) or pytorch (0.1, 1e-5). A model started with
@@ -130,7 +131,8 @@ class TrainConfig:
     schedule: Literal["exponential", "cosine"] = "exponential"
     """Decay after warm-up: exponential (the paper: x decay_rate every decay_epochs) or cosine."""
     warmup_epochs: float = 5.0
-    """Linear warm-up from 0 to the peak learning rate."""
+    """Linear warm-up to the peak learning rate, starting at 1/(warm-up steps) of it (step 0
+    already takes a step; docs/recipe.md)."""
     decay_rate: float = 0.97
     """Exponential schedule: factor applied every decay_epochs."""
     decay_epochs: float = BASE_DECAY_EPOCHS
