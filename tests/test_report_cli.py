@@ -86,5 +86,5 @@ def test_cli_unreadable_truth_is_a_note_not_a_traceback(root: Path, capsys):
     truth.write_bytes(b"not parquet at all")
     rc, out, err = run_cli(capsys, "--run", RUN, "--root", str(root))
     assert rc == 0
-    assert f"report: note: held-out truth {truth} cannot be read (" in err
+    assert f"report: note: held-out truth unusable: {truth}: cannot read Parquet (" in err
     assert "): no precision" in err

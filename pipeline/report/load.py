@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.fs import location, parquet_file
+from pipeline.fs import location
 from pipeline.layout import RunLayout
 from pipeline.manifest import ManifestError, PseudoFile, RoundRecord, load_round
 from pipeline.report.errors import ReportError
 from pipeline.report.flips import FlipStats, compare_files
-from pipeline.report.parquet import num_rows
+from pipeline.report.parquet import num_rows, schema_names
 from pipeline.report.stats import (
     TRUTH_ROWS_PER_PASS,
     CalibrationSums,
@@ -217,11 +217,9 @@ def _truth_path(dataset: Any, notes: list[str]) -> Path | None:
         notes.append(f"held-out truth {dataset.unlabeled_truth} is missing: no precision")
         return None
     try:  # the schema only: a file that is not Parquet, or lacks the columns, is a note
-        names = set(parquet_file(dataset.unlabeled_truth).schema_arrow.names)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        notes.append(f"held-out truth {dataset.unlabeled_truth} cannot be read ({reason}): no "
-                     "precision")
+        names = set(schema_names(dataset.unlabeled_truth))
+    except ReportError as e:  # names the file and the reason
+        notes.append(f"held-out truth unusable: {e}: no precision")
         return None
     if not {"key", "label"} <= names:
         notes.append(f"held-out truth {dataset.unlabeled_truth} has no key and label columns: "
