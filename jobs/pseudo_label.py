@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 from _common import run_job  # puts the repository on sys.path
 
-from pipeline.config import ConfigError, PseudoLabelConfig, check_unknown  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    ConfigError,
+    PseudoLabelConfig,
+    check_run_name,
+    check_unknown,
+)
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.manifest import Parent, RoundRecord  # noqa: E402
 
@@ -51,10 +56,7 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     check_unknown(PseudoLabelJob, args)
     # Booleans are switches (--verbose, --no-jpeg-dct-scaling), as in teacher.py and student.py.
     job = tyro.cli(PseudoLabelJob, args=args, description=__doc__)
-    if not job.run:
-        raise ConfigError("--run is required: name the run, e.g. --run r1")
-    if not job.run.replace("-", "").replace("_", "").isalnum():  # as teacher.py checks it
-        raise ConfigError(f"--run {job.run!r}: use letters, digits, '-' and '_' only")
+    check_run_name(job.run)
     if job.num_cpus is not None and job.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be >= 1 (or omitted for all), got {job.num_cpus}")
     job.validate()

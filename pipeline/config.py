@@ -34,6 +34,14 @@ def check_finite(cfg: Any) -> None:
             raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_run_name(run: str) -> None:
+    """``--run`` names folders (manifests/<run>/, artifacts/<run>/): a plain name only."""
+    if not run:
+        raise ConfigError("--run is required: name the run, e.g. --run r1")
+    if not run.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"--run {run!r}: use letters, digits, '-' and '_' only")
+
+
 def check_at_least(cfg: Any, lowest: dict[str, float]) -> None:
     """Each named option (when set) at least its lowest value."""
     for name, low in lowest.items():
@@ -239,10 +247,7 @@ class TrainConfig:
         """Raise ConfigError for values that cannot work."""
         from models import list_models
 
-        if not self.run:
-            raise ConfigError("--run is required: name the run, e.g. --run r1")
-        if not self.run.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"--run {self.run!r}: use letters, digits, '-' and '_' only")
+        check_run_name(self.run)
         if not self.data:
             raise ConfigError("--data is required: a folder with dataset.json "
                               "(python jobs/prepare.py digits --out data/digits)")
