@@ -120,8 +120,6 @@ def sampling_spread(weights: list[int], readers: int, cut: bool = False) -> floa
 
 
 def _whole_shard_spread(weights: list[int], readers: int) -> float:
-    if not weights or readers < 1:
-        return 1.0
     rate = [0.0] * len(weights)
     for r, part in enumerate(balanced(range(len(weights)), weights, readers)):
         mine = part or [r % len(weights)]  # the wrap of assign_shards

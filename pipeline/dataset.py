@@ -139,13 +139,16 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
             OverflowError) as e:
         raise DatasetError(f"{file} is not a valid dataset description ({e!r}); recreate it "
                            "with jobs/prepare.py") from None
-    if len(set(classes)) != len(classes):
-        twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice := _named_twice(classes):
         raise DatasetError(f"{file}: classes {twice} are listed more than once; each class "
                            "needs one name")
     _check_shard_lists(file, splits)
     return DatasetInfo(path=path, name=raw.get("name", path.name), classes=classes,
                        splits=splits, unlabeled_truth=(path / truth) if truth else None)
+
+
+def _named_twice(names: list[str]) -> list[str]:
+    return sorted(n for n, c in Counter(names).items() if c > 1)
 
 
 def _listed(value: Any, what: str) -> list[Any]:
@@ -834,8 +837,7 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
     """Describe existing shards (paths, globs or brace patterns; local or s3://, globs on S3
     resolved by listing) without copying them. Every shard is read once to count it, by
     ``workers`` processes (:func:`scan_shards`)."""
-    if classes and len(set(classes)) != len(classes):  # before reading any shard
-        twice = sorted({c for c in classes if classes.count(c) > 1})
+    if classes and (twice := _named_twice(classes)):  # before reading any shard
         raise DatasetError(f"--classes names {', '.join(twice)} more than once; give each "
                            "class one name")
     out = location(out)
@@ -876,7 +878,7 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
     with contextlib.suppress(DatasetError):  # what it replaces, to say so (unreadable: nothing)
         before = load_dataset(out) if (out / DATASET_FILE).exists() else None
     save_dataset(info)
-    if before is not None and (before.counts() != info.counts()
+    if before is not None and (before.splits != info.splits
                                or before.unlabeled_truth is not None):
         was = ", ".join(f"{k} {before.counts().get(k, 0)} -> {v}" for k, v in info.counts().items())
         lost = "; its held-out labels of the unlabeled split are dropped" \
