@@ -13,6 +13,8 @@ import dataclasses
 import datetime as _dt
 import json
 import subprocess
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +59,6 @@ def _from(cls: type, raw: Any, source: str, what: str) -> Any:
 
 def _check_types(cls: type, raw: Mapping[str, Any], source: str, what: str = "") -> None:
     """Each of ``raw``'s values for a field of ``cls`` of the JSON type its annotation says."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         container = typing.get_origin(hints[f.name]) in (list, dict)
@@ -71,9 +71,6 @@ def _check_types(cls: type, raw: Mapping[str, Any], source: str, what: str = "")
 
 
 def _typed(value: Any, hint: Any) -> bool:
-    import types
-    import typing
-
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
@@ -100,9 +97,6 @@ def _typed(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
-    import types
-    import typing
-
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint))
