@@ -16,10 +16,10 @@ Why streams look the way they do:
   shards repeats its few samples more often than the others. Labeled shards are dealt by their
   sample counts when ``dataset.json`` records them (``shard_counts``). Whole shards cannot
   always be split evenly (3 shards over 2 readers, 10 over 16): where they cannot (a spread of
-  :data:`EVEN_ENOUGH` or more), a labeled training stream whose counts are known cuts the split
-  into equal runs of samples instead (:func:`sample_ranges`): readers share a shard, each
-  reading it and keeping its own run. :func:`sampling_spread` measures what is left, which the
-  driver reports (the pseudo-labeled stream, dealt by copies, keeps whole shards).
+  :data:`EVEN_ENOUGH` or more), a training stream whose counts are known cuts the split into
+  equal runs of samples instead (:func:`sample_ranges`; the pseudo-labeled stream's samples
+  are its selected copies): readers share a shard, each reading it and keeping its own run.
+  :func:`sampling_spread` measures what is left, which the driver reports.
 * Evaluation streams are finite and disjoint (each sample is seen exactly once across ranks);
   metrics are summed across ranks afterwards.
 * Pseudo-labels are joined to images by key, one shard at a time: a worker holds at most one
@@ -109,7 +109,7 @@ def sampling_spread(weights: list[int], readers: int, cut: bool = False) -> floa
     ``weights`` samples dealt to ``readers`` readers as :func:`assign_shards` deals them, each
     reader giving the same number of samples a step. Shards of weight 0 are left out.
     ``cut``: the stream cuts the shards into runs of samples where :func:`cuts_shards` says
-    so (the labeled stream does)."""
+    so (both training streams do)."""
     if not weights or readers < 1:
         return 1.0
     if cut and cuts_shards(weights, readers):
@@ -136,9 +136,10 @@ EVEN_ENOUGH = 1.25
 
 
 def cuts_shards(weights: list[int] | None, readers: int) -> bool:
-    """Whether a labeled training stream reads runs of samples (:func:`sample_ranges`) rather
-    than whole shards: the samples per shard are known, whole shards deal unevenly, and there
-    are at least as many samples as readers (each gets one)."""
+    """Whether a training stream reads runs of samples (:func:`sample_ranges`) rather than
+    whole shards: the samples (the pseudo-labeled stream: selected copies) per shard are known,
+    whole shards deal unevenly, and there are at least as many samples as readers (each gets
+    one)."""
     return (weights is not None and readers > 1 and sum(weights) >= readers
             and _whole_shard_spread(weights, readers) >= EVEN_ENOUGH)
 
@@ -428,12 +429,15 @@ class PseudoStream(IterableDataset):
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
         return read_selected(location(self.pseudo_dir) / self._names[shard])
 
-    def _repeated(self, shards: list[str], cache: DecodedCache | None = None
+    def _repeated(self, shards: Sequence[str | Part], cache: DecodedCache | None = None
                   ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
         """Each selected sample ``copies`` times, shard by shard; with a cache that has room, the
-        selected samples of a shard read whole are kept decoded with their labels."""
+        selected samples of a shard read whole are kept decoded with their labels. A
+        :data:`Part` counts positions in the shard's line of copies (each selected sample's
+        copies in turn, in the shard's order) and keeps those from ``first`` to ``end``."""
         damage = Damage()  # pseudo-labeling skipped (and recorded) these samples already
-        for shard in shards:
+        for item in shards:
+            shard, first, end = (item, 0, None) if isinstance(item, str) else item
             kept = cache.shards.get(shard) if cache is not None else None
             if kept is not None:
                 for s, copies, idx, prob in kept:
@@ -442,15 +446,23 @@ class PseudoStream(IterableDataset):
                 continue
             entries: list[Any] | None = [] if cache is not None and not cache.full else None
             labels = self._labels_of(shard)
+            position = 0  # copies of this shard before the current sample
             for s in _samples([shard], damage):
                 hit = labels.get(s.key)  # by key, never by position
                 if hit is None or hit[0] == 0:
                     continue
-                if entries is not None:
-                    s = decode_sample(s, self.decode_min_side)
-                    entries.append((s, *hit))
-                for _ in range(hit[0]):
-                    yield s, hit[1], hit[2]
+                lo, hi = max(position, first), position + hit[0]
+                if end is not None:
+                    hi = min(hi, end)
+                position += hit[0]
+                if hi > lo:  # some of its copies are in this reader's run
+                    if entries is not None:
+                        s = decode_sample(s, self.decode_min_side)
+                        entries.append((s, hi - lo, hit[1], hit[2]))
+                    for _ in range(hi - lo):
+                        yield s, hit[1], hit[2]
+                if end is not None and position >= end:
+                    break  # the rest of the shard is another reader's run
             if entries is not None and cache is not None:
                 cache.add(shard, entries, sum(_nbytes(e[0]) + e[2].nbytes + e[3].nbytes
                                               for e in entries))
@@ -459,8 +471,12 @@ class PseudoStream(IterableDataset):
         from pipeline.losses import dense_targets
 
         reader, readers = _reader_index(self.rank, self.world_size)
-        mine = assign_shards(self.shards, reader, readers, exhaustive=False,
-                             weights=self.weights)
+        mine: list[str] | list[Part]
+        if cuts_shards(self.weights, readers):  # whole shards deal unevenly: runs of copies
+            mine = sample_ranges(self.shards, self.weights, readers)[reader]
+        else:
+            mine = assign_shards(self.shards, reader, readers, exhaustive=False,
+                                 weights=self.weights)
         rng = random.Random(self.seed * 1_000_003 + 7919 + reader)
         torch.manual_seed(self.seed * 1_000_003 + 7919 + reader)
         cache = DecodedCache(self.cache_bytes) if self.cache_bytes > 0 else None
@@ -478,7 +494,8 @@ class PseudoStream(IterableDataset):
                 yield self.transform(image), target
                 produced += 1
             if produced == 0:
-                raise ValueError(f"no selected pseudo-labels in shards {mine[:3]}...; rerun the "
+                named = [p if isinstance(p, str) else _part_name(p) for p in mine[:3]]
+                raise ValueError(f"no selected pseudo-labels in shards {named}...; rerun the "
                                  "select stage or lower --threshold")
 
 

@@ -25,28 +25,26 @@ if TYPE_CHECKING:
 
 
 def spread_warning(what: str, weights: list[int] | None, readers: int, workers: int,
-                   loader_workers: int, cut: bool = False) -> str | None:
-    """One line when the shards cannot be dealt evenly to the training readers, so that some
-    samples come up markedly more often than others (:func:`pipeline.data.sampling_spread`;
-    ``cut``: the stream cuts shards into runs of samples where whole ones deal unevenly, as
-    the labeled one does); None when they can, or when the samples per shard are not known."""
+                   loader_workers: int) -> str | None:
+    """One line when a training stream's samples cannot be dealt evenly to its readers, so that
+    some come up markedly more often than others (:func:`pipeline.data.sampling_spread`). Both
+    streams cut their shards into equal runs of samples where whole shards deal unevenly, so
+    this is left only with a handful of samples per reader (``weights``: samples, or selected
+    copies, per shard). None when they deal evenly, or when the samples per shard are not
+    known (an older ``dataset.json``)."""
     from pipeline.data import EVEN_ENOUGH, sampling_spread
 
     if not weights:
         return None
-    spread = sampling_spread(weights, readers, cut=cut)
+    spread = sampling_spread(weights, readers, cut=True)
     if spread < EVEN_ENOUGH:
         return None
     loaders = max(1, loader_workers)
-    # Cut into runs, a split is still uneven only with a handful of images per reader.
-    parts, fix = ((f"{sum(weights)} images", "fewer readers (--num-workers, "
-                   "--loader-workers) even this out") if cut else
-                  (f"{len(weights)} shards", "many more shards than readers even this out "
-                   "(`prepare imagefolder --shard-size`)"))
-    return (f"warning: the {what} split's {parts} do not divide evenly among the {readers} "
-            f"training readers ({workers} workers x {loaders} loader "
+    samples = "images" if what == "labeled" else "selected copies"
+    return (f"warning: the {what} split's {sum(weights)} {samples} do not divide evenly among "
+            f"the {readers} training readers ({workers} workers x {loaders} loader "
             f"process{'es' if loaders > 1 else ''}): some samples come up {spread:.1f}x as "
-            f"often as others; {fix}")
+            "often as others; fewer readers (--num-workers, --loader-workers) even this out")
 
 
 def make_job(p: Plan, rec: RoundRecord) -> Job:
@@ -73,10 +71,9 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
              for s in ("labeled", "test")}
     split["labeled"]["weights"] = info.split("labeled").shard_counts
     readers = cfg.num_workers * max(1, cfg.loader_workers)
-    for what, weights, cut in (("labeled", split["labeled"]["weights"], True),
-                               ("pseudo-labeled", pseudo["weights"] if pseudo else None, False)):
-        line = spread_warning(what, weights, readers, cfg.num_workers, cfg.loader_workers,
-                              cut=cut)
+    for what, weights in (("labeled", split["labeled"]["weights"]),
+                          ("pseudo-labeled", pseudo["weights"] if pseudo else None)):
+        line = spread_warning(what, weights, readers, cfg.num_workers, cfg.loader_workers)
         if line:
             print(line, file=sys.stderr, flush=True)
     m = rec.model

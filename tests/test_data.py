@@ -281,19 +281,12 @@ def test_balanced_deals_by_weight_and_keeps_round_robin_for_equal_weights() -> N
         balanced(shards[:3], [1, 1], 2)
 
 
-def test_pseudo_readers_repeat_samples_evenly_when_shards_are_dealt_by_copies(
-        tmp_path: Path) -> None:
-    """Each reader gives as many samples per step, so a reader dealt light shards repeats its
-    samples more often; dealt by copies, the passes are as even as the shards allow."""
+def _pseudo_files(out: Path, selected: list[list[int]]) -> None:
+    """One pseudo-label file per shard of 3 (``v-NNNNNN.parquet``), with the copies given."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data import PseudoStream
-
-    shards = _varied_shards(tmp_path / "unl", 12, maxcount=3)  # 4 shards of 3
-    out = tmp_path / "pseudo"
     out.mkdir()
-    selected = [[2, 2, 2], [1, 0, 0], [1, 0, 0], [1, 0, 0]]  # copies: 6, 1, 1, 1
     for n, copies in enumerate(selected):
         pq.write_table(pa.table({
             "key": [f"k{3 * n + i:02d}" for i in range(3)], "copies": pa.array(copies, pa.int32()),
@@ -301,18 +294,63 @@ def test_pseudo_readers_repeat_samples_evenly_when_shards_are_dealt_by_copies(
             "topk_prob": pa.array([[0.75, 0.25]] * 3, pa.list_(pa.float16()))}),
             out / f"v-{n:06d}.parquet")
 
-    def seen(rank: int, weights: list[int] | None, n: int = 42) -> Counter[int]:
+
+def test_pseudo_readers_repeat_samples_evenly_when_shards_are_dealt_by_copies(
+        tmp_path: Path) -> None:
+    """Each reader gives as many samples per step, so a reader dealt light shards repeats its
+    samples more often; dealt by copies, every sample comes up in proportion to its copies."""
+    from pipeline.data import PseudoStream
+
+    shards = _varied_shards(tmp_path / "unl", 12, maxcount=3)  # 4 shards of 3
+    out = tmp_path / "pseudo"
+    _pseudo_files(out, [[2, 2, 2], [1, 1, 0], [1, 1, 0], [1, 1, 0]])  # copies: 6, 2, 2, 2
+
+    def seen(rank: int, weights: list[int] | None, n: int = 48) -> Counter[int]:
         """Which images (by pixel value: image i is 10 i) the reader gives, how often."""
         it = iter(PseudoStream(shards, str(out), _as_float, num_classes=2, temperature=1.0,
                                rank=rank, world_size=2, shuffle_buffer=0, weights=weights))
         return Counter(round(next(it)[0].mean().item() / 10) for _ in range(n))
 
-    # Round-robin: reader 0 has 7 copies a pass, reader 1 two, so it repeats 3.5 times as often.
-    assert seen(0, None) == {0: 12, 1: 12, 2: 12, 6: 6}
-    assert seen(1, None) == {3: 21, 9: 21}
-    # Dealt by copies: 6 and 3, the best split of these shards.
-    assert seen(0, [6, 1, 1, 1]) == {0: 14, 1: 14, 2: 14}
-    assert seen(1, [6, 1, 1, 1]) == {3: 14, 6: 14, 9: 14}
+    # Round-robin: reader 0 has 8 copies a pass, reader 1 four, so images 6 and 7 come up half
+    # as often as 3 and 4, though each has one copy.
+    assert seen(0, None) == {0: 12, 1: 12, 2: 12, 6: 6, 7: 6}
+    assert seen(1, None) == {3: 12, 4: 12, 9: 12, 10: 12}
+    # Dealt by copies: 6 and 6, and each image comes up as often as its copies say.
+    assert seen(0, [6, 2, 2, 2]) == {0: 16, 1: 16, 2: 16}
+    assert seen(1, [6, 2, 2, 2]) == {3: 8, 4: 8, 6: 8, 7: 8, 9: 8, 10: 8}
+
+
+def test_pseudo_readers_share_shards_by_runs_of_copies(tmp_path: Path) -> None:
+    """Copies 6, 1, 1, 1 over 3 readers: whole shards give one reader 6 copies a pass and the
+    others 2 and 1 (a copy of the last comes up 6x as often as one of the first). Cut into runs of the line of copies,
+    each reader gives 3 a pass, a sample's copies may be split between two readers, and every
+    copy is in exactly one run, read or replayed from the decoded cache alike."""
+    from pipeline.data import PseudoStream, sampling_spread
+    from pipeline.train_stage import spread_warning
+
+    shards = _varied_shards(tmp_path / "unl", 12, maxcount=3)
+    out = tmp_path / "pseudo"
+    _pseudo_files(out, [[2, 2, 2], [1, 0, 0], [1, 0, 0], [1, 0, 0]])
+    weights = [6, 1, 1, 1]
+    assert sampling_spread(weights, 3) == 6.0 and sampling_spread(weights, 3, cut=True) == 1.0
+    assert spread_warning("pseudo-labeled", weights, 3, 3, 0) is None
+
+    def pass_of(rank: int, cache_bytes: int) -> list[Counter[int]]:
+        it = iter(PseudoStream(shards, str(out), _as_float, num_classes=2, temperature=1.0,
+                               rank=rank, world_size=3, shuffle_buffer=0, weights=weights,
+                               cache_bytes=cache_bytes))
+        draws = [round(next(it)[0].mean().item() / 10) for _ in range(9)]  # three passes
+        return [Counter(draws[i:i + 3]) for i in (0, 3, 6)]
+
+    for cache_bytes in (0, 2**20):
+        runs = [pass_of(rank, cache_bytes) for rank in range(3)]
+        assert [r[0] for r in runs] == [{0: 2, 1: 1}, {1: 1, 2: 2}, {3: 1, 6: 1, 9: 1}]
+        assert all(r[0] == r[1] == r[2] for r in runs)  # every pass the same run
+    # Fewer copies than can be cut evenly: the warning names them and the fix.
+    assert spread_warning("pseudo-labeled", [3, 1, 1], 4, 2, 2) == (
+        "warning: the pseudo-labeled split's 5 selected copies do not divide evenly among the "
+        "4 training readers (2 workers x 2 loader processes): some samples come up 2.0x as "
+        "often as others; fewer readers (--num-workers, --loader-workers) even this out")
 
 
 def test_only_shards_with_selected_rows_are_dealt_to_pseudo_readers(tmp_path: Path) -> None:
@@ -592,15 +630,10 @@ def test_spread_warning_names_the_split_the_readers_and_the_fix() -> None:
 
     assert spread_warning("labeled", [100] * 64, 16, 2, 8) is None
     assert spread_warning("labeled", None, 16, 2, 8) is None  # an older dataset.json
-    assert spread_warning("labeled", [100] * 10, 16, 2, 8) == (
-        "warning: the labeled split's 10 shards do not divide evenly among the 16 training "
-        "readers (2 workers x 8 loader processes): some samples come up 2.0x as often as others; "
-        "many more shards than readers even this out (`prepare imagefolder --shard-size`)")
-    assert "(2 workers x 1 loader process): some samples come up 5.0x" in spread_warning(
-        "pseudo-labeled", [5, 1], 2, 2, 0)
-    # the labeled stream cuts the shards into runs of samples instead: nothing to warn of
-    assert spread_warning("labeled", [100] * 10, 16, 2, 8, cut=True) is None
-    assert spread_warning("labeled", [10] * 5, 16, 2, 8, cut=True) == (  # runs of 3 or 4
+    # whole shards would be uneven (2.0x), but the stream cuts them into runs of samples
+    assert spread_warning("labeled", [100] * 10, 16, 2, 8) is None
+    assert spread_warning("pseudo-labeled", [5, 1], 2, 2, 0) is None
+    assert spread_warning("labeled", [10] * 5, 16, 2, 8) == (  # runs of 3 or 4
         "warning: the labeled split's 50 images do not divide evenly among the 16 training "
         "readers (2 workers x 8 loader processes): some samples come up 1.3x as often as others; "
         "fewer readers (--num-workers, --loader-workers) even this out")
