@@ -125,10 +125,16 @@ def _at_least_0(text: str) -> int:
     return value
 
 
+def _folder(text: str) -> str:
+    if not text:  # an unset shell variable: --root "$ROOT"
+        raise argparse.ArgumentTypeError("is empty; give a folder, e.g. --root . for this one")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=".", help="where data/, manifests/, artifacts/ go")
+    ap.add_argument("--root", type=_folder, default=".", help="where data/, manifests/, artifacts/ go")
     ap.add_argument("--run", default="demo", help="run name")
     ap.add_argument("--rounds", type=_at_least_0, default=2,
                     help="student rounds after the teacher")

@@ -22,6 +22,7 @@ from _common import run_job  # puts the repository on sys.path
 from pipeline.config import (  # noqa: E402
     ConfigError,
     PseudoLabelConfig,
+    check_root,
     check_run_name,
     check_unknown,
 )
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> PseudoLabelJob:
     # Booleans are switches (--verbose, --no-jpeg-dct-scaling), as in teacher.py and student.py.
     job = tyro.cli(PseudoLabelJob, args=args, description=__doc__)
     check_run_name(job.run)
+    check_root(job.root)
     if job.num_cpus is not None and job.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be >= 1 (or omitted for all), got {job.num_cpus}")
     job.validate()

@@ -19,7 +19,7 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ConfigError, check_run_name, check_unknown  # noqa: E402
+from pipeline.config import ConfigError, check_root, check_run_name, check_unknown  # noqa: E402
 from pipeline.fs import StorageError  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.report import ReportError, load_run, summary_lines, write_report  # noqa: E402
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> ReportConfig:
     check_unknown(ReportConfig, args)  # one line naming the options, not tyro's usage box
     cfg = tyro.cli(ReportConfig, args=args, description=__doc__)
     check_run_name(cfg.run)
+    check_root(cfg.root)
     return cfg
 
 

@@ -42,6 +42,14 @@ def check_run_name(run: str) -> None:
         raise ConfigError(f"--run {run!r}: use letters, digits, '-' and '_' only")
 
 
+def check_root(root: str) -> None:
+    """An empty ``--root`` (often an unset shell variable: ``--root "$ROOT"``) would put the
+    run in the current folder without a word."""
+    if not root:
+        raise ConfigError("--root is empty: give the folder (or s3:// URI) that holds the run's "
+                          "manifests/ and artifacts/, e.g. --root . for the current folder")
+
+
 def check_at_least(cfg: Any, lowest: dict[str, float]) -> None:
     """Each named option (when set) at least its lowest value."""
     for name, low in lowest.items():
@@ -248,6 +256,7 @@ class TrainConfig:
         from models import list_models
 
         check_run_name(self.run)
+        check_root(self.root)
         if not self.data:
             raise ConfigError("--data is required: a folder with dataset.json "
                               "(python jobs/prepare.py digits --out data/digits)")

@@ -25,6 +25,7 @@ from pipeline.config import (
     PseudoLabelConfig,
     StudentConfig,
     TrainConfig,
+    check_root,
     to_dict,
 )
 from pipeline.dataset import DatasetInfo, load_dataset
@@ -209,6 +210,7 @@ def plan_round(cfg: TrainConfig) -> Plan:
     from models import get_model_spec
 
     round_ = cfg.round if isinstance(cfg, StudentConfig) else 0
+    check_root(cfg.root)  # before anything is read under it
     layout = RunLayout(resolve_root(cfg.root), cfg.run) if cfg.run else None
     if layout is None:
         cfg.validate()  # names the missing --run

@@ -548,8 +548,9 @@ def test_prepare_digits_leaves_a_dataset_json_it_cannot_read(tmp_path: Path,
 
 def test_job_options_out_of_range_are_one_line(tmp_path: Path) -> None:
     """pseudo_label.py --num-cpus below 1 (a Ray traceback, and 0 silently meant all CPUs) and
-    a --run that is not a plain name; a --root that is a file (a traceback after Ray started);
-    demo.py --rounds -1 (ran to its report step, then failed)."""
+    a --run that is not a plain name; a --root that is a file (a traceback after Ray started)
+    or empty (the run went into the current folder); demo.py --rounds -1 (ran to its report
+    step, then failed)."""
     if str(ROOT / "jobs") not in sys.path:  # the jobs import their neighbours by name
         sys.path.insert(0, str(ROOT / "jobs"))
     import pseudo_label
@@ -561,9 +562,24 @@ def test_job_options_out_of_range_are_one_line(tmp_path: Path) -> None:
     for argv, says in ((["--num-cpus", "0"], "--num-cpus must be >= 1 (or omitted for all), "
                         "got 0"),
                        (["--num-cpus", "-1"], "--num-cpus must be >= 1"),
-                       (["--run", "../r"], "--run '../r': use letters, digits, '-' and '_' only")):
+                       (["--run", "../r"], "--run '../r': use letters, digits, '-' and '_' only"),
+                       (["--root", ""], "--root is empty: give the folder (or s3:// URI) that "
+                        "holds the run's manifests/ and artifacts/, e.g. --root . for the current "
+                        "folder")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             pseudo_label.parse_args(["--run", "r", *argv])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for job, data in (("teacher.py", ["--data", str(tmp_path)]), ("student.py", []),
+                      ("report.py", [])):
+        p = subprocess.run([PY, str(ROOT / "jobs" / job), "--run", "r", "--root", "", *data],
+                           capture_output=True, text=True, timeout=60, cwd=cwd)
+        assert p.returncode == 2 and p.stderr.strip().endswith("--root is empty: give the folder "
+                                                               "(or s3:// URI) that holds the "
+                                                               "run's manifests/ and artifacts/, "
+                                                               "e.g. --root . for the current "
+                                                               "folder"), (job, p.stderr)
+        assert list(cwd.iterdir()) == [], job
     (tmp_path / "afile").write_text("x")
     with pytest.raises(StorageError, match=re.escape(f"{tmp_path / 'afile'} is a file, not a "
                                                      "folder; give a folder")):
@@ -572,3 +588,7 @@ def test_job_options_out_of_range_are_one_line(tmp_path: Path) -> None:
                         "--rounds", "-1"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "argument --rounds: must be >= 0, got -1" in p.stderr
     assert not (tmp_path / "x").exists()
+    p = subprocess.run([PY, str(ROOT / "jobs" / "demo.py"), "--root", ""], capture_output=True,
+                       text=True, timeout=60, cwd=cwd)
+    assert p.returncode == 2 and "argument --root: is empty; give a folder" in p.stderr
+    assert list(cwd.iterdir()) == []
