@@ -159,10 +159,16 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     for split in ("labeled", "test"):
         damage = Damage()
         keys = KeyIndex(split, expected=info.split(split).count)  # a key in two shards
-        for path in info.split(split).shards:
-            shard_keys = []
+        stale: list[tuple[str, int, int]] = []  # (shard, recorded, found)
+        shards, recorded = info.split(split).shards, info.split(split).shard_counts
+        if recorded is None or len(recorded) != len(shards):  # not recorded (older files)
+            recorded = [None] * len(shards)
+        for path, count in zip(shards, recorded, strict=True):
+            shard_keys, read, torn = [], 0, False
             for s in read_shard(path):
+                read += 1
                 if isinstance(s, BadSample):
+                    torn = torn or s.reason.startswith("damaged shard")
                     damage.bad(s)
                     continue
                 shard_keys.append(s.key)
@@ -176,8 +182,16 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
                     continue
                 damage.ok()
             keys.add(path, shard_keys)
+            if count is not None and not torn and read != count:  # a torn tail is damage
+                stale.append((path, count, read))
         keys.check(lambda shard: (s.key for s in read_shard(shard) if not isinstance(s, BadSample)))
         damage.check(split, damage_limit)
+        if stale:  # epochs and the readers' runs are sized by the recorded counts
+            path, count, read = stale[0]
+            more = f" (and {len(stale) - 1} more shards)" if len(stale) > 1 else ""
+            log(f"preflight: warning: {split} shard {path} holds {read} samples, {info.path}/dataset.json "
+                f"says {count}{more}; the shards changed after they were registered: run "
+                "`python jobs/prepare.py register` on them again")
         found[split] = damage.to_dict()
         if damage.count:
             log(f"preflight: {split}: {damage.count} of {damage.count + damage.good} samples "

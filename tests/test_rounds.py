@@ -144,6 +144,33 @@ def test_preflight_counts_damage_and_stops_past_the_limit(tmp_path: Path, digits
         preflight(info, limit=10_000, damage_limit=0.05)
 
 
+def test_preflight_warns_when_a_shard_no_longer_holds_its_recorded_count(
+        tmp_path: Path, digits_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """dataset.json's samples per shard size the epochs and the readers' runs: a shard
+    rewritten after it was registered (here one sample short) is named, with the fix."""
+    import shutil
+
+    from pipeline.rounds import preflight
+    from pipeline.shards import ShardWriter
+
+    out = tmp_path / "d"
+    shutil.copytree(digits_dir, out)
+    info = load_dataset(out)
+    assert preflight(info, limit=10_000, damage_limit=0.0) is not None
+    assert "warning" not in capsys.readouterr().err  # as prepared: every count holds
+    shard = info.split("labeled").shards[0]
+    samples = list(read_samples([shard]))
+    with ShardWriter(tmp_path, prefix="tmp") as w:
+        for s in samples[:-1]:
+            w.write(s.key, s.image, s.label)
+    Path(w.paths[0]).replace(shard)
+    preflight(info, limit=10_000, damage_limit=0.0)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"preflight: warning: labeled shard {shard} holds {len(samples) - 1} samples, "
+        f"{out}/dataset.json says {len(samples)}; the shards changed after they were "
+        "registered: run `python jobs/prepare.py register` on them again")
+
+
 def test_parameter_counts_need_no_real_model() -> None:
     from models import count_parameters, create_model
     from pipeline.rounds import parameter_count
