@@ -61,7 +61,7 @@ def pseudo_batches(job: Job, ctx: WorkerContext, transform: Any, seed: int) -> I
                           rank=ctx.rank, world_size=ctx.world_size,
                           shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                           cache_bytes=cache_bytes(cfg), weights=job.pseudo.get("weights"),
-                          decode_min_side=_train_side(job))
+                          decode_min_side=_train_side(job), names=job.pseudo.get("names"))
     return iter(make_loader(stream, pseudo_batch_size(cfg), cfg.loader_workers))
 
 

@@ -408,7 +408,9 @@ def merge_damage(folder: str | Path | S3Path) -> dict[str, Any] | None:
 class PseudoStream(IterableDataset):
     """Endless stream of ``(image, soft target)`` from unlabeled shards and their pseudo-labels.
 
-    Each unlabeled shard ``<stem>.tar`` has ``<pseudo_dir>/<stem>.parquet`` with a ``copies``
+    Each unlabeled shard ``<stem>.tar`` has ``<pseudo_dir>/<stem>.parquet`` (``names``: the
+    names labeling gave, from the whole split, :func:`pipeline.pseudo_files.pseudo_file_names`;
+    by default from ``shards``) with a ``copies``
     column; a sample appears ``copies`` times per pass (0 = not selected), each time freshly
     augmented, and its target is built from the stored top-k probabilities.
     """
@@ -416,7 +418,8 @@ class PseudoStream(IterableDataset):
     def __init__(self, shards: list[str], pseudo_dir: str, transform: Transform, *,
                  num_classes: int, temperature: float, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, seed: int = 0, cache_bytes: int = 0,
-                 weights: list[int] | None = None, decode_min_side: int | None = None) -> None:
+                 weights: list[int] | None = None, decode_min_side: int | None = None,
+                 names: dict[str, str] | None = None) -> None:
         self.shards, self.pseudo_dir, self.transform = list(shards), pseudo_dir, transform
         self.decode_min_side = decode_min_side  # as LabeledStream's
         self.weights = list(weights) if weights is not None else None  # copies per shard
@@ -424,7 +427,9 @@ class PseudoStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.cache_bytes = cache_bytes
-        self._names = pseudo_file_names(self.shards)
+        # File names come from the whole unlabeled split (pseudo_file_names hashes stems that
+        # collide there); ``shards`` may be a subset, where they no longer collide.
+        self._names = dict(names) if names is not None else pseudo_file_names(self.shards)
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
         return read_selected(location(self.pseudo_dir) / self._names[shard])

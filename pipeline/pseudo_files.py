@@ -186,7 +186,9 @@ def shards_with_selection(shards: list[str], pseudo_dir: str | Path,
                           recorded: dict[str, int | None] | None = None
                           ) -> tuple[list[str], list[int]]:
     """The shards (in their order) whose pseudo-label file has a row that selection kept, and
-    each one's copies summed (how many samples it gives a pass of training).
+    each one's copies summed (how many samples it gives a pass of training). ``shards``: the
+    whole unlabeled split, whose stems name the files (:func:`pseudo_file_names`); the stream
+    reading the subset must be given those names, as a subset's stems may no longer collide.
 
     The student's pseudo-labeled stream deals these out to its readers (ranks x loader
     workers), balanced by copies: a reader dealt only shards without a selected row would have

@@ -193,7 +193,7 @@ class Job:
     #                         "options" (create_model's extra arguments)}
     predictions_dir: str
     pseudo: dict[str, Any] | None = None  # {"shards", "weights" (copies per shard), "dir",
-    #                                         "count" (sum of copies)}
+    #                                         "count" (sum of copies), "names" (shard -> file)}
     randaugment: dict[str, Any] | None = None  # {"num_ops", "magnitude"}
     init: dict[str, Any] | None = None  # models.weights.InitPlan as a dict: --init-from, checked
     tensorboard_dir: str | None = None  # rank 0 writes its event files here

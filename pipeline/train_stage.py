@@ -10,12 +10,12 @@ import dataclasses
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import StudentConfig
 from pipeline.fs import read_pandas, read_table
 from pipeline.manifest import FileRef, Metrics, RoundRecord, save_round
-from pipeline.pseudo_files import shards_with_selection
+from pipeline.pseudo_files import pseudo_file_names, shards_with_selection
 from pipeline.runner import RunError, fit
 from pipeline.storage import atomic_write_bytes
 from pipeline.train import Job
@@ -47,6 +47,16 @@ def spread_warning(what: str, weights: list[int] | None, readers: int, workers: 
             "often as others; fewer readers (--num-workers, --loader-workers) even this out")
 
 
+def dealt_pseudo_shards(unlabeled: list[str], pseudo_dir: str,
+                        recorded: dict[str, int | None] | None) -> dict[str, Any]:
+    """What the student's pseudo-labeled stream is dealt: the unlabeled shards with a selected
+    row, their copies, and each one's file name, named from the whole split as labeling named
+    them (two shards that share a stem have hashed names; a subset may hold only one of them)."""
+    names = pseudo_file_names(unlabeled)
+    shards, weights = shards_with_selection(unlabeled, pseudo_dir, recorded)
+    return {"shards": shards, "weights": weights, "names": {s: names[s] for s in shards}}
+
+
 def make_job(p: Plan, rec: RoundRecord) -> Job:
     """Everything the workers need, as plain data (the config travels as its dataclass)."""
     cfg, info, layout = p.cfg, p.info, p.layout
@@ -62,8 +72,7 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
             raise RunError("selection kept no pseudo-labels; lower --threshold or check the "
                            "teacher")
         recorded = None if cfg.truth_labels else {f.name: f.copies for f in pl.files}
-        pseudo["shards"], pseudo["weights"] = shards_with_selection(pseudo["shards"],
-                                                                    pseudo["dir"], recorded)
+        pseudo.update(dealt_pseudo_shards(pseudo["shards"], pseudo["dir"], recorded))
         if cfg.randaugment and cfg.randaugment_n > 0 and cfg.randaugment_m:
             randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m,
                            "pixels": cfg.randaugment_pixels}

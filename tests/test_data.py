@@ -394,6 +394,42 @@ def test_only_shards_with_selected_rows_are_dealt_to_pseudo_readers(tmp_path: Pa
         assert [next(it)[1].argmax().item() for _ in range(8)] == [0] * 8
 
 
+def test_pseudo_shards_that_share_a_stem_keep_their_files_when_one_has_no_selection(
+        tmp_path: Path) -> None:
+    """a/v-000000.tar and b/v-000000.tar are labeled into hashed files (their stems collide);
+    when only b's has a selected row, the stream is dealt b alone, whose stem no longer
+    collides: it used to look for v-000000.parquet and fail every attempt of the round."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import PseudoStream
+    from pipeline.pseudo_files import pseudo_file_names
+    from pipeline.train_stage import dealt_pseudo_shards
+
+    made = _varied_shards(tmp_path / "src", 6, maxcount=3)  # v-000000 (k00-k02), v-000001
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    unlabeled = [str(shutil.copy(made[0], tmp_path / "a")),
+                 str(shutil.copy(made[1], tmp_path / "b" / Path(made[0]).name))]
+    names = pseudo_file_names(unlabeled)
+    assert len(set(names.values())) == 2 and "v-000000.parquet" not in names.values()
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    for shard, first, copies in ((unlabeled[0], 0, [0, 0, 0]), (unlabeled[1], 3, [1, 1, 1])):
+        pq.write_table(pa.table({
+            "key": [f"k{first + i:02d}" for i in range(3)], "copies": pa.array(copies, pa.int32()),
+            "topk_index": pa.array([[1, 0]] * 3, pa.list_(pa.int32())),
+            "topk_prob": pa.array([[0.75, 0.25]] * 3, pa.list_(pa.float16()))}),
+            out / names[shard])
+    dealt = dealt_pseudo_shards(unlabeled, str(out), None)
+    assert dealt == {"shards": [unlabeled[1]], "weights": [3],
+                     "names": {unlabeled[1]: names[unlabeled[1]]}}
+    it = iter(PseudoStream(dealt["shards"], str(out), _as_float, num_classes=2, temperature=1.0,
+                           shuffle_buffer=0, weights=dealt["weights"], names=dealt["names"]))
+    assert sorted(round(next(it)[0].mean().item() / 10) for _ in range(3)) == [3, 4, 5]
+
+
 _PROBE = """
 import json
 import sys
