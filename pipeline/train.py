@@ -35,6 +35,7 @@ from pipeline import fixres
 from pipeline.batches import Batch, _student, pseudo_batch_size, test_loader, train_batches
 from pipeline.checkpoint import (  # noqa: F401 - read_state, read_weights: callers import them here
     STATE_FILE,
+    CheckpointError,
     load_training_state,
     read_state,
     read_weights,
@@ -490,6 +491,13 @@ def resume(learner: Learner, folder: str | Path, ctx: WorkerContext) -> RunState
 def run_phases(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Learner,
                state: RunState) -> RunState:
     """The phase machine: each phase moves ``state.phase`` on and checkpoints."""
+    if state.phase == "train" and state.epoch >= job.config.epochs:
+        # The loop would not run, and nothing would move the round on: no EMA hand-over, no
+        # fine-tune, no final checkpoint. Its schedule was laid out for more epochs, too.
+        raise CheckpointError(
+            f"this round's checkpoint has {state.epoch} epoch(s) trained, and --epochs is now "
+            f"{job.config.epochs}: give --epochs above {state.epoch} to go on (the schedule "
+            "then follows the new length), or --force to start the round over")
     if state.phase == "train":
         train_phase(job, ctx, reporter, learner, state)
     if state.phase == "finetune":

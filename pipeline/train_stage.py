@@ -112,6 +112,9 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
     final = fit(make_job(p, rec), art, use_gpu=use_gpu)
     try:
         state = read_state(final)
+        if state.get("phase") != "done":  # never a half-trained model as the round's model.pt
+            raise RunError(f"training ended in phase {state.get('phase')!r}, not done; the "
+                           "round is recorded as failed: run the same command again")
         model_path = layout.model_path(p.round_)
         sha = save_model_file(model_path, read_weights(final), model_name=cfg.model,
                               classes=p.info.classes,

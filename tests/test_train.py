@@ -98,6 +98,28 @@ def test_train_worker_resumes_from_checkpoint(digits_info: DatasetInfo, tmp_path
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
 
 
+def test_resume_with_fewer_epochs_than_trained_is_refused(digits_info: DatasetInfo,
+                                                          tmp_path: Path) -> None:
+    """A checkpoint 2 epochs into training, rerun with --epochs 2 or 1: the loop would not run,
+    so nothing moved the round on (no EMA hand-over, fine-tune or final checkpoint), and the
+    driver then wrote the raw weights as model.pt and failed on a missing key."""
+    from pipeline.checkpoint import CheckpointError
+
+    rep = LocalReporter(tmp_path / "ck")
+    train_worker(tiny_job(digits_info, tmp_path, epochs=2, eval_every=5), WorkerContext(), rep)
+    saved = torch.load(tmp_path / "ck" / "state.pt", weights_only=True)
+    saved["state"].update(phase="train", epoch=2)
+    torch.save(saved, tmp_path / "ck" / "state.pt")
+    before = (tmp_path / "ck" / "state.pt").read_bytes()
+    for epochs in (2, 1):
+        with pytest.raises(CheckpointError, match=(
+                rf"^this round's checkpoint has 2 epoch\(s\) trained, and --epochs is now "
+                rf"{epochs}: give --epochs above 2 to go on")):
+            train_worker(tiny_job(digits_info, tmp_path, epochs=epochs), WorkerContext(),
+                         LocalReporter(tmp_path / "ck"))
+        assert (tmp_path / "ck" / "state.pt").read_bytes() == before  # nothing written
+
+
 def test_resume_restores_model_ema_and_optimizer_exactly(digits_info: DatasetInfo,
                                                          tmp_path: Path) -> None:
     from pipeline.train import (
