@@ -87,13 +87,15 @@ def new_record(layout: RunLayout, job: PseudoLabelJob, parent: Parent) -> RoundR
     """Round N's record, started from round N-1's (the student job fills in the model)."""
     import ray
 
+    from pipeline.dataset import load_dataset
     from pipeline.manifest import new_round, save_round
+    from pipeline.rounds import data_ref
 
     resources = {k: v for k, v in ray.cluster_resources().items()
                  if k in ("CPU", "GPU", "memory", "object_store_memory")}
     rec = new_round(
         run=job.run, round_=job.round, config=dataclasses.asdict(job), model=None,
-        data=parent.record.data,
+        data=data_ref(load_dataset(parent.dataset_path)),  # the one labeled, as it is now
         cluster={"num_workers": job.label_actors, "use_gpu": resources.get("GPU", 0) > 0,
                  "resources": resources},
         teacher=parent.ref)

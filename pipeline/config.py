@@ -381,7 +381,9 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
     finetune_epochs: float | None = 1.5
     """FixRes: epochs of fine-tuning at the test resolution (the paper: 1.5); 0 = off."""
     data: str = ""
-    """Dataset folder; default: the one the teacher used."""
+    """Dataset folder, whose unlabeled split the round labels and whose labeled split it trains
+    on; default: the one the teacher used. Another one (say, with more unlabeled shards) needs
+    the teacher's classes in the teacher's order; once labeling has started, the round keeps it."""
     truth_labels: bool = False
     """Ablation ceiling: train on the unlabeled split's held-out true labels (the dataset's
     ``unlabeled_truth`` file in dataset.json) instead of the teacher's pseudo-labels, one copy each."""

@@ -277,6 +277,7 @@ def plan_round(cfg: TrainConfig) -> Plan:
         check_selection_in_use(existing, cfg.label_settings())
         if parent is not None:
             check_teacher_unchanged(existing, parent)
+            check_same_dataset(existing, info)
     if parent is not None:  # a changed teacher file is refused now, not after Ray's start-up
         check_model_file(parent)
     init = _init_plan(cfg, info)
@@ -387,6 +388,8 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
         if p.existing is not None and p.existing.status == "complete":
             raise RunError(f"run {cfg.run!r} already has a complete round {p.round_} "
                            f"({layout.manifest_path(p.round_)}); pass --force to train it again")
+    if p.existing is not None and p.parent is not None and not cfg.force:
+        check_same_dataset(p.existing, p.info)  # before the record says "running" again
     if cfg.force and art.exists():
         log(f"--force: removing {art} (checkpoints and pseudo-labels of the old round)")
         rmtree(art)
@@ -399,7 +402,7 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
         if p.parent is not None:
             assert isinstance(cfg, StudentConfig)
             run_label_stages(layout, p.round_, cfg.label_settings(), rec, parent=p.parent,
-                             progress=log)
+                             progress=log, info=p.info)
         if not rec.stage_complete("evaluate"):
             from pipeline.runner import has_checkpoint
             from pipeline.train_stage import train_stage
@@ -424,16 +427,35 @@ def _run_locked(p: Plan, damage: dict[str, Any] | None, use_gpu: bool) -> RoundR
 # ----------------------------------------------------------------------------- stages 1-2
 
 
+def check_same_dataset(rec: RoundRecord, info: DatasetInfo) -> None:
+    """A student round labels, selects and trains on one dataset: the one its record names.
+    Once labeling has started, its files belong to that dataset's unlabeled shards, so a rerun
+    with another ``--data`` (or a ``dataset.json`` changed since) is refused; before, the record
+    takes the dataset given now."""
+    if rec.data is None or rec.data.dataset_sha256 == info.sha256:
+        return
+    if rec.stage("pseudo_label") is not None:
+        raise RunError(
+            f"round {rec.round} of run {rec.run!r} was labeled from dataset {rec.data.dataset} "
+            f"(dataset.json sha256 {rec.data.dataset_sha256[:12]}...), and the dataset is now "
+            f"{info.path} (sha256 {info.sha256[:12]}...); rerun with the --data it started with "
+            "and its dataset.json unchanged, or pass --force to start the round over")
+    rec.data = data_ref(info)
+
+
 def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec: RoundRecord, *,
-                     parent: Parent | None = None, progress: Progress = print) -> RoundRecord:
+                     parent: Parent | None = None, progress: Progress = print,
+                     info: DatasetInfo | None = None) -> RoundRecord:
     """Stages pseudo_label and select of round ``round_`` (skipping complete ones), saving the
-    record after each. Needs Ray running for the label stage. Returns the record."""
+    record after each. Needs Ray running for the label stage. Returns the record. ``info``: the
+    round's dataset (the student's ``--data``); by default the teacher's."""
     from pipeline.checkpoint import read_model_file
 
     cfg.validate()
     parent = parent or load_parent(layout, round_)
     check_teacher_unchanged(rec, parent)
-    info = load_dataset(parent.dataset_path)
+    info = info if info is not None else load_dataset(parent.dataset_path)
+    check_same_dataset(rec, info)
     shards = info.split("unlabeled").shards
     if not rec.stage_complete("pseudo_label"):
         # One read of the model file (it may be gigabytes, on S3) serves this check and the
@@ -444,6 +466,11 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
             raise ManifestError(
                 f"the teacher has {payload['num_classes']} classes but dataset {info.path} has "
                 f"{info.num_classes}; pseudo-label with the dataset the teacher was trained on")
+        if list(payload.get("classes") or info.classes) != list(info.classes):
+            raise ManifestError(
+                f"the teacher's classes ({_first(payload['classes'])}) are not dataset "
+                f"{info.path}'s ({_first(info.classes)}), in name or order; its labels would "
+                "name the wrong classes: pseudo-label with a dataset of the teacher's classes")
         _label_stage(layout, rec, parent, shards, cfg, progress, payload)
     select = rec.stage("select")
     if select is not None and select.status != "complete":  # killed or failed: files already
@@ -459,6 +486,10 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     if not rec.stage_complete("select"):
         _select_stage(layout, rec, shards, info.classes, cfg, progress)
     return rec
+
+
+def _first(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def _label_stage(layout: RunLayout, rec: RoundRecord, parent: Parent, shards: list[str],

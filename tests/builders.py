@@ -79,7 +79,8 @@ def make_round0(root: Path, run: str, dataset: Path, model_src: Path,
     shutil.copyfile(model_src, model)
     rec = new_round(run=run, round_=0, config={},
                     model=ModelRecord("efficientnet_t0", 0, 32, 32), cluster={},
-                    data=DataRef(dataset=str(dataset), dataset_sha256=""))
+                    data=DataRef(dataset=str(dataset), dataset_sha256=sha256_file(
+                        dataset / "dataset.json") if (dataset / "dataset.json").exists() else ""))
     rec.checkpoint = FileRef(uri=layout.relative(model), sha256=sha or sha256_file(model))
     if status == "complete":
         rec.mark_complete()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,48 @@ def test_teacher_with_wrong_hash_is_refused(tmp_path: Path, digits_dir: Path,
                          new_round1(tmp_path, "r"))
     with pytest.raises(CheckpointError, match="sha256"):
         label_shards(teacher_model, "f" * 64, [], tmp_path / "out", PseudoLabelConfig())
+
+
+def test_a_student_round_keeps_the_dataset_it_labeled(tmp_path: Path, digits_dir: Path,
+                                                       teacher_model: Path) -> None:
+    """A student's --data other than its teacher's: labeling used the teacher's dataset and
+    training the one given, so the files did not match the shards. Now the round's dataset is
+    the one given, its record says so, a rerun on another one after labeling has started is
+    refused, and a dataset whose classes differ from the teacher's in name or order too."""
+    import dataclasses
+    import json
+    import shutil
+
+    from pipeline.rounds import check_same_dataset
+    from pipeline.runner import RunError
+
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    other = tmp_path / "other"
+    shutil.copytree(digits_dir, other)
+    spec = json.loads((other / "dataset.json").read_text())
+    spec["name"] = "digits, registered again"
+    (other / "dataset.json").write_text(json.dumps(spec))
+    info = load_dataset(other)
+    rec = new_round1(tmp_path, "r")
+    assert rec.data.dataset_sha256 == load_dataset(digits_dir).sha256 != info.sha256
+    check_same_dataset(rec, info)  # nothing labeled yet: the round takes the dataset given
+    assert (rec.data.dataset, rec.data.dataset_sha256) == (str(other.resolve()), info.sha256)
+    rec.set_stage("pseudo_label", "running")
+    check_same_dataset(rec, info)  # the same one: fine
+    with pytest.raises(RunError, match=(
+            rf"^round 1 of run 'r' was labeled from dataset {re.escape(str(other.resolve()))} "
+            rf"\(dataset.json sha256 {info.sha256[:12]}...\), and the dataset is now "
+            rf"{re.escape(str(digits_dir))} .*rerun with the --data it started with .* or pass "
+            "--force")):
+        check_same_dataset(rec, load_dataset(digits_dir))
+    # the classes the teacher was trained on, in its order, or its labels name the wrong ones
+    turned = dataclasses.replace(info, classes=info.classes[::-1])
+    with pytest.raises(ManifestError, match=r"the teacher's classes \(0, 1, 2, 3, \.\.\.\) are "
+                                            r"not dataset .*'s \(9, 8, 7, 6, \.\.\.\), in name "
+                                            "or order"):
+        run_label_stages(RunLayout(tmp_path, "r"), 1, PseudoLabelConfig(),
+                         new_round1(tmp_path, "r"), info=turned)
+    assert not RunLayout(tmp_path, "r").pseudo_dir(1).exists()
 
 
 @pytest.mark.slow
