@@ -275,6 +275,7 @@ def plan_round(cfg: TrainConfig) -> Plan:
             "another --run")
     if existing is not None and not cfg.force and isinstance(cfg, StudentConfig):
         check_selection_in_use(existing, cfg.label_settings())
+        check_labels_in_use(existing, cfg.label_settings(), info.num_classes)
         if parent is not None:
             check_teacher_unchanged(existing, parent)
             check_same_dataset(existing, info)
@@ -457,6 +458,17 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     info = info if info is not None else load_dataset(parent.dataset_path)
     check_same_dataset(rec, info)
     shards = info.split("unlabeled").shards
+    changed = labeling_changed(rec, cfg, info.num_classes)
+    if changed:  # cheap to check, and a user who changes --topk expects it to take effect
+        check_labels_in_use(rec, cfg, info.num_classes)  # the callers check first, too
+        progress(f"pseudo-label: {', '.join(changed)} differ from the completed labeling; "
+                 "labeling the shards again, then selecting again")
+        done = rec.stages["pseudo_label"].info["config"]
+        rec.add_event("relabel", previous={f[2:].replace("-", "_"): done[f[2:].replace("-", "_")]
+                                           for f in changed})
+        rec.stages["pseudo_label"].status = "running"
+        if rec.stage("select") is not None:  # its counts describe the old files
+            rec.stages["select"].status = "running"
     if not rec.stage_complete("pseudo_label"):
         # One read of the model file (it may be gigabytes, on S3) serves this check and the
         # stage; a round past labeling does not read it at all.
@@ -570,6 +582,44 @@ def check_label_resources(cfg: PseudoLabelConfig) -> None:
     from pipeline.inference import check_resources as check_actors
 
     check_actors(cfg, ray.cluster_resources())
+
+
+# The options that decide a pseudo-label file's contents (pipeline.pseudo_files.BYTE_SETTINGS
+# besides the teacher): a labeling resumed with other values labels its shards again.
+_LABEL_OPTIONS = ("topk", "label_batch_size", "label_crop_fraction", "jpeg_dct_scaling")
+
+
+def labeling_changed(rec: RoundRecord, cfg: PseudoLabelConfig, num_classes: int) -> list[str]:
+    """The labeling options (as flags) that differ from those of the round's complete
+    pseudo_label stage; [] when it is not complete or recorded no settings (an older
+    version). k counts as the files hold it: at most the number of classes."""
+    label = rec.stage("pseudo_label")
+    if label is None or label.status != "complete" or not label.info.get("config"):
+        return []
+    done = label.info["config"]
+
+    def value(cfg_values: dict[str, Any], name: str) -> Any:
+        v = cfg_values.get(name)
+        return min(v, num_classes) if name == "topk" and v is not None else v
+
+    now = dataclasses.asdict(cfg)
+    return [f"--{n.replace('_', '-')}" for n in _LABEL_OPTIONS
+            if n in done and value(done, n) != value(now, n)]
+
+
+def check_labels_in_use(rec: RoundRecord, cfg: PseudoLabelConfig, num_classes: int) -> None:
+    """Refuse other labeling options once the round's student has started training on the
+    complete labeling (as :func:`check_selection_in_use` does for the selection); before that,
+    :func:`run_label_stages` labels again with them."""
+    changed = labeling_changed(rec, cfg, num_classes)
+    if not changed or rec.stage("train") is None:
+        return
+    done = rec.stages["pseudo_label"].info["config"]
+    used = " ".join(f"{flag} {done[flag[2:].replace('-', '_')]}" for flag in changed)
+    raise RunError(
+        f"round {rec.round} of run {rec.run!r}: its student has started training on "
+        f"pseudo-labels made with {used}; run again with those values, or redo the round with "
+        f"`python jobs/student.py --run {rec.run} --round {rec.round} --force`")
 
 
 def check_selection_in_use(rec: RoundRecord, cfg: PseudoLabelConfig) -> None:

@@ -18,6 +18,7 @@ from pipeline.manifest import ManifestError, load_parent, load_round
 from pipeline.pseudo_files import PSEUDO_SCHEMA
 from pipeline.pseudo_label import label_shards
 from pipeline.rounds import run_label_stages
+from pipeline.runner import RunError
 from pipeline.shards import read_samples
 from tests.builders import CLASSES, make_round0, new_round1
 
@@ -63,7 +64,6 @@ def test_a_student_round_keeps_the_dataset_it_labeled(tmp_path: Path, digits_dir
     import shutil
 
     from pipeline.rounds import check_same_dataset
-    from pipeline.runner import RunError
 
     make_round0(tmp_path, "r", digits_dir, teacher_model)
     other = tmp_path / "other"
@@ -149,6 +149,32 @@ def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
     kept_09 = int((pd.concat(read_all(out).values())["confidence"] >= 0.9).sum())
     assert stricter.pseudo_labels.kept <= kept_09
     assert load_round(layout, 1).pseudo_labels == stricter.pseudo_labels  # saved as it went
+    # Nor another --topk once labeling is complete (it was skipped, and the manifest's config
+    # then named a k the files did not have): the shards are labeled again, then selected.
+    shorter = run_label_stages(layout, 1, PseudoLabelConfig(threshold=0.9, topk=3), stricter,
+                               progress=lambda _: None)
+    assert {e["event"] for e in shorter.events} >= {"relabel"}
+    assert [e for e in shorter.events if e["event"] == "relabel"][-1]["previous"] == {"topk": 10}
+    assert shorter.stage_complete("pseudo_label") and shorter.stage_complete("select")
+    assert shorter.stages["pseudo_label"].info["config"]["topk"] == 3
+    relabeled = pd.concat(read_all(out).values(), ignore_index=True)
+    assert len(relabeled) == unlabeled.count
+    assert {len(x) for x in relabeled["topk_index"]} == {3}
+    assert shorter.pseudo_labels.selected_with_copies == int(relabeled["copies"].sum())
+    # k above the class count is the same k as the files hold: nothing to redo
+    from pipeline.rounds import check_labels_in_use, labeling_changed
+
+    assert labeling_changed(shorter, PseudoLabelConfig(threshold=0.9, topk=3), 10) == []
+    tenfold = PseudoLabelConfig(threshold=0.9, topk=10)
+    assert labeling_changed(shorter, tenfold, 10) == ["--topk"]
+    assert labeling_changed(shorter, PseudoLabelConfig(threshold=0.9, topk=3,
+                                                       jpeg_dct_scaling=False), 10) == [
+        "--jpeg-dct-scaling"]
+    shorter.set_stage("train", "running")  # once its student trains on them: refused
+    with pytest.raises(RunError, match=r"^round 1 of run 'r': its student has started training "
+                                       r"on pseudo-labels made with --topk 3; run again with "
+                                       "those values, or redo the round"):
+        check_labels_in_use(shorter, tenfold, 10)
 
 
 
@@ -158,7 +184,6 @@ def test_preflight_counts_damage_and_stops_past_the_limit(tmp_path: Path, digits
     import shutil
 
     from pipeline.rounds import preflight
-    from pipeline.runner import RunError
     from pipeline.shards import ShardError, ShardWriter
 
     out = tmp_path / "d"
@@ -299,7 +324,6 @@ def test_another_selection_is_refused_once_the_student_trains_on_this_one(
     train stage has started, a resume would continue a checkpoint trained on the old selection,
     so it is refused with the values to use."""
     from pipeline.rounds import check_selection_in_use
-    from pipeline.runner import RunError
 
     make_round0(tmp_path, "r", digits_dir, teacher_model)
     rec = new_round1(tmp_path, "r")
@@ -360,7 +384,6 @@ def test_a_round_continues_only_as_the_network_it_started_as(
     from pipeline.config import TrainConfig
     from pipeline.manifest import save_round
     from pipeline.rounds import plan_round
-    from pipeline.runner import RunError
 
     rec = make_round0(tmp_path, "r", digits_dir, teacher_model, status="running")
     rec.model.options = {"norm_eps": 1e-3, "norm_momentum": 0.01}  # --norm tf, the default
