@@ -403,11 +403,16 @@ def load_round_file(path: str | Path | S3Path,
     manifest copied or renamed fails other checks that would not say so."""
     path = location(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # JSON's encoding, whatever the locale's
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:  # JSON is UTF-8: binary garbage, or another encoding
+        raise ManifestError(
+            f"{path}: not valid JSON (not UTF-8 text: byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); restore it from version control or rerun the round with --force"
+        ) from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:

@@ -175,6 +175,10 @@ def test_bad_json_and_missing_file(tmp_path: Path) -> None:
     p.write_text('{"schema": 1,')
     with pytest.raises(ManifestError, match="not valid JSON.*--force"):
         load_round(layout, 0)
+    p.write_bytes(b'{"schema": 1, "run": "\xff"}')  # not UTF-8: a traceback before
+    with pytest.raises(ManifestError, match=r"round-0.json: not valid JSON \(not UTF-8 text: "
+                                            r"byte 0xff at offset 22\); restore it"):
+        load_round(layout, 0)
 
 
 def test_failed_write_leaves_old_file_intact(tmp_path: Path, monkeypatch) -> None:
