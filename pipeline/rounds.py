@@ -290,15 +290,21 @@ def plan_round(cfg: TrainConfig) -> Plan:
 
 def check_same_start(rec: RoundRecord, cfg: TrainConfig, init: InitPlan | None) -> None:
     """A round continues only as the network it started as: its checkpoints hold weights for
-    that network (BatchNorm settings, padding) and its record names the weights it started from.
-    Another --init-from, --init-style or --norm on a rerun would rebuild another network and
-    load them into it without a complaint (the shapes agree). Before training has started
+    that network (its --model; BatchNorm settings, padding) and its record names the weights it
+    started from. Another --init-from, --init-style or --norm on a rerun would rebuild another
+    network and load them into it without a complaint (the shapes agree); another --model
+    failed inside the workers with a size mismatch, and every rerun again. Before training has started
     (labeling stages only) nothing depends on them yet."""
     if rec.stage("train") is None:
         return
     options = init.options if init is not None else cfg.model_options()
     before_sha = (rec.init or {}).get("sha256")
     now_sha = init.sha256 if init is not None else None
+    if rec.model is not None and rec.model.name != cfg.model:
+        raise RunError(f"round {rec.round} of run {rec.run!r} was started with --model "
+                       f"{rec.model.name} (now {cfg.model}), and its checkpoints hold that "
+                       f"network's weights; run it again with --model {rec.model.name}, or pass "
+                       "--force to start it over")
     if rec.model is not None and dict(rec.model.options) != dict(options):
         what = f"layer options {dict(rec.model.options)} (now {dict(options)})"
     elif before_sha != now_sha:

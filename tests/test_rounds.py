@@ -380,7 +380,8 @@ def test_a_round_started_with_another_teacher_is_refused_before_writing(
 def test_a_round_continues_only_as_the_network_it_started_as(
         tmp_path: Path, digits_dir: Path, teacher_model: Path) -> None:
     """Its checkpoints hold weights for one network: a rerun with another --norm (or without the
-    --init-from it started from) would rebuild another and load them into it silently."""
+    --init-from it started from) would rebuild another and load them into it silently, and one
+    with another --model failed in the workers."""
     from pipeline.config import TrainConfig
     from pipeline.manifest import save_round
     from pipeline.rounds import plan_round
@@ -388,7 +389,8 @@ def test_a_round_continues_only_as_the_network_it_started_as(
     rec = make_round0(tmp_path, "r", digits_dir, teacher_model, status="running")
     rec.model.options = {"norm_eps": 1e-3, "norm_momentum": 0.01}  # --norm tf, the default
     save_round(RunLayout(tmp_path, "r"), rec)
-    plain = {"run": "r", "root": str(tmp_path), "data": str(digits_dir)}
+    plain = {"run": "r", "root": str(tmp_path), "data": str(digits_dir),
+             "model": "efficientnet_t0"}
     assert plan_round(TrainConfig(**plain, norm="pytorch")).existing is not None  # not trained
     rec.set_stage("train", "failed")
     save_round(RunLayout(tmp_path, "r"), rec)
@@ -403,3 +405,9 @@ def test_a_round_continues_only_as_the_network_it_started_as(
     save_round(RunLayout(tmp_path, "r"), rec)
     with pytest.raises(RunError, match=r"was started with --init-from b0.pth \(sha256 ababab"):
         plan_round(TrainConfig(**plain))
+    # another --model: its checkpoints cannot load (it failed in the workers, every rerun)
+    with pytest.raises(RunError, match=r"^round 0 of run 'r' was started with --model "
+                                       r"efficientnet_t0 \(now efficientnet_t1\), and its "
+                                       r"checkpoints hold that network's weights; run it again "
+                                       r"with --model efficientnet_t0, or pass --force"):
+        plan_round(TrainConfig(**{**plain, "model": "efficientnet_t1"}))
