@@ -355,7 +355,7 @@ class LabeledStream(IterableDataset):
         for s in self._raw(mine, rng):
             if s is _END_OF_PASS:  # each pass meets the same damage: check it, count afresh
                 if first_pass and self.damage_dir is not None:
-                    _record_damage(self.damage_dir, reader, named, self._damage)
+                    _record_damage(self.damage_dir, reader, readers, named, self._damage)
                 first_pass = False
                 self._damage.check(self.split, self.damage_limit)
                 if produced == 0:  # an endless stream with nothing in it would hang its rank
@@ -382,10 +382,14 @@ def _part_name(part: Part) -> str:
     return f"{shard}[{first}:{'' if end is None else end}]"
 
 
-def _record_damage(folder: str, reader: int, shards: list[str], damage: Damage) -> None:
-    """One reader's first-pass tally, for the driver to merge (:func:`merge_damage`)."""
-    from pipeline.storage import atomic_write_json
+def _record_damage(folder: str, reader: int, readers: int, shards: list[str],
+                   damage: Damage) -> None:
+    """One reader's first-pass tally, for the driver to merge (:func:`merge_damage`). Reader 0
+    removes those of readers an earlier attempt had beyond this one's ``readers``."""
+    from pipeline.storage import atomic_write_json, remove_numbered_beyond
 
+    if reader == 0:
+        remove_numbered_beyond(folder, "reader-", ".json", readers)
     atomic_write_json(location(folder) / f"reader-{reader:05d}.json",
                       {"shards": shards, **damage.to_dict(), "by_shard": dict(damage.by_shard)})
 

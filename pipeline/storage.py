@@ -77,3 +77,17 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"cannot store {type(obj).__name__} in a manifest")
+
+
+def remove_numbered_beyond(folder: str | Path | S3Path, prefix: str, suffix: str,
+                           count: int) -> list[str]:
+    """Remove ``folder/<prefix>NNNNN<suffix>`` files numbered ``count`` or above; returns their
+    names. Per-rank (per-reader) files of an earlier attempt with more ranks would otherwise be
+    merged with this attempt's: rank 0 calls it when every rank writes its own again."""
+    removed = []
+    for path in location(folder).glob(f"{prefix}*{suffix}"):
+        number = path.name[len(prefix):len(path.name) - len(suffix)]
+        if number.isdigit() and int(number) >= count:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)

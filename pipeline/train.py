@@ -448,6 +448,10 @@ def final_evaluate(job: Job, ctx: WorkerContext, reporter: Reporter, learner: Le
     pause_point("evaluate")  # tests only (tests/test_faults.py)
     t0 = time.time()
     metrics, rows = evaluate(learner.model, test_loader(job, ctx), ctx, collect=True)
+    if ctx.rank == 0:  # an earlier attempt's ranks beyond this one's: the driver merges them all
+        from pipeline.storage import remove_numbered_beyond
+
+        remove_numbered_beyond(job.predictions_dir, "rank-", ".parquet", ctx.world_size)
     write_predictions(rows, job.predictions_dir, ctx.rank)
     state.final_metrics = metrics
     ctx.scalars(state.epoch, {"final/top1": metrics["top1"], "final/top5": metrics["top5"]})

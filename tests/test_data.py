@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -104,6 +105,19 @@ def test_training_streams_record_their_first_pass_and_wrapped_readers_count_once
     assert merged["samples"] == 6 and merged["bad"] == 1  # the shard once, not twice
     assert merged["examples"][0]["key"] == "k01"
     assert merge_damage(tmp_path / "none") is None
+    # An earlier attempt with more readers left reader 2's tally (of other shards); a new
+    # attempt's reader 0 removes it, or the driver would count its samples in as well.
+    stale = folder / "reader-00002.json"
+    stale.write_text(json.dumps({"shards": ["gone.tar"], "samples": 50, "bad": 9,
+                                 "examples": [], "by_shard": {}}))
+    assert merge_damage(folder)["samples"] == 56
+    it = iter(LabeledStream(shards, _as_float, rank=0, world_size=2, num_classes=1,
+                            shuffle_buffer=0, damage_dir=str(folder)))
+    for _ in range(6):
+        next(it)
+    assert sorted(p.name for p in folder.glob("reader-*.json")) == [
+        "reader-00000.json", "reader-00001.json"]
+    assert merge_damage(folder)["samples"] == 6
 
 
 # ----------------------------------------------------------------------------- decoded cache

@@ -74,10 +74,14 @@ def test_checkpoint_every_n_epochs_and_after_the_last(digits_info: DatasetInfo,
                                                       tmp_path: Path) -> None:
     job = tiny_job(digits_info, tmp_path, epochs=5, checkpoint_every=2, eval_every=10)
     rep = LocalReporter(tmp_path / "ck")
+    # an earlier attempt on 3 ranks left rank 2's predictions; the driver merges every file
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "rank-00002.parquet").write_bytes(b"stale")
     train_worker(job, WorkerContext(), rep)
     assert [(r["phase"], r.get("epoch")) for r in rep.reports] == [
         ("train", 2), ("train", 4), ("train", 5), ("evaluate", None)]
     assert len(read_state(tmp_path / "ck")["history"]) == 5  # every epoch is still recorded
+    assert [p.name for p in (tmp_path / "pred").iterdir()] == ["rank-00000.parquet"]
 
 
 def test_train_worker_resumes_from_checkpoint(digits_info: DatasetInfo, tmp_path: Path) -> None:
