@@ -126,7 +126,8 @@ def quiet_for_finetune(model: nn.Module, *, keep_norm_statistics: bool) -> None:
 def reestimate_norms(model: nn.Module, norms: list[nn.BatchNorm2d],
                      batches: Iterator[torch.Tensor], ctx: WorkerContext) -> int:
     """Replace the running statistics of ``norms`` by their plain average over ``batches`` (the
-    model's weights fixed, every other module in eval mode, so no dropout); averaged over ranks.
+    model's weights fixed, every other module in eval mode, so no dropout); averaged over ranks,
+    each weighted by the images it used.
     Modes and momenta are restored. Returns the images this rank used (0: statistics kept)."""
     if not norms:
         return 0
@@ -157,15 +158,20 @@ def reestimate_norms(model: nn.Module, norms: list[nn.BatchNorm2d],
     if ctx.world_size > 1:
         import torch.distributed as dist
 
-        flat = torch.cat([torch.cat([n.running_mean, n.running_var]) for n in norms])
+        # Weighted by the images each rank used: a rank that saw none (it kept its old
+        # statistics) adds nothing, and uneven shares count as one pool of images would.
+        flat = torch.cat([torch.cat([n.running_mean, n.running_var]) for n in norms]) * seen
+        flat = torch.cat([flat, flat.new_tensor([float(seen)])])
         dist.all_reduce(flat)
-        flat /= ctx.world_size
-        i = 0
-        for n in norms:
-            c = n.num_features
-            n.running_mean.copy_(flat[i:i + c])
-            n.running_var.copy_(flat[i + c:i + 2 * c])
-            i += 2 * c
+        total = float(flat[-1])
+        if total > 0:  # else no rank saw an image: each kept the same (DDP-synced) statistics
+            flat = flat[:-1] / total
+            i = 0
+            for n in norms:
+                c = n.num_features
+                n.running_mean.copy_(flat[i:i + c])
+                n.running_var.copy_(flat[i + c:i + 2 * c])
+                i += 2 * c
     return seen
 
 

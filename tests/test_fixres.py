@@ -190,6 +190,45 @@ def test_reestimated_statistics_are_those_of_the_test_resolution() -> None:
     assert all(torch.equal(a, n.running_mean) for a, n in zip(kept, deep, strict=True))
 
 
+def _two_rank_reestimate(rank: int, init: str, out: str, second_rank_batches: int) -> None:
+    """One of 2 gloo ranks: rank 0 re-estimates from 2 batches, rank 1 from the number given."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, batches = _tiny_bn_model_and_batches()
+        mine = batches[:2] if rank == 0 else batches[2:2 + second_rank_batches]
+        reestimate_norms(model, [model[1]], iter(mine), WorkerContext(rank=rank, world_size=2))
+        torch.save({"mean": model[1].running_mean, "var": model[1].running_var},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_bn_model_and_batches() -> tuple[nn.Sequential, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    model[1].running_mean.fill_(5.0)  # "training-resolution" statistics, far from the batches'
+    return model, [torch.randn(8, 3, 4, 4) + i for i in range(3)]
+
+
+@pytest.mark.parametrize("second_rank_batches", [0, 1])
+def test_reestimation_over_ranks_weighs_each_by_its_images(tmp_path: Path,
+                                                           second_rank_batches: int) -> None:
+    """Two ranks: the statistics are those of all their images together. A rank with none used
+    to average its old statistics in with the same weight as the others' new ones."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_reestimate, nprocs=2, args=(
+        f"file://{tmp_path / 'rendezvous'}", str(tmp_path), second_rank_batches))
+    model, batches = _tiny_bn_model_and_batches()
+    reestimate_norms(model, [model[1]], iter(batches[:2 + second_rank_batches]), WorkerContext())
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(got["mean"], model[1].running_mean, atol=1e-6)
+        assert torch.allclose(got["var"], model[1].running_var, atol=1e-6)
+
+
 @pytest.mark.parametrize("scope", ["trainable", "all"])
 def test_finetune_reestimates_the_chosen_norms_on_labeled_and_unlabeled_images(
         digits_info: DatasetInfo, tmp_path: Path, scope: str) -> None:
