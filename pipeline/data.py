@@ -412,11 +412,11 @@ def merge_damage(folder: str | Path | S3Path) -> dict[str, Any] | None:
 class PseudoStream(IterableDataset):
     """Endless stream of ``(image, soft target)`` from unlabeled shards and their pseudo-labels.
 
-    Each unlabeled shard ``<stem>.tar`` has ``<pseudo_dir>/<stem>.parquet`` (``names``: the
-    names labeling gave, from the whole split, :func:`pipeline.pseudo_files.pseudo_file_names`;
-    by default from ``shards``) with a ``copies``
+    Each unlabeled shard ``<stem>.tar`` has ``<pseudo_dir>/<stem>.parquet`` with a ``copies``
     column; a sample appears ``copies`` times per pass (0 = not selected), each time freshly
-    augmented, and its target is built from the stored top-k probabilities.
+    augmented, and its target is built from the stored top-k probabilities. ``names``: each
+    shard's file name as labeling gave it, from the whole split
+    (:func:`pipeline.pseudo_files.pseudo_file_names`); by default made from ``shards``.
     """
 
     def __init__(self, shards: list[str], pseudo_dir: str, transform: Transform, *,
