@@ -1,11 +1,13 @@
 """One process per round: a lock file beside the round's manifest.
 
 Two commands working on the same round at once would interleave their writes to its manifest and
-files. ``manifests/<run>/round-<N>.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds
-who has it (host, pid, start time, command). A second process refuses with one line naming the
+files. ``manifests/<run>/round-<N>.lock`` is created only where none exists (a hard link, which
+fails if it does) and holds who has it (host, pid, start time, command). A second process refuses with one line naming the
 holder. A lock whose process is gone (same host, no such pid) was left by a crash: it is taken
-over, and the log says so. A lock from another host cannot be checked from here; the message
-says which file to delete once that process is known to be gone.
+over, and the log says so; two processes that find it stale at once take it over one after
+the other under an ``flock`` (the second then refuses). The lock appears with its contents or
+not at all (written beside it, then hard-linked into place). A lock from another host cannot be
+checked from here; the message says which file to delete once that process is known to be gone.
 
 On object storage (an ``s3://`` root) there is no exclusive create through pyarrow: the lock is
 written only when absent, then read back after :data:`REMOTE_SETTLE` seconds, and the process
@@ -65,6 +67,25 @@ def _create(path: Path | S3Path, me: dict[str, Any]) -> bool:
         path.write_text(json.dumps(me))
         time.sleep(REMOTE_SETTLE)
         return (_holder(path) or {}).get("token") == me["token"]
+    # Written whole beside it, then hard-linked into place: the link appears with its contents
+    # or not at all (it fails if the lock exists), so a kill between creating the lock and
+    # writing it cannot leave an empty lock, which no later run could take over. A full disk
+    # fails on the side file, with no lock made.
+    side = path.with_name(f".{path.name}.{me['token']}")
+    try:
+        side.write_text(json.dumps(me))
+        try:
+            os.link(side, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: an exclusive create, then write
+            return _create_exclusive(path, me)
+        return True
+    finally:
+        side.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: Path, me: dict[str, Any]) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -76,6 +97,26 @@ def _create(path: Path | S3Path, me: dict[str, Any]) -> bool:
         path.unlink(missing_ok=True)
         raise
     return True
+
+
+@contextlib.contextmanager
+def _takeover_guard(path: Path | S3Path) -> Iterator[None]:
+    """Held around taking over a stale lock, so that two processes that both found it stale
+    take it over one after the other: the second then finds the first's lock, not the stale
+    one, and refuses (without it, the second removed the first's fresh lock and both held the
+    round). Local files only: object storage has no such lock (see the module docstring)."""
+    if isinstance(path, S3Path):
+        yield
+        return
+    import fcntl
+
+    guard = path.with_name(f".{path.name}.guard")  # kept: removing it would race its users
+    with open(guard, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -97,12 +138,17 @@ def round_lock(layout: RunLayout, round_: int) -> Iterator[Path]:
             raise LockError(
                 f"round {round_} of run {layout.run!r} is being run by {where}; wait for it to "
                 f"finish, or if that process is gone, delete {path}")
-        print(f"lock: taking over {path}, left by {_describe(held)}, which no longer runs",
-              file=sys.stderr)
-        path.unlink(missing_ok=True)
-        if not _create(path, me):  # another process took it over first
-            raise LockError(f"round {round_} of run {layout.run!r} was just taken by "
-                            f"{_describe(_holder(path) or {})}; wait for it to finish")
+        with _takeover_guard(path):
+            now = _holder(path)
+            if now is not None and now.get("token") != held.get("token"):
+                raise LockError(f"round {round_} of run {layout.run!r} was just taken by "
+                                f"{_describe(now)}; wait for it to finish")
+            print(f"lock: taking over {path}, left by {_describe(held)}, which no longer runs",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
+            if not _create(path, me):  # a process starting afresh created it first
+                raise LockError(f"round {round_} of run {layout.run!r} was just taken by "
+                                f"{_describe(_holder(path) or {})}; wait for it to finish")
     try:
         yield path
     finally:

@@ -50,3 +50,68 @@ def test_a_lock_from_another_host_is_not_guessed_stale(tmp_path: Path) -> None:
     with pytest.raises(LockError, match="on host elsewhere"), round_lock(layout, 0):
         pass
     assert json.loads(path.read_text())["host"] == "elsewhere"  # untouched
+
+
+def test_two_processes_taking_over_one_stale_lock_do_not_both_hold_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both find the crashed holder's lock stale before either acts. The second used to remove
+    the first's fresh lock and make its own: both held the round. Now it finds the first's."""
+    import threading
+    import time
+
+    import pipeline.lock as lock
+
+    layout = RunLayout(tmp_path, "r")
+    path = layout.manifest_dir / "round-1.lock"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(),
+                                "token": "dead"}))  # above Linux's pid_max: no such process
+    both_read = threading.Barrier(2)
+    alive = lock._alive
+
+    def slow_alive(pid: int) -> bool:
+        answer = alive(pid)
+        both_read.wait(timeout=10)  # both have judged the stale holder before either acts
+        if threading.current_thread().name == "B":
+            time.sleep(0.2)  # A takes it over first
+        return answer
+
+    monkeypatch.setattr(lock, "_alive", slow_alive)
+    held, refused = [], []
+
+    def run() -> None:
+        try:
+            with round_lock(layout, 1):
+                held.append(threading.current_thread().name)
+                time.sleep(0.5)
+        except LockError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=run, name=n) for n in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert held == ["A"]
+    assert len(refused) == 1 and refused[0].startswith("round 1 of run 'r' was just taken by pid")
+    assert not path.exists()  # A released it
+
+
+def test_a_lock_is_never_left_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock appears with its contents (hard-linked from a file written beside it): a kill
+    between creating it and writing it used to leave an empty lock that no run could take
+    over. The side file is gone afterwards, written or not."""
+    import pipeline.lock as lock
+
+    layout = RunLayout(tmp_path, "r")
+    seen = []
+    link = os.link
+
+    def check_link(src: str, dst: str) -> None:
+        seen.append(json.loads(Path(src).read_text())["pid"])  # whole before it appears
+        link(src, dst)
+
+    monkeypatch.setattr(lock.os, "link", check_link)
+    with round_lock(layout, 3) as path:
+        assert seen == [os.getpid()] and json.loads(path.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in path.parent.iterdir()) == []
