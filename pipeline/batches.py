@@ -43,7 +43,8 @@ def labeled_batches(job: Job, ctx: WorkerContext, transform: Any,
                            world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                            num_classes=job.num_classes, damage_limit=cfg.damage_limit,
                            damage_dir=job.damage_dir, cache_bytes=cache_bytes(cfg),
-                           decode_min_side=_train_side(job), weights=job.labeled.get("weights"))
+                           decode_min_side=_train_side(job), weights=job.labeled.get("weights"),
+                           split_count=job.labeled.get("count"))
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
 
 
@@ -94,6 +95,7 @@ def test_loader(job: Job, ctx: WorkerContext) -> Any:
     ds = LabeledStream(job.test["shards"], eval_transform(res, cfg.eval_crop_fraction),
                        rank=ctx.rank, world_size=ctx.world_size, train=False,
                        num_classes=job.num_classes, damage_limit=cfg.damage_limit,
-                       split="test", decode_min_side=eval_min_side(
-                           res, cfg.eval_crop_fraction, cfg.jpeg_dct_scaling))
+                       split="test", split_count=job.test.get("count"),
+                       decode_min_side=eval_min_side(res, cfg.eval_crop_fraction,
+                                                     cfg.jpeg_dct_scaling))
     return make_loader(ds, job.config.eval_batch_size, job.config.loader_workers)

@@ -38,6 +38,7 @@ Why streams look the way they do:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -304,8 +305,11 @@ class LabeledStream(IterableDataset):
                  seed: int = 0, num_classes: int | None = None, damage_limit: float = 1.0,
                  split: str = "labeled", damage_dir: str | None = None,
                  cache_bytes: int = 0, decode_min_side: int | None = None,
-                 weights: list[int] | None = None) -> None:
+                 weights: list[int] | None = None, split_count: int | None = None) -> None:
         self.shards, self.transform = list(shards), transform
+        # the whole split's samples (dataset.json): the damage limit is a share of the split,
+        # not of one reader's part of it
+        self.split_count = split_count
         # samples per shard (dataset.json's shard_counts): training deals the shards balanced
         # by them, as the pseudo-labeled stream deals its shards by copies
         self.weights = list(weights) if weights is not None else None
@@ -353,11 +357,12 @@ class LabeledStream(IterableDataset):
         self._damage = Damage()
         first_pass, produced = True, 0
         for s in self._raw(mine, rng):
-            if s is _END_OF_PASS:  # each pass meets the same damage: check it, count afresh
-                if first_pass and self.damage_dir is not None:
-                    _record_damage(self.damage_dir, reader, readers, named, self._damage)
+            if s is _END_OF_PASS:  # each pass meets the same damage: check the first's
+                if first_pass:
+                    if self.damage_dir is not None:
+                        _record_damage(self.damage_dir, reader, readers, named, self._damage)
+                    self._split_damage().check(self.split, self.damage_limit, self.split_count)
                 first_pass = False
-                self._damage.check(self.split, self.damage_limit)
                 if produced == 0:  # an endless stream with nothing in it would hang its rank
                     raise ShardError(
                         f"{self.split} split: shard(s) {', '.join(named[:3])} gave this reader "
@@ -373,7 +378,14 @@ class LabeledStream(IterableDataset):
             if image is not None:
                 produced += 1
                 yield self.transform(image), s.label, s.key
-        self._damage.check(self.split, self.damage_limit)
+        self._damage.check(self.split, self.damage_limit, self.split_count)
+
+    def _split_damage(self) -> Damage:
+        """What is known of the split's damage after this reader's first pass: every reader's
+        tally recorded so far (the last reader to finish sees them all), or its own."""
+        if self.damage_dir is None or self.split_count is None:
+            return self._damage
+        return merged_tally(self.damage_dir) or self._damage
 
 
 def _part_name(part: Part) -> str:
@@ -398,15 +410,23 @@ def merge_damage(folder: str | Path | S3Path) -> dict[str, Any] | None:
     """The training streams' tallies of one split: samples, bad and examples, each reader's share
     counted once (readers that wrapped around onto the same shards report them twice). None when
     no reader finished a pass over its shards."""
+    merged = merged_tally(folder)
+    return None if merged is None else merged.to_dict()
+
+
+def merged_tally(folder: str | Path | S3Path) -> Damage | None:
+    """:func:`merge_damage` as a :class:`~pipeline.shards.Damage` (counts per shard kept)."""
     tallies = {}
     for path in sorted(location(folder).glob("reader-*.json")):
-        t = json.loads(path.read_text())
-        tallies[tuple(t["shards"])] = t
+        with contextlib.suppress(OSError, ValueError):  # another reader's, being replaced
+            t = json.loads(path.read_text())
+            tallies[tuple(t["shards"])] = t
     if not tallies:
         return None
-    examples = [e for t in tallies.values() for e in t["examples"]][:20]
-    return {"samples": sum(t["samples"] for t in tallies.values()),
-            "bad": sum(t["bad"] for t in tallies.values()), "examples": examples}
+    merged = Damage()
+    for t in tallies.values():
+        merged.merge(Damage.from_dict(t))
+    return merged
 
 
 class PseudoStream(IterableDataset):

@@ -71,7 +71,8 @@ def finetune_batches(job: Job, ctx: WorkerContext) -> Iterator[tuple[torch.Tenso
                            num_classes=job.num_classes, damage_limit=cfg.damage_limit,
                            decode_min_side=eval_min_side(res, cfg.eval_crop_fraction,
                                                          cfg.jpeg_dct_scaling),
-                           weights=job.labeled.get("weights"))
+                           weights=job.labeled.get("weights"),
+                           split_count=job.labeled.get("count"))
     return iter(make_loader(stream, cfg.batch_size, cfg.loader_workers))
 
 

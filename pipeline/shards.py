@@ -440,16 +440,30 @@ class Damage:
     def fraction(self) -> float:
         return self.count / max(1, self.count + self.good)
 
-    def check(self, split: str, limit: float) -> None:
-        """Raise ShardError when more than ``limit`` of the samples seen were damaged."""
-        if self.count and self.fraction() > limit:
-            shard, n = self.by_shard.most_common(1)[0]
-            first = next((e for e in self.examples if e["shard"] == shard), self.examples[0])
-            raise ShardError(
-                f"{split} split: {self.count} of {self.count + self.good} samples are damaged "
-                f"({self.fraction():.1%} > --damage-limit {limit:g}); worst shard {shard} "
-                f"({n} bad, e.g. key {first['key']!r}: {first['reason']}); repair or remove it "
-                "from dataset.json, or raise --damage-limit")
+    def check(self, split: str, limit: float, total: int | None = None) -> None:
+        """Raise ShardError when more than ``limit`` of the samples seen were damaged. With
+        ``total`` (the whole split's samples, for a tally of part of it: one reader's share), when
+        these damaged samples alone are more than ``limit`` of the split: a share is not
+        judged as if it were the split (damage in one shard would stop many readers' rounds)."""
+        whole = self.count + self.good if total is None else max(total, self.count)
+        if not self.count or self.count / max(1, whole) <= limit:
+            return
+        shard, n = self.by_shard.most_common(1)[0]
+        first = next((e for e in self.examples if e["shard"] == shard), self.examples[0])
+        raise ShardError(
+            f"{split} split: {self.count} of {whole} samples are damaged "
+            f"({self.count / whole:.1%} > --damage-limit {limit:g}); worst shard {shard} "
+            f"({n} bad, e.g. key {first['key']!r}: {first['reason']}); repair or remove it "
+            "from dataset.json, or raise --damage-limit")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Damage:
+        """A tally as :meth:`to_dict` (with ``by_shard``) wrote it."""
+        out = cls()
+        out.by_shard.update(d.get("by_shard") or {})
+        out.good = int(d["samples"]) - out.count
+        out.examples = list(d.get("examples") or [])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"samples": self.good + self.count, "bad": self.count,

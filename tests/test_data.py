@@ -120,6 +120,45 @@ def test_training_streams_record_their_first_pass_and_wrapped_readers_count_once
     assert merge_damage(folder)["samples"] == 6
 
 
+def _four_shards(tmp: Path, bad: set[int]) -> list[str]:
+    """4 shards of 100 8x8 images (labels 0/1); the samples in ``bad`` do not decode."""
+    img = encode_png(np.zeros((8, 8, 3), np.uint8))
+    samples = [(f"k{i:04d}", b"not an image" if i in bad else img, i % 2) for i in range(400)]
+    return [str(p) for p, _ in write_shards(samples, tmp, prefix="d", maxcount=100)]
+
+
+def test_the_damage_limit_is_a_share_of_the_split_not_of_a_readers_part(tmp_path: Path) -> None:
+    """3 damaged images of 400 (0.75%, limit 1%), all in one shard: on 4 readers, the one
+    holding that shard saw 3% of its part and stopped the round, which one reader passes."""
+    shards = _four_shards(tmp_path / "a", bad={0, 1, 2})
+    for rank in range(4):  # evaluation: each rank reads its own shard to the end
+        list(LabeledStream(shards, _as_float, rank=rank, world_size=4, train=False,
+                           num_classes=2, damage_limit=0.01, split="test", split_count=400))
+        it = iter(LabeledStream(shards, _as_float, rank=rank, world_size=4, num_classes=2,
+                                damage_limit=0.01, shuffle_buffer=0, split_count=400,
+                                damage_dir=str(tmp_path / "tally")))
+        for _ in range(250):  # training: past the first pass
+            next(it)
+    with pytest.raises(ShardError, match=r"test split: 3 of 100 samples are damaged \(3.0%"):
+        list(LabeledStream(shards, _as_float, train=False, rank=0, world_size=4, num_classes=2,
+                           damage_limit=0.01, split="test"))  # a part judged as the split
+    # 2 damaged in each shard: 8 of 400 (2%, limit 1.5%). No reader's part alone says the
+    # split is past the limit; the tallies recorded so far do, once the last reader adds its own.
+    spread = _four_shards(tmp_path / "b", bad={0, 1, 100, 101, 200, 201, 300, 301})
+    for rank in range(4):
+        it = iter(LabeledStream(spread, _as_float, rank=rank, world_size=4, num_classes=2,
+                                damage_limit=0.015, shuffle_buffer=0, split_count=400,
+                                damage_dir=str(tmp_path / "spread")))
+        if rank < 3:
+            for _ in range(250):
+                next(it)
+            continue
+        with pytest.raises(ShardError, match=r"^labeled split: 8 of 400 samples are damaged "
+                                             r"\(2.0% > --damage-limit 0.015\); worst shard "):
+            for _ in range(250):
+                next(it)
+
+
 # ----------------------------------------------------------------------------- decoded cache
 
 
