@@ -26,8 +26,11 @@ Why streams look the way they do:
   shard's labels in memory.
 * Damage: shards are read by :func:`pipeline.shards.read_shard` and images decoded by
   :func:`pipeline.images.decode_image`, as in every other stage. A damaged sample is skipped and
-  counted; after a stream's first pass over its shards, a labeled or test share with more than
-  ``damage_limit`` of its samples damaged stops the job, naming the worst shard.
+  counted; after a stream's first pass over its shards, damage past ``damage_limit`` of the
+  whole labeled or test split (``split_count``) stops the job, naming the worst shard. A
+  reader's part is not judged as if it were the split: a training reader adds the tallies the
+  others have recorded so far (the last to finish sees them all), and without ``split_count``
+  (tests, in-process use) its own part is the split.
 * Decoded cache: a training stream whose share of the split fits in ``cache_bytes`` keeps its
   images decoded after the first pass (:class:`DecodedCache`) and replays them from memory, so
   a small labeled set (or a small pseudo-labeled one) is read and decoded once per job, not once
