@@ -15,10 +15,12 @@ import contextlib
 import glob
 import io
 import json
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -301,7 +303,8 @@ def read_shard(path: str | Path) -> Iterator[Sample | BadSample]:
             _check_end_marker(tar)
     except StorageError:
         raise  # credentials or endpoint: not the shard's fault, and no sample can be read
-    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
+    except (OSError, EOFError, tarfile.TarError, ValueError, zlib.error, lzma.LZMAError) as e:
+        # (a damaged .tar.gz / .tar.xz, which tarfile's "r:*" opens, fails in its decompressor)
         lost = current_key if current is not None else ""
         detail = " ".join(str(e).split())  # tarfile's messages span lines
         yield BadSample(shard, lost, index, f"damaged shard ({type(e).__name__}: {detail}); "

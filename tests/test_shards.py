@@ -237,6 +237,28 @@ def test_read_shard_reports_damage_instead_of_raising(tmp_path: Path) -> None:
     not_tar = tmp_path / "text.tar"
     not_tar.write_text("hello")
     assert isinstance(list(read_shard(not_tar))[-1], BadSample)
+    # A compressed shard (tarfile opens .tar.gz/.tar.xz too) whose stream is damaged: the
+    # decompressor's own error (zlib.error is no OSError) escaped as a traceback.
+    import gzip
+    import lzma
+    import zlib
+
+    noise = encode_png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    with ShardWriter(tmp_path / "noisy", "n", maxcount=100) as w:
+        for i in range(20):  # incompressible: a damaged block is found while reading it
+            w.write(f"k{i}", noise, 0)
+    data = Path(w.paths[0]).read_bytes()
+    for name, compress in (("gz", gzip.compress), ("xz", lzma.compress)):
+        whole = tmp_path / f"good.tar.{name}"
+        whole.write_bytes(compress(data))
+        assert [s.key for s in read_shard(whole)] == [f"k{i}" for i in range(20)]
+        packed = bytearray(compress(data))
+        packed[len(packed) // 2: len(packed) // 2 + 64] = bytes(64)
+        broken = tmp_path / f"broken.tar.{name}"
+        broken.write_bytes(packed)
+        got = list(read_shard(broken))
+        assert isinstance(got[-1], BadSample) and "damaged shard" in got[-1].reason, name
+    assert issubclass(zlib.error, Exception) and not issubclass(zlib.error, OSError)
 
 
 def test_bad_samples_keep_their_place_and_the_rest_is_read(tmp_path: Path) -> None:
