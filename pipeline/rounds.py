@@ -166,11 +166,11 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
         for path, count in zip(shards, recorded, strict=True):
             shard_keys, read, torn = [], 0, False
             for s in read_shard(path):
-                read += 1
                 if isinstance(s, BadSample):
                     torn = torn or s.reason.startswith("damaged shard")
                     damage.bad(s)
                     continue
+                read += 1  # samples as register counts them: read, decodable or not
                 shard_keys.append(s.key)
                 if s.label is None or not 0 <= s.label < info.num_classes:
                     raise RunError(f"{s.where}: label {s.label} is not one of the dataset's "
