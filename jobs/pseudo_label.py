@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from pipeline.lock import round_lock
         from pipeline.manifest import check_model_file, load_parent
-        from pipeline.rounds import (
-            check_label_resources,
-            check_teacher_unchanged,
-            run_label_stages,
-        )
+        from pipeline.rounds import check_teacher_unchanged
         from pipeline.runner import ray_session, resolve_root
 
         job = parse_args(argv)
@@ -122,15 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         existing = existing_round(layout, job)
         if existing is not None:
             check_teacher_unchanged(existing, parent)
-        with round_lock(layout, job.round), ray_session(job.num_cpus, verbose=job.verbose):
-            if existing is None or not existing.stage_complete("pseudo_label"):
-                check_label_resources(job.label_settings())
-            rec = existing or new_record(layout, job, parent)
-            rec = run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)
+        with round_lock(layout, job.round):
+            # Read again under the lock: another process may have moved the round on (or
+            # completed it) since; deciding on the first read could save an older record over it.
+            existing = existing_round(layout, job)
+            if existing is not None:
+                check_teacher_unchanged(existing, parent)
+            with ray_session(job.num_cpus, verbose=job.verbose):
+                rec = _label(layout, job, parent, existing)
         summary(layout, rec)
         return 0
 
     return run_job("pseudo_label", body)
+
+
+def _label(layout: RunLayout, job: PseudoLabelJob, parent: Parent,
+           existing: RoundRecord | None) -> RoundRecord:
+    from pipeline.rounds import check_label_resources, run_label_stages
+
+    if existing is None or not existing.stage_complete("pseudo_label"):
+        check_label_resources(job.label_settings())
+    rec = existing or new_record(layout, job, parent)
+    return run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)
 
 
 def summary(layout: RunLayout, rec: RoundRecord) -> None:

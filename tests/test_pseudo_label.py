@@ -114,6 +114,45 @@ def test_job_refuses_another_selection_once_the_student_trains(tmp_path: Path, d
     assert manifest.read_bytes() == before and not layout.pseudo_dir(1).exists()
 
 
+def test_job_decides_on_the_round_as_it_is_once_it_holds_the_lock(
+        tmp_path: Path, digits_dir: Path, teacher_model: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process completes round 1 between this job's first read of it (none yet) and its
+    taking the lock: the job used to go on from the first read and could save its new record
+    over the complete one. Read again under the lock, it refuses and changes nothing."""
+    import contextlib
+
+    import pipeline.lock
+    from pipeline.manifest import save_round
+    from tests.builders import new_round1
+
+    if str(REPO / "jobs") not in sys.path:  # the jobs import their neighbours by name
+        sys.path.insert(0, str(REPO / "jobs"))
+    import pseudo_label
+
+    make_round0(tmp_path, "r", digits_dir, teacher_model)
+    layout = RunLayout(tmp_path, "r")
+    real_lock = pipeline.lock.round_lock
+
+    @contextlib.contextmanager
+    def lock_after_another_finished(layout_: RunLayout, round_: int):
+        done = new_round1(tmp_path, "r")
+        round0 = load_round(layout, 0)
+        done.model, done.checkpoint = round0.model, round0.checkpoint
+        done.mark_complete()
+        save_round(layout, done)  # the other process, just before this one gets the lock
+        with real_lock(layout_, round_) as path:
+            yield path
+
+    monkeypatch.setattr(pipeline.lock, "round_lock", lock_after_another_finished)
+    manifest = layout.manifest_path(1)
+    assert pseudo_label.main(["--run", "r", "--round", "1", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "round 1 of run 'r' is complete" in err
+    assert load_round(layout, 1).status == "complete" and manifest.exists()
+    assert not layout.pseudo_dir(1).exists()
+
+
 @pytest.fixture(scope="module")
 def damaged_dir(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
     """A copy of digits where one image does not decode and one shard is cut in half."""
