@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     for split in SPLITS:
         r.add_argument(f"--{split}", required=True,
                        help=f"{split} shards: paths, a glob or a brace pattern (local or s3://)")
-    r.add_argument("--classes", help="comma-separated class names (default: 0..max label)")
+    r.add_argument("--classes", help="comma-separated class names, in label order (default: 0..max label)")
     r.add_argument("--out", required=True, help="folder for dataset.json (local or s3://)")
     r.add_argument("--workers", type=_positive, default=None,
                    help=f"processes that read the shards to count them (default: one per CPU, "
@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                                        max_short_side=args.max_short_side,
                                        jpeg_quality=args.jpeg_quality, seed=args.seed)
         else:
+            classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
             info = register_shards(args.out, labeled=args.labeled, unlabeled=args.unlabeled,
-                                   test=args.test,
-                                   classes=args.classes.split(",") if args.classes else None,
-                                   workers=args.workers)
+                                   test=args.test, classes=classes, workers=args.workers)
     except (DatasetError, ShardError, StorageError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

@@ -840,6 +840,10 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
     if classes and (twice := _named_twice(classes)):  # before reading any shard
         raise DatasetError(f"--classes names {', '.join(twice)} more than once; give each "
                            "class one name")
+    if classes and any(not c.strip() for c in classes):  # "a,,b" or "a,": load would refuse it
+        raise DatasetError(f"--classes has an empty name (at position "
+                           f"{[c.strip() for c in classes].index('') + 1} of {len(classes)}); "
+                           "give each class a name, separated by commas")
     out = location(out)
     info = DatasetInfo(path=out, name=out.name, classes=[])
     seen: dict[str, Counter[int] | None] = {}

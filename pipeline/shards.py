@@ -235,12 +235,18 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[str]:
     Brace expansion is webdataset's own (the ``braceexpand`` package it depends on), so a pattern
     means the same here as in any WebDataset tool.
     """
-    from braceexpand import braceexpand
+    from braceexpand import UnbalancedBracesError, braceexpand
 
     specs = [str(spec)] if isinstance(spec, str | Path | S3Path) else [str(s) for s in spec]
     out: list[str] = []
     for s in specs:
-        for expanded in braceexpand(s):
+        try:
+            patterns = list(braceexpand(s))
+        except UnbalancedBracesError:
+            raise ShardError(f"{s}: its braces do not pair up; write a range as "
+                             "name-{000000..000009}.tar, or escape a literal brace as \\{"
+                             ) from None
+        for expanded in patterns:
             if not glob.has_magic(expanded) or (not is_remote(expanded)
                                                 and os.path.exists(expanded)):
                 out.append(expanded)  # a path that exists is itself, brackets and all

@@ -530,6 +530,26 @@ def test_register_refuses_a_class_named_twice(tmp_path: Path, digits_dir: Path,
     assert capsys.readouterr().err.strip() == ("prepare: error: --classes names a more than "
                                                "once; give each class one name")
     assert not (tmp_path / "r").exists()
+    # an empty name (a trailing comma) was written, then refused by every job reading it
+    rc = prepare_main(["register", "--labeled", str(digits_dir / "labeled" / "*" / "*.tar"),
+                       "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
+                       "--test", str(digits_dir / "test" / "*" / "*.tar"),
+                       "--classes", "a,b,c,d,e,f,g,h,i,", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        "prepare: error: --classes has an empty name (at position 10 of 10); give each class a "
+        "name, separated by commas")
+    assert not (tmp_path / "r").exists()
+    # unbalanced braces in a shard pattern: one line, not braceexpand's traceback
+    rc = prepare_main(["register", "--labeled", str(digits_dir / "labeled-{000..001.tar"),
+                       "--unlabeled", str(digits_dir / "unlabeled" / "*" / "*.tar"),
+                       "--test", str(digits_dir / "test" / "*" / "*.tar"),
+                       "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        f"prepare: error: {digits_dir / 'labeled-{000..001.tar'}: its braces do not pair up; "
+        "write a range as name-{000000..000009}.tar, or escape a literal brace as \\{")
+    assert not (tmp_path / "r").exists()
 
 
 def test_prepare_digits_leaves_a_dataset_json_it_cannot_read(tmp_path: Path,
