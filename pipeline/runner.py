@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -227,7 +229,26 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
     # Ray Train keeps its run state and checkpoints under storage/train on the same filesystem
     # as the root: a local folder, or the bucket (every node must be able to reach it).
     filesystem, storage_path = arrow_fs(storage)
-    trainer = TorchTrainer(
+
+    class Trainer(TorchTrainer):
+        """Ray Train's own Ctrl-C handling, told apart: on SIGINT it aborts the run and ends the
+        driver with ``sys.exit`` (or returns the last checkpoint as if training had finished),
+        which skipped the jobs' "interrupted" line and recorded the round's error as "1"."""
+
+        interrupted = False
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)  # type: ignore[misc]
+            rays = signal.getsignal(signal.SIGINT)
+
+            def handler(signum: int, frame: Any) -> None:
+                Trainer.interrupted = True
+                if callable(rays):
+                    rays(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    trainer = Trainer(
         _ray_entry,
         # A shallow copy: dataclasses.asdict(job) would turn the config into a dict too.
         train_loop_config=dict(job.__dict__),
@@ -239,10 +260,20 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    previous = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
-    except Exception as e:  # Ray wraps the worker's exception; show its last line
-        raise training_error(e) from e
+    except BaseException as e:
+        if Trainer.interrupted:  # Ray's handler aborted the run: say it as any Ctrl-C is said
+            raise KeyboardInterrupt from None
+        if isinstance(e, Exception):  # Ray wraps the worker's exception; show its last line
+            raise training_error(e) from e
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)  # Ray's handler would outlive its run
+    if Trainer.interrupted:
+        raise KeyboardInterrupt
     if result.checkpoint is None:
         raise RunError("training finished without a checkpoint; see the log above")
     return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="ns-final-")))
@@ -260,6 +291,15 @@ def training_error(e: BaseException) -> RunError:
                         "checkpoints to a local temporary folder, then under --root); free space "
                         "there and run the same command again: finished stages and files are "
                         "kept")
+    if re.search(r"CUDA out of memory|OutOfMemoryError: CUDA", text):
+        return RunError("training failed: a training worker ran out of GPU memory; lower "
+                        "--batch-size (or --train-resolution), or use GPUs with more memory: "
+                        "run as it is, it fails the same way (finished stages are kept)")
+    if re.search(r"running low on memory|address the out of memory issue", text):
+        return RunError("training failed: a training worker ran out of memory and Ray's memory "
+                        "monitor ended it; lower --batch-size, --train-resolution or "
+                        "--loader-workers, or use nodes with more memory: run as it is, it fails "
+                        "the same way (finished stages are kept)")
     cause, ours = _root_cause(e)
     if not ours:  # a lost worker, a crash: no fix of the input to name, so say how to go on
         if len(cause) > MAX_CAUSE_CHARS:

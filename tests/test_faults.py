@@ -168,6 +168,37 @@ def file_states(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_training_says_interrupted_and_the_rerun_resumes(
+        ray_address: str, tmp_path: Path, small_data: Path, teacher_file: Path) -> None:
+    """Ray Train handles SIGINT itself while it trains (it aborts the run and ends the driver
+    with sys.exit): the job exited 1 without a word and recorded the round's error as "1".
+    Now it is a Ctrl-C like any other: one line, exit 130, and the rerun continues."""
+    root = tmp_path / "root"
+    make_teacher_round(root, small_data, teacher_file)
+    env = job_env(ray_address)
+    job = Job(root, env, tmp_path / "1.log")
+    deadline = time.monotonic() + 300
+    while "[student] epoch 1/" not in job.output():
+        assert job.proc.poll() is None, job.output()[-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    os.kill(job.proc.pid, signal.SIGINT)  # the driver, as a terminal's Ctrl-C reaches it
+    try:
+        job.proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.proc.pid, signal.SIGKILL)
+    out = job.output()
+    assert job.proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == (
+        "student: interrupted; run the same command again to continue")
+    m = manifest(root)
+    assert m["status"] == "failed" and m["error"] == "KeyboardInterrupt"
+    again = Job(root, env, tmp_path / "2.log").finish()
+    assert manifest(root)["status"] == "complete", again[-3000:]
+
+
+@pytest.mark.slow
 def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: Path,
                                                    small_data: Path, teacher_file: Path) -> None:
     from pipeline.checkpoint import read_state

@@ -138,6 +138,22 @@ def test_training_errors_say_how_to_go_on() -> None:
     assert str(training_error(full)).startswith(
         "training failed: no space left on device writing /r/artifacts/x/round-0/train/c/s.pt on "
         "a training worker")
+    # out of memory: said plainly, with what to lower (Ray's own text ends in a link and
+    # advice on its settings, and "run the same command again" would fail the same way)
+    host = RuntimeError("Training failed due to worker errors")
+    host.__cause__ = _TaskError(
+        "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
+        "memory.\nMemory on the node was 22.1GB / 23.2GB (0.95).\nRefer to the documentation on "
+        "how to address the out of memory issue: https://docs.ray.io/en/latest/ray-core/"
+        "scheduling/ray-oom-prevention.html. Set max_restarts and max_task_retries to enable "
+        "retry when the task crashes due to OOM.")
+    assert str(training_error(host)).startswith(
+        "training failed: a training worker ran out of memory and Ray's memory monitor ended "
+        "it; lower --batch-size")
+    gpu = _TaskError("Traceback\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                     "2.00 GiB")
+    assert str(training_error(gpu)).startswith(
+        "training failed: a training worker ran out of GPU memory; lower --batch-size")
     quota = str(training_error(_TaskError("OSError: [Errno 122] Disk quota exceeded")))
     assert quota.startswith("training failed: disk quota exceeded on a training worker")
     assert quota.endswith("free space there and run the same command again: finished stages and "
