@@ -37,6 +37,13 @@ KNOWN_HARMLESS = tuple(re.compile(p) for p in (
     r"^(\(TrainController pid=\d+[^)]*\) )?- \(ip=[^)]*, pid=\d+\) world_rank=\d+",
     r"^(\(RayTrainWorker pid=\d+[^)]*\) )?Setting up process group for: ",
     r"Progress bars disabled\. To enable",
+    # Ray Train's note on a resume (three lines): it advises deleting the run folder, which
+    # holds the checkpoints the resume continues from; the job says "resumed from checkpoint".
+    r"A run snapshot was found in storage folder at: ",
+    r"^(\(TrainController pid=\d+[^)]*\) )?This snapshot contains a list of checkpoints "
+    r"reported via `ray\.train\.report`",
+    r"^(\(TrainController pid=\d+[^)]*\) )?If you meant to start a brand new training job "
+    r"without any information about previous checkpoints",
 ))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _quiet: list[list[tuple[logging.Handler, int]]] = []  # per active quiet_ray: handlers it lowered

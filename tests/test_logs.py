@@ -19,6 +19,14 @@ RAY_LINES = [
     "(TrainController pid=2760) [2026-12-01 21:46:53,529 E 2760 2789] core_worker.cc:2465: Actor "
     "with class name: 'PreemptionWatcher' and ID: 'b8' has constructor arguments in the object "
     "store and max_restarts > 0. If the arguments ...",
+    # a resume: Ray Train's advice to delete the folder that holds the checkpoints
+    "(TrainController pid=7) A run snapshot was found in storage folder at: '/r/artifacts/x/t'",
+    "(TrainController pid=7) This snapshot contains a list of checkpoints reported via "
+    "`ray.train.report` and will be loaded. This allows the latest checkpoint found in the "
+    "snapshot to be accessible within your training function via `ray.train.get_checkpoint`.",
+    "(TrainController pid=7) If you meant to start a brand new training job without any "
+    "information about previous checkpoints found in this directory, please configure a new, "
+    "unique `RunConfig(name)` or delete the existing folder at '/r/artifacts/x/t'.",
 ]
 OURS = [
     "(RayTrainWorker pid=2932) [teacher] epoch 3/120 loss 0.6350 train top-1 0.969",
