@@ -106,10 +106,13 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
     from pipeline.checkpoint import read_state, read_weights, save_model_file
 
     cfg, layout, art = p.cfg, p.layout, p.layout.artifact_dir(p.round_)
+    # Before the stage is recorded: a job that cannot start (a selection that kept nothing)
+    # has not "started training", so another --threshold is still taken, not refused.
+    job = make_job(p, rec)
     rec.set_stage("train", "running")
     save_round(layout, rec)
     t0 = time.time()
-    final = fit(make_job(p, rec), art, use_gpu=use_gpu)
+    final = fit(job, art, use_gpu=use_gpu)
     try:
         state = read_state(final)
         if state.get("phase") != "done":  # never a half-trained model as the round's model.pt

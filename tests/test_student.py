@@ -282,6 +282,21 @@ def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monke
     for off in (dataclasses.replace(on, randaugment=False),
                 dataclasses.replace(on, randaugment_m=0)):
         assert make_job(dataclasses.replace(plan, cfg=off), rec).randaugment is None
+    # A selection that kept nothing stops the round before training is recorded as started:
+    # a rerun with a lower --threshold used to be refused as "started training", and only
+    # --force (relabeling everything) got out.
+    from pipeline.rounds import check_selection_in_use
+    from pipeline.runner import RunError
+    from pipeline.train_stage import train_stage
+
+    empty = load_round(layout, 1)
+    empty.status, empty.stages = "running", {k: v for k, v in empty.stages.items()
+                                             if k in ("pseudo_label", "select")}
+    empty.pseudo_labels.selected_with_copies = 0
+    with pytest.raises(RunError, match="^selection kept no pseudo-labels; lower --threshold"):
+        train_stage(dataclasses.replace(plan, existing=empty), empty, use_gpu=False)
+    assert empty.stage("train") is None
+    check_selection_in_use(empty, dataclasses.replace(plan.cfg, threshold=0.1).label_settings())
 
 
 @pytest.mark.slow
