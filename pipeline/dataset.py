@@ -231,6 +231,10 @@ def save_dataset(info: DatasetInfo) -> Path | S3Path:
     return out
 
 
+def _few(names: list[str], n: int = 10) -> str:
+    return str(names[:n])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
+
+
 def _class_counts(labels: Iterable[int], classes: list[str]) -> dict[str, int]:
     c = Counter(labels)
     return {name: int(c.get(i, 0)) for i, name in enumerate(classes)}
@@ -612,9 +616,6 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
             if extra:
                 raise DatasetError(f"{src}: classes {extra} are not among the dataset's "
                                    f"{info.classes}; name the folders as the dataset's classes")
-            absent = [c for c in info.classes if c not in found]
-            if absent:
-                _log(f"prepare: {split}: no images of class(es) {absent}")
         else:  # numbers in numeric order ("2" before "10"), as register numbers its classes
             info.classes = sorted(found, key=_natural)
     index = {c: i for i, c in enumerate(info.classes)}
@@ -708,9 +709,14 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
     _log(f"prepare: {split}: read {totals['read'] / 1e6:,.1f} MB of images, stored "
          f"{totals['written'] / 1e6:,.1f} MB{note}")
     before = info.splits.get(split)
+    class_counts = _class_counts(labels, info.classes) if labeled else None
+    if class_counts and (absent := [c for c, n in class_counts.items() if n == 0]):
+        # a folder of the dataset's classes missing here, or one whose every file was skipped
+        _log(f"prepare: {split}: no images of class(es) {_few(absent)}"
+             + ("; a model cannot learn a class it never sees" if split == "labeled" else ""))
     info.splits[split] = SplitInfo(
         shards=[str(p) for p in w.paths], count=count, shard_counts=list(w.counts),
-        class_counts=_class_counts(labels, info.classes) if labeled else None,
+        class_counts=class_counts,
         resized=None if max_short_side is None else {
             "max_short_side": max_short_side, "jpeg_quality": quality,
             "images": totals["resized"]})

@@ -266,6 +266,7 @@ def plan_round(cfg: TrainConfig) -> Plan:
                            f"dataset.json lists {len(info.split(split).shards)} shard(s) "
                            f"holding none: add some with `python jobs/prepare.py imagefolder "
                            f"SRC --out {info.path} --split {split}` or register other shards")
+    check_labeled_classes(info)
     get_model_spec(cfg.model)
     existing = load_round(layout, round_)
     if existing is not None and existing.status == "complete" and not cfg.force:
@@ -286,6 +287,24 @@ def plan_round(cfg: TrainConfig) -> Plan:
         check_same_start(existing, cfg, init)
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
                 existing=None if cfg.force else existing, init=init)
+
+
+def check_labeled_classes(info: DatasetInfo) -> None:
+    """A classifier needs labeled images of two classes or more; a class without any gets a
+    warning (a folder whose every file was skipped, a --classes name no label uses)."""
+    counts = info.split("labeled").class_counts
+    if counts is None:
+        return
+    present = [c for c, n in counts.items() if n > 0]
+    if len(present) < 2:
+        raise RunError(f"dataset {info.path}: its labeled split holds images of "
+                       f"{len(present)} class(es) {present}; a classifier needs two or more: "
+                       "add labeled images of the other classes")
+    absent = [c for c, n in counts.items() if n == 0]
+    if absent:
+        more = f", ... ({len(absent)} in all)" if len(absent) > 10 else ""
+        log(f"warning: dataset {info.path}: no labeled images of class(es) "
+            f"{', '.join(absent[:10])}{more}; the model cannot learn them")
 
 
 def check_same_start(rec: RoundRecord, cfg: TrainConfig, init: InitPlan | None) -> None:

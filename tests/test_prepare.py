@@ -356,6 +356,16 @@ def test_imagefolder_numbers_classes_in_numeric_order_and_takes_a_subset_split(
     assert prepare_main(["imagefolder", str(tmp_path / "val"), "--out", str(out), "--split",
                          "test"]) == 0
     assert "test: no images of class(es) ['1', '2']" in capsys.readouterr().err
+    # a class folder whose every file is skipped (here a text file named .png) is named too
+    (tmp_path / "val2" / "10").mkdir(parents=True)
+    Image.fromarray(np.full((4, 4, 3), 10, np.uint8)).save(tmp_path / "val2" / "10" / "a.png")
+    (tmp_path / "val2" / "2").mkdir()
+    (tmp_path / "val2" / "2" / "b.png").write_text("not an image")
+    assert prepare_main(["imagefolder", str(tmp_path / "val2"), "--out", str(tmp_path / "ds2"),
+                         "--split", "labeled"]) == 0
+    assert ("labeled: no images of class(es) ['2']; a model cannot learn a class it never sees"
+            in capsys.readouterr().err)
+    assert load_dataset(tmp_path / "ds2").splits["labeled"].class_counts == {"2": 0, "10": 1}
     info = load_dataset(out)
     assert info.splits["test"].class_counts == {"1": 0, "2": 0, "10": 1}
     assert [s.label for s in read_samples(info.splits["test"].shards)] == [2]

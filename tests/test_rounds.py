@@ -254,6 +254,27 @@ def test_preflight_warns_when_a_shard_no_longer_holds_its_recorded_count(
         "registered: run `python jobs/prepare.py register` on them again")
 
 
+def test_a_labeled_split_needs_two_classes_and_names_those_without_images(
+        digits_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class folder whose every file was skipped became a class of 0 images without a word,
+    and a labeled split of one class trained to a loss of 0 and a test top-1 of 1.0."""
+    from pipeline.rounds import check_labeled_classes
+
+    info = load_dataset(digits_dir)
+    check_labeled_classes(info)
+    assert "warning" not in capsys.readouterr().err
+    counts = info.splits["labeled"].class_counts
+    info.splits["labeled"].class_counts = {**counts, "3": 0, "7": 0}
+    check_labeled_classes(info)
+    assert capsys.readouterr().err.strip() == (
+        f"warning: dataset {digits_dir}: no labeled images of class(es) 3, 7; the model cannot "
+        "learn them")
+    info.splits["labeled"].class_counts = {c: (9 if c == "4" else 0) for c in counts}
+    with pytest.raises(RunError, match=r"^dataset .*: its labeled split holds images of 1 "
+                                       r"class\(es\) \['4'\]; a classifier needs two or more"):
+        check_labeled_classes(info)
+
+
 def test_parameter_counts_need_no_real_model() -> None:
     from models import count_parameters, create_model
     from pipeline.rounds import parameter_count
