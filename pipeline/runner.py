@@ -323,6 +323,9 @@ def _root_cause(e: BaseException) -> tuple[str, bool]:
     our user errors, the innermost last, so that its message wins.
     """
     chain = _chain(e)
+    for x in reversed(chain):  # the worker's own exception, as Ray Train V2 hands it back
+        if type(x).__name__ in _USER_ERRORS and type(x).__module__.startswith("pipeline."):
+            return (str(x).strip().splitlines() or [type(x).__name__])[-1], True
     texts = [str(x) for x in chain]
     text = "\n".join(texts)
     for name in _USER_ERRORS:

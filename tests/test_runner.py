@@ -112,6 +112,14 @@ def test_root_cause_of_worker_failures_and_plain_errors() -> None:
 
     e = WorkerGroupError({1: _TaskError("Traceback\nValueError: --lr must be > 0")})
     assert _root_cause(e) == ("--lr must be > 0", True)
+    # the worker's exception itself (its text has no type name): still one of ours
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.runner import training_error
+
+    e = WorkerGroupError({0: CheckpointError("this round's checkpoint has 4 epoch(s) trained")})
+    assert _root_cause(e) == ("this round's checkpoint has 4 epoch(s) trained", True)
+    assert str(training_error(e)) == (
+        "training failed: this round's checkpoint has 4 epoch(s) trained")  # no "run again"
     oom = RuntimeError("The Ray Train run failed.")
     oom.__cause__ = _TaskError("Traceback (most recent call last):\n  ...\n"
                                "torch.OutOfMemoryError: CUDA out of memory\n\n")
