@@ -483,6 +483,10 @@ def parse_config(cls: type[C], role: str, argv: Sequence[str] | None = None,
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS[role])}")
     check_unknown(cls, args, extra=("--preset",))
     default = cls(**PRESETS[role].get(preset, {})) if preset else cls()
+    # tyro's option list cannot show --preset, which is taken out before it parses
+    description = (f"{description or ''}\n\n--preset NAME: start from a named preset's values "
+                   f"(available: {', '.join(PRESETS[role])}); every other option overrides "
+                   "them. With --preset, --help shows the preset's values as the defaults.")
     # Checked by the caller once values that come from the parent round are filled in.
     return tyro.cli(cls, default=default, args=args, description=description)
 

@@ -147,3 +147,15 @@ def test_a_preset_given_with_an_equals_sign() -> None:
     assert cfg == parse_config(TrainConfig, "teacher", ["--run", "r", "--data", "d",
                                                         "--preset", "demo"])
     assert cfg.model == PRESETS["teacher"]["demo"]["model"]
+
+
+def test_help_names_the_preset_option_and_shows_a_presets_values(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--preset is taken out before tyro parses, so tyro's option list never showed it."""
+    for args, epochs in ((["--help"], "(default: 350)"),
+                         (["--preset", "demo", "--help"], "(default: 120)")):
+        with pytest.raises(SystemExit):
+            parse_config(TrainConfig, "teacher", args, description="Round 0.")
+        out = capsys.readouterr().out
+        assert "--preset NAME: start from a named preset's values (available: demo)" in out
+        assert epochs in " ".join(out.split()), out
