@@ -615,7 +615,9 @@ def prepare_imagefolder(src: str | Path | S3Path, out: str | Path | S3Path, *,
             extra = [c for c in found if c not in info.classes]
             if extra:
                 raise DatasetError(f"{src}: classes {extra} are not among the dataset's "
-                                   f"{info.classes}; name the folders as the dataset's classes")
+                                   f"{info.classes}; name the folders as the dataset's classes "
+                                   "(its classes come from the split prepared first: prepare "
+                                   "the labeled split first, or give another --out)")
         else:  # numbers in numeric order ("2" before "10"), as register numbers its classes
             info.classes = sorted(found, key=_natural)
     index = {c: i for i, c in enumerate(info.classes)}

@@ -405,7 +405,9 @@ def test_class_lists_that_differ_between_splits_are_refused(
     assert prepare_main(["imagefolder", str(tmp_path / "test"), "--out", str(out), "--split",
                          "test"]) == 2
     err = capsys.readouterr().err
-    assert "classes ['fox'] are not among the dataset's ['cat', 'dog']" in err
+    assert ("classes ['fox'] are not among the dataset's ['cat', 'dog']; name the folders as the "
+            "dataset's classes (its classes come from the split prepared first: prepare the "
+            "labeled split first, or give another --out)") in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert (out / "dataset.json").read_bytes() == before
     # registered shards whose labels go past the class names given
