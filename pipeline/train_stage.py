@@ -47,6 +47,17 @@ def spread_warning(what: str, weights: list[int] | None, readers: int, workers: 
             "often as others; fewer readers (--num-workers, --loader-workers) even this out")
 
 
+def one_class_warning(labels: list[int], preds: list[int], classes: list[str]) -> str | None:
+    """One line when the model gave every test image the same class while the test split holds
+    several: its weights may be fine while its BatchNorm statistics are not, as after a short
+    run, and re-estimating them can recover it."""
+    if len(set(labels)) < 2 or len(set(preds)) != 1:
+        return None
+    return (f"warning: the model predicts {classes[preds[0]]!r} for every one of the {len(preds)} "
+            "test images; in a short run its BatchNorm statistics may not have settled: train "
+            "longer, or add --finetune-epochs 1 --finetune-norm all, which re-estimates them")
+
+
 def dealt_pseudo_shards(unlabeled: list[str], pseudo_dir: str,
                         recorded: dict[str, int | None] | None) -> dict[str, Any]:
     """What the student's pseudo-labeled stream is dealt: the unlabeled shards with a selected
@@ -131,6 +142,9 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
     preds = pd.concat([read_pandas(x) for x in parts], ignore_index=True)
     atomic_write_bytes(layout.test_predictions(p.round_),
                        preds.sort_values("key").to_parquet(index=False))
+    line = one_class_warning(preds["label"].tolist(), preds["pred"].tolist(), p.info.classes)
+    if line:
+        print(line, file=sys.stderr, flush=True)
     seconds = state["seconds"]
     from pipeline.data import merge_damage
 

@@ -354,3 +354,15 @@ def test_training_short_of_gpus_or_cpus_stops_at_once(monkeypatch: pytest.Monkey
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
     with pytest.raises(RunError, match=r"need 4 CPUs but the cluster has 3; lower --num-workers"):
         check_resources(2, 2.0, False)
+
+
+def test_a_model_that_predicts_one_class_for_every_test_image_is_named() -> None:
+    from pipeline.train_stage import one_class_warning
+
+    classes = ["red", "green", "blue"]
+    assert one_class_warning([0, 1, 2, 1], [0, 1, 2, 2], classes) is None
+    assert one_class_warning([1, 1], [1, 1], classes) is None  # a one-class test split
+    assert one_class_warning([0, 1, 2, 1], [2, 2, 2, 2], classes) == (
+        "warning: the model predicts 'blue' for every one of the 4 test images; in a short run "
+        "its BatchNorm statistics may not have settled: train longer, or add --finetune-epochs "
+        "1 --finetune-norm all, which re-estimates them")
