@@ -94,9 +94,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except Exception as e:  # weights_only refuses pickled code: never run it
             raise WeightsError(
                 f"--init-from {path}: cannot be read as a weights file without running code from "
-                f"it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); save a plain "
-                "state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file") \
-                from None
+                f"it ({_refusal(e)}); save a plain state_dict (torch.save(model.state_dict(), "
+                "...)) or a .safetensors file") from None
     payload: dict[str, Any] = {}
     if isinstance(raw, dict) and raw.get("format") is not None and "model_name" in raw:
         payload = {k: v for k, v in raw.items() if k != "state_dict"}  # one of our model files
@@ -291,3 +290,16 @@ def load_init(model: torch.nn.Module, plan: InitPlan) -> None:
     state.update({k: v for k, v in own.items()
                   if k.endswith(".num_batches_tracked") and k not in state})
     model.load_state_dict(state, strict=True)  # every other layer comes from the file
+
+
+def _refusal(e: Exception) -> str:
+    """What torch.load(weights_only=True) refused, in a few words: the class a whole pickled
+    module would need (its message runs to a paragraph of advice on unsafe loading)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds a pickled {found.group(1)}, not only tensors"
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= 120 else first[:117].rsplit(" ", 1)[0] + " ..."

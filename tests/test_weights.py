@@ -176,6 +176,14 @@ def test_files_are_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(WeightsError, match="holds no state dict"):
         read_state_dict(tmp_path / "list.pt")
+    # a whole pickled module: named in a few words (torch's text, cut at 120 characters,
+    # ended mid-word in a paragraph of advice on loading it unsafely)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(WeightsError, match=(
+            r"module\.pt: cannot be read as a weights file without running code from it \(it "
+            r"holds a pickled torch\.nn\.modules\.linear\.Linear, not only tensors\); save a "
+            r"plain state_dict")):
+        read_state_dict(tmp_path / "module.pt")
 
 
 def test_a_changed_file_is_refused_at_load(tmp_path: Path) -> None:
