@@ -189,9 +189,9 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
         if stale:  # epochs and the readers' runs are sized by the recorded counts
             path, count, read = stale[0]
             more = f" (and {len(stale) - 1} more shards)" if len(stale) > 1 else ""
-            log(f"preflight: warning: {split} shard {path} holds {read} samples, {info.path}/dataset.json "
-                f"says {count}{more}; the shards changed after they were registered: run "
-                "`python jobs/prepare.py register` on them again")
+            log(f"preflight: warning: {split} shard {path} holds {read} samples, "
+                f"{info.path}/dataset.json says {count}{more}; the shards changed after they "
+                "were registered: run `python jobs/prepare.py register` on them again")
         found[split] = damage.to_dict()
         if damage.count:
             log(f"preflight: {split}: {damage.count} of {damage.count + damage.good} samples "
@@ -312,8 +312,8 @@ def check_same_start(rec: RoundRecord, cfg: TrainConfig, init: InitPlan | None) 
     that network (its --model; BatchNorm settings, padding) and its record names the weights it
     started from. Another --init-from, --init-style or --norm on a rerun would rebuild another
     network and load them into it without a complaint (the shapes agree); another --model
-    failed inside the workers with a size mismatch, and every rerun again. Before training has started
-    (labeling stages only) nothing depends on them yet."""
+    failed inside the workers with a size mismatch, and every rerun again. Before training has
+    started (labeling stages only) nothing depends on them yet."""
     if rec.stage("train") is None:
         return
     options = init.options if init is not None else cfg.model_options()
