@@ -41,7 +41,6 @@ Why streams look the way they do:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -364,7 +363,8 @@ class LabeledStream(IterableDataset):
                 if first_pass:
                     if self.damage_dir is not None:
                         _record_damage(self.damage_dir, reader, readers, named, self._damage)
-                    self._split_damage().check(self.split, self.damage_limit, self.split_count)
+                    self._split_damage(readers).check(self.split, self.damage_limit,
+                                                      self.split_count)
                 first_pass = False
                 if produced == 0:  # an endless stream with nothing in it would hang its rank
                     raise ShardError(
@@ -383,12 +383,15 @@ class LabeledStream(IterableDataset):
                 yield self.transform(image), s.label, s.key
         self._damage.check(self.split, self.damage_limit, self.split_count)
 
-    def _split_damage(self) -> Damage:
-        """What is known of the split's damage after this reader's first pass: every reader's
-        tally recorded so far (the last reader to finish sees them all), or its own."""
-        if self.damage_dir is None or self.split_count is None:
+    def _split_damage(self, readers: int) -> Damage:
+        """What is known of the split's damage after this reader's first pass: the tallies this
+        attempt's readers have recorded so far, or its own. Only a reader that met damage reads
+        them: the last such reader to finish (each records before it reads) sees every damaged
+        sample there is, and the limit counts damaged samples against the split's size, so the
+        others would add nothing (and every reader reading every tally is R^2 reads)."""
+        if self.damage_dir is None or self.split_count is None or not self._damage.count:
             return self._damage
-        return merged_tally(self.damage_dir) or self._damage
+        return merged_tally(self.damage_dir, readers) or self._damage
 
 
 def _part_name(part: Part) -> str:
@@ -406,23 +409,29 @@ def _record_damage(folder: str, reader: int, readers: int, shards: list[str],
     if reader == 0:
         remove_numbered_beyond(folder, "reader-", ".json", readers)
     atomic_write_json(location(folder) / f"reader-{reader:05d}.json",
-                      {"shards": shards, **damage.to_dict(), "by_shard": dict(damage.by_shard)})
+                      {"shards": shards, "readers": readers, **damage.to_dict(),
+                       "by_shard": dict(damage.by_shard)})
 
 
-def merge_damage(folder: str | Path | S3Path) -> dict[str, Any] | None:
+def merge_damage(folder: str | Path | S3Path, readers: int | None = None
+                 ) -> dict[str, Any] | None:
     """The training streams' tallies of one split: samples, bad and examples, each reader's share
     counted once (readers that wrapped around onto the same shards report them twice). None when
-    no reader finished a pass over its shards."""
-    merged = merged_tally(folder)
+    no reader finished a pass over its shards. ``readers``: only tallies recorded by an attempt
+    with that many readers (an earlier one's dealt other shares)."""
+    merged = merged_tally(folder, readers)
     return None if merged is None else merged.to_dict()
 
 
-def merged_tally(folder: str | Path | S3Path) -> Damage | None:
+def merged_tally(folder: str | Path | S3Path, readers: int | None = None) -> Damage | None:
     """:func:`merge_damage` as a :class:`~pipeline.shards.Damage` (counts per shard kept)."""
     tallies = {}
     for path in sorted(location(folder).glob("reader-*.json")):
-        with contextlib.suppress(OSError, ValueError):  # another reader's, being replaced
+        try:
             t = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # removed since it was listed
+            continue
+        if readers is None or t.get("readers") == readers:
             tallies[tuple(t["shards"])] = t
     if not tallies:
         return None

@@ -150,7 +150,8 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
 
     rec.set_stage("train", "complete", seconds=round(seconds.get("train", 0.0), 2),
                   epochs=state["epoch"], wall_seconds=round(time.time() - t0, 2),
-                  damage=merge_damage(layout.damage_dir(p.round_)))
+                  damage=merge_damage(layout.damage_dir(p.round_),
+                                      readers=cfg.num_workers * max(1, cfg.loader_workers)))
     if state["finetune"]:
         rec.set_stage("finetune", "complete", seconds=round(seconds.get("finetune", 0.0), 2),
                       **state["finetune"])

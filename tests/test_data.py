@@ -142,6 +142,23 @@ def test_the_damage_limit_is_a_share_of_the_split_not_of_a_readers_part(tmp_path
     with pytest.raises(ShardError, match=r"test split: 3 of 100 samples are damaged \(3.0%"):
         list(LabeledStream(shards, _as_float, train=False, rank=0, world_size=4, num_classes=2,
                            damage_limit=0.01, split="test"))  # a part judged as the split
+    # An earlier attempt on 1 reader left its tally of the same damage; a rerun on 4 readers
+    # whose reader with the damaged shard finishes first counted it twice (6 of 400) and stopped.
+    last = _four_shards(tmp_path / "c", bad={300, 301, 302})
+    it = iter(LabeledStream(last, _as_float, num_classes=2, damage_limit=0.01, shuffle_buffer=0,
+                            split_count=400, damage_dir=str(tmp_path / "rerun")))
+    for _ in range(400):
+        next(it)
+    for rank in (3, 0, 1, 2):
+        it = iter(LabeledStream(last, _as_float, rank=rank, world_size=4, num_classes=2,
+                                damage_limit=0.01, shuffle_buffer=0, split_count=400,
+                                damage_dir=str(tmp_path / "rerun")))
+        for _ in range(150):
+            next(it)
+    from pipeline.data import merge_damage
+
+    assert merge_damage(tmp_path / "rerun", readers=4)["bad"] == 3
+    assert merge_damage(tmp_path / "rerun", readers=4)["samples"] == 400
     # 2 damaged in each shard: 8 of 400 (2%, limit 1.5%). No reader's part alone says the
     # split is past the limit; the tallies recorded so far do, once the last reader adds its own.
     spread = _four_shards(tmp_path / "b", bad={0, 1, 100, 101, 200, 201, 300, 301})
