@@ -162,8 +162,26 @@ def evaluate(model: torch.nn.Module, loader: Any, ctx: WorkerContext,
                      for k, y, p, c in zip(keys, labels.tolist(), pred.tolist(), conf.tolist(),
                                            strict=True)]
     loss, top1, top5, n = ctx.all_reduce_sum([*acc.tolist(), float(n)])
+    _check_unevaluated(getattr(loader, "dataset", None), int(n))
     n = max(n, 1.0)
     return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "n": int(n)}, rows
+
+
+def _check_unevaluated(stream: Any, evaluated: int) -> None:
+    """Every rank, from the images all ranks evaluated: the test split's damage limit. Each
+    rank's reader judges only the damage it met (against the whole split), so damage spread
+    over the ranks is seen here, at the first evaluation, on one worker or many."""
+    total = getattr(stream, "split_count", None)
+    limit = getattr(stream, "damage_limit", None)
+    if not total or limit is None or total - evaluated <= limit * total:
+        return
+    from pipeline.shards import ShardError
+
+    missed = total - evaluated
+    raise ShardError(f"test split: {missed} of the {total} samples dataset.json lists were not "
+                     f"evaluated, damaged or gone ({missed / total:.1%} > --damage-limit "
+                     f"{limit:g}); the preflight (or a run on one worker) names the shards: "
+                     "repair or remove them from dataset.json, or raise --damage-limit")
 
 
 def _autocast(device: torch.device) -> Any:

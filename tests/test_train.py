@@ -291,3 +291,40 @@ def test_student_epoch_sums_equal_the_per_step_computation(monkeypatch: pytest.M
     assert got["pseudo_loss"] == pytest.approx(sum(pseudo), rel=1e-6)
     assert got["correct"] == sum(topk_correct(s["logits"][:8], s["labels"], 1) for s in steps)
     assert (got["n"], got["images"]) == (24, 72)
+
+
+def test_test_damage_spread_over_ranks_stops_at_the_first_evaluation(tmp_path: Path) -> None:
+    """Each rank's test reader judges only the damage it met (against the whole split); damage
+    spread over the ranks is past the limit only together, which the ranks' summed image count
+    shows at every evaluation (it was found only after training, by the driver)."""
+    import numpy as np
+
+    from pipeline.data import LabeledStream, make_loader
+    from pipeline.shards import ShardError, encode_png, write_shards
+    from pipeline.train import evaluate
+
+    img = encode_png(np.zeros((8, 8, 3), np.uint8))
+    bad = {0, 1, 100, 101, 200, 201, 300, 301}  # 2 in each of 4 shards: 8 of 400, 2%
+    samples = [(f"k{i:04d}", b"not an image" if i in bad else img, i % 2) for i in range(400)]
+    shards = [str(p) for p, _ in write_shards(samples, tmp_path, prefix="t", maxcount=100)]
+
+    class FourRanks(WorkerContext):
+        """Rank 3 of 4 whose peers read as it did: the sums are 4 times its own."""
+
+        def all_reduce_sum(self, values: list[float]) -> list[float]:
+            return [4 * v for v in values]
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    for limit, stops in ((0.015, True), (0.025, False)):
+        stream = LabeledStream(shards, lambda x: x.float(), rank=3, world_size=4, train=False,
+                               num_classes=2, damage_limit=limit, split="test",
+                               split_count=400)
+        loader = make_loader(stream, 50, 0)
+        if stops:  # its own 2 of 400 are within the limit; the 8 of all ranks are not
+            with pytest.raises(ShardError, match=r"^test split: 8 of the 400 samples "
+                                                 r"dataset.json lists were not evaluated, "
+                                                 r"damaged or gone \(2.0% > --damage-limit "
+                                                 r"0.015\)"):
+                evaluate(model, loader, FourRanks())
+        else:
+            assert evaluate(model, loader, FourRanks())[0]["n"] == 392
