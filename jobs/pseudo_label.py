@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _label(layout: RunLayout, job: PseudoLabelJob, parent: Parent,
            existing: RoundRecord | None) -> RoundRecord:
-    from pipeline.rounds import check_label_resources, run_label_stages
+    from pipeline.dataset import load_dataset
+    from pipeline.rounds import check_label_resources, labels_to_make, run_label_stages
 
-    if existing is None or not existing.stage_complete("pseudo_label"):
+    classes = load_dataset(parent.dataset_path).num_classes
+    if labels_to_make(existing, job.label_settings(), classes):
         check_label_resources(job.label_settings())
     rec = existing or new_record(layout, job, parent)
     return run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)

@@ -845,13 +845,13 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
     """Describe existing shards (paths, globs or brace patterns; local or s3://, globs on S3
     resolved by listing) without copying them. Every shard is read once to count it, by
     ``workers`` processes (:func:`scan_shards`)."""
-    if classes and (twice := _named_twice(classes)):  # before reading any shard
-        raise DatasetError(f"--classes names {', '.join(twice)} more than once; give each "
-                           "class one name")
     if classes and any(not c.strip() for c in classes):  # "a,,b" or "a,": load would refuse it
         raise DatasetError(f"--classes has an empty name (at position "
                            f"{[c.strip() for c in classes].index('') + 1} of {len(classes)}); "
                            "give each class a name, separated by commas")
+    if classes and (twice := _named_twice(classes)):  # before reading any shard
+        raise DatasetError(f"--classes names {', '.join(twice)} more than once; give each "
+                           "class one name")
     out = location(out)
     info = DatasetInfo(path=out, name=out.name, classes=[])
     seen: dict[str, Counter[int] | None] = {}

@@ -190,8 +190,9 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
             path, count, read = stale[0]
             more = f" (and {len(stale) - 1} more shards)" if len(stale) > 1 else ""
             log(f"preflight: warning: {split} shard {path} holds {read} samples, "
-                f"{info.path}/dataset.json says {count}{more}; the shards changed after they "
-                "were registered: run `python jobs/prepare.py register` on them again")
+                f"{info.path}/dataset.json says {count}{more}; the shards changed after it was "
+                "written: prepare them again, or register them again with the same --classes "
+                "(a student round that has started labeling then needs --force)")
         found[split] = damage.to_dict()
         if damage.count:
             log(f"preflight: {split}: {damage.count} of {damage.count + damage.good} samples "
@@ -398,8 +399,8 @@ def run_round(cfg: TrainConfig) -> RoundRecord:
     damage = preflight(p.info, cfg.preflight_limit, cfg.damage_limit)
     with ray_session(num_cpus=None, verbose=cfg.verbose):
         use_gpu = check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-        if isinstance(cfg, StudentConfig) and not (p.existing is not None and
-                                                   p.existing.stage_complete("pseudo_label")):
+        if isinstance(cfg, StudentConfig) and labels_to_make(p.existing, cfg.label_settings(),
+                                                             p.info.num_classes):
             check_label_resources(cfg.label_settings())
         with round_lock(layout, p.round_):  # the last check; from here on the round writes
             return _run_locked(p, damage, use_gpu)
@@ -632,6 +633,22 @@ def labeling_changed(rec: RoundRecord, cfg: PseudoLabelConfig, num_classes: int)
             if n in done and value(done, n) != value(now, n)]
 
 
+def labels_to_make(rec: RoundRecord | None, cfg: PseudoLabelConfig, num_classes: int) -> bool:
+    """Whether the round will run the teacher: its labeling is not complete, or was made with
+    other options (then the cluster must have the actors, checked before anything starts)."""
+    return (rec is None or not rec.stage_complete("pseudo_label")
+            or bool(labeling_changed(rec, cfg, num_classes)))
+
+
+def _as_flag(name: str, value: Any) -> str:
+    """An option as it is typed: ``--topk 3``; a switch as ``--jpeg-dct-scaling`` or
+    ``--no-jpeg-dct-scaling``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def check_labels_in_use(rec: RoundRecord, cfg: PseudoLabelConfig, num_classes: int) -> None:
     """Refuse other labeling options once the round's student has started training on the
     complete labeling (as :func:`check_selection_in_use` does for the selection); before that,
@@ -640,7 +657,8 @@ def check_labels_in_use(rec: RoundRecord, cfg: PseudoLabelConfig, num_classes: i
     if not changed or rec.stage("train") is None:
         return
     done = rec.stages["pseudo_label"].info["config"]
-    used = " ".join(f"{flag} {done[flag[2:].replace('-', '_')]}" for flag in changed)
+    used = " ".join(_as_flag(flag[2:].replace("-", "_"), done[flag[2:].replace("-", "_")])
+                    for flag in changed)
     raise RunError(
         f"round {rec.round} of run {rec.run!r}: its student has started training on "
         f"pseudo-labels made with {used}; run again with those values, or redo the round with "

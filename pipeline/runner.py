@@ -270,7 +270,7 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
             raise training_error(e) from e
         raise
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)  # Ray's handler would outlive its run
     if Trainer.interrupted:
         raise KeyboardInterrupt

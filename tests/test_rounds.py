@@ -176,6 +176,14 @@ def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
                                        r"on pseudo-labels made with --topk 3; run again with "
                                        "those values, or redo the round"):
         check_labels_in_use(shorter, tenfold, 10)
+    with pytest.raises(RunError, match="made with --jpeg-dct-scaling; run again"):  # a switch
+        check_labels_in_use(shorter, PseudoLabelConfig(threshold=0.9, topk=3,
+                                                       jpeg_dct_scaling=False), 10)
+    # the teacher runs (and the cluster is checked for its actors) on a relabel too
+    from pipeline.rounds import labels_to_make
+
+    assert labels_to_make(None, tenfold, 10) and labels_to_make(shorter, tenfold, 10)
+    assert not labels_to_make(shorter, PseudoLabelConfig(threshold=0.9, topk=3), 10)
 
 
 
@@ -250,8 +258,9 @@ def test_preflight_warns_when_a_shard_no_longer_holds_its_recorded_count(
     preflight(info, limit=10_000, damage_limit=0.0)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"preflight: warning: labeled shard {shard} holds {len(samples) - 1} samples, "
-        f"{out}/dataset.json says {len(samples)}; the shards changed after they were "
-        "registered: run `python jobs/prepare.py register` on them again")
+        f"{out}/dataset.json says {len(samples)}; the shards changed after it was written: "
+        "prepare them again, or register them again with the same --classes (a student round "
+        "that has started labeling then needs --force)")
 
 
 def test_a_labeled_split_needs_two_classes_and_names_those_without_images(
