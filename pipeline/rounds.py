@@ -28,7 +28,7 @@ from pipeline.config import (
     check_root,
     to_dict,
 )
-from pipeline.dataset import DatasetInfo, load_dataset
+from pipeline.dataset import DatasetError, DatasetInfo, load_dataset
 from pipeline.fs import location, rmtree
 from pipeline.layout import RunLayout
 from pipeline.lock import round_lock
@@ -268,6 +268,13 @@ def plan_round(cfg: TrainConfig) -> Plan:
                            f"holding none: add some with `python jobs/prepare.py imagefolder "
                            f"SRC --out {info.path} --split {split}` or register other shards")
     check_labeled_classes(info)
+    if parent is not None and str(parent.dataset_path) != str(info.path):
+        try:  # another --data: the teacher's classes, checked before anything is written
+            teacher_classes = load_dataset(parent.dataset_path).classes
+        except DatasetError:  # gone since: the model file's classes are checked when labeling
+            teacher_classes = None
+        if teacher_classes is not None:
+            check_teacher_classes(teacher_classes, info)
     get_model_spec(cfg.model)
     existing = load_round(layout, round_)
     if existing is not None and existing.status == "complete" and not cfg.force:
@@ -504,11 +511,7 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
             raise ManifestError(
                 f"the teacher has {payload['num_classes']} classes but dataset {info.path} has "
                 f"{info.num_classes}; pseudo-label with the dataset the teacher was trained on")
-        if list(payload.get("classes") or info.classes) != list(info.classes):
-            raise ManifestError(
-                f"the teacher's classes ({_first(payload['classes'])}) are not dataset "
-                f"{info.path}'s ({_first(info.classes)}), in name or order; its labels would "
-                "name the wrong classes: pseudo-label with a dataset of the teacher's classes")
+        check_teacher_classes(list(payload.get("classes") or info.classes), info)
         _label_stage(layout, rec, parent, shards, cfg, progress, payload)
     select = rec.stage("select")
     if select is not None and select.status != "complete":  # killed or failed: files already
@@ -524,6 +527,16 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     if not rec.stage_complete("select"):
         _select_stage(layout, rec, shards, info.classes, cfg, progress)
     return rec
+
+
+def check_teacher_classes(teacher: list[str], info: DatasetInfo) -> None:
+    """The dataset a student labels and trains on has its teacher's classes, in its order: the
+    teacher's label i must name the dataset's class i."""
+    if list(teacher) != list(info.classes):
+        raise ManifestError(
+            f"the teacher's classes ({_first(teacher)}) are not dataset {info.path}'s "
+            f"({_first(info.classes)}), in name or order; its labels would name the wrong "
+            "classes: pseudo-label with a dataset of the teacher's classes")
 
 
 def _first(names: list[str], n: int = 4) -> str:

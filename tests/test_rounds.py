@@ -93,6 +93,15 @@ def test_a_student_round_keeps_the_dataset_it_labeled(tmp_path: Path, digits_dir
         run_label_stages(RunLayout(tmp_path, "r"), 1, PseudoLabelConfig(),
                          new_round1(tmp_path, "r"), info=turned)
     assert not RunLayout(tmp_path, "r").pseudo_dir(1).exists()
+    # and a student job given such a --data refuses before it writes anything (no manifest)
+    from pipeline.config import StudentConfig
+    from pipeline.rounds import plan_round
+
+    spec["classes"] = spec["classes"][::-1]
+    (other / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(ManifestError, match=r"the teacher's classes \(0, 1, 2, 3, \.\.\.\)"):
+        plan_round(StudentConfig(run="r", root=str(tmp_path), round=1, data=str(other)))
+    assert not RunLayout(tmp_path, "r").manifest_path(1).exists()
 
 
 @pytest.mark.slow
