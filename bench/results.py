@@ -10,15 +10,12 @@ then any others (a new script's keys show up without a change here), sorted by n
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.storage import atomic_write_json
+from pipeline.storage import atomic_write_json, flocked
 
 LATEST = Path(__file__).resolve().parent / "latest.json"
 
@@ -114,17 +111,6 @@ FIGURES: dict[str, Figure] = {
 }
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def read(path: Path = LATEST) -> dict[str, float]:
     """The figures in ``path`` ({} when there is no file yet)."""
     if not path.exists():
@@ -142,7 +128,7 @@ def merge(figures: dict[str, float], path: Path = LATEST) -> dict[str, float]:
     if bad:
         raise ValueError(f"figures must be finite numbers; not so: {bad}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with flocked(path.with_name(path.name + ".lock")):
         data = {**read(path), **{k: round(float(v), 4) for k, v in figures.items()}}
         atomic_write_json(path, dict(sorted(data.items())))
     return data

@@ -108,15 +108,10 @@ def _takeover_guard(path: Path | S3Path) -> Iterator[None]:
     if isinstance(path, S3Path):
         yield
         return
-    import fcntl
+    from pipeline.storage import flocked
 
-    guard = path.with_name(f".{path.name}.guard")  # kept: removing it would race its users
-    with open(guard, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with flocked(path.with_name(f".{path.name}.guard")):
+        yield
 
 
 @contextlib.contextmanager

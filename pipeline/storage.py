@@ -11,10 +11,12 @@ whole upload with the same guarantee.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,16 @@ def remove_numbered_beyond(folder: str | Path | S3Path, prefix: str, suffix: str
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return sorted(removed)
+
+
+@contextlib.contextmanager
+def flocked(guard: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the local file ``guard`` (made if missing) inside the
+    block: processes on one host take turns at a read-modify-write. The file is kept, since
+    removing it would race the next process to open it."""
+    with open(guard, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
