@@ -26,6 +26,7 @@ from pipeline.config import (  # noqa: E402
     check_run_name,
     check_unknown,
 )
+from pipeline.dataset import DatasetInfo  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.manifest import Parent, RoundRecord  # noqa: E402
 
@@ -83,11 +84,11 @@ def existing_round(layout: RunLayout, job: PseudoLabelJob) -> RoundRecord | None
     return existing
 
 
-def new_record(layout: RunLayout, job: PseudoLabelJob, parent: Parent) -> RoundRecord:
+def new_record(layout: RunLayout, job: PseudoLabelJob, parent: Parent,
+               info: DatasetInfo) -> RoundRecord:
     """Round N's record, started from round N-1's (the student job fills in the model)."""
     import ray
 
-    from pipeline.dataset import load_dataset
     from pipeline.manifest import new_round, save_round
     from pipeline.rounds import data_ref
 
@@ -95,7 +96,7 @@ def new_record(layout: RunLayout, job: PseudoLabelJob, parent: Parent) -> RoundR
                  if k in ("CPU", "GPU", "memory", "object_store_memory")}
     rec = new_round(
         run=job.run, round_=job.round, config=dataclasses.asdict(job), model=None,
-        data=data_ref(load_dataset(parent.dataset_path)),  # the one labeled, as it is now
+        data=data_ref(info),  # the dataset labeled, as it is now
         cluster={"num_workers": job.label_actors, "use_gpu": resources.get("GPU", 0) > 0,
                  "resources": resources},
         teacher=parent.ref)
@@ -137,11 +138,12 @@ def _label(layout: RunLayout, job: PseudoLabelJob, parent: Parent,
     from pipeline.dataset import load_dataset
     from pipeline.rounds import check_label_resources, labels_to_make, run_label_stages
 
-    classes = load_dataset(parent.dataset_path).num_classes
-    if labels_to_make(existing, job.label_settings(), classes):
+    info = load_dataset(parent.dataset_path)  # read once: run_label_stages takes it too
+    if labels_to_make(existing, job.label_settings(), info.num_classes):
         check_label_resources(job.label_settings())
-    rec = existing or new_record(layout, job, parent)
-    return run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent)
+    rec = existing or new_record(layout, job, parent, info)
+    return run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent,
+                            info=info)
 
 
 def summary(layout: RunLayout, rec: RoundRecord) -> None:
