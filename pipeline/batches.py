@@ -96,6 +96,7 @@ def test_loader(job: Job, ctx: WorkerContext) -> Any:
                        rank=ctx.rank, world_size=ctx.world_size, train=False,
                        num_classes=job.num_classes, damage_limit=cfg.damage_limit,
                        split="test", split_count=job.test.get("count"),
+                       weights=job.test.get("weights"),
                        decode_min_side=eval_min_side(res, cfg.eval_crop_fraction,
                                                      cfg.jpeg_dct_scaling))
     return make_loader(ds, job.config.eval_batch_size, job.config.loader_workers)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.fs import S3Path, location
 from pipeline.images import decode_image
 from pipeline.pseudo_files import pseudo_file_names, read_selected
-from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard
+from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard, tail_loss
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 T = TypeVar("T")
@@ -227,10 +227,13 @@ Part = tuple[str, int, "int | None"]  # a shard's samples from first to end (Non
 
 
 def _samples(shards: Sequence[str | Part], damage: Damage, cache: DecodedCache | None = None,
-             min_side: int | None = None) -> Iterator[Sample]:
+             min_side: int | None = None, counts: Mapping[str, int] | None = None
+             ) -> Iterator[Sample]:
     """The readable samples of ``shards`` (paths, or :data:`Part` runs of their samples) in
     order; the rest counted in ``damage``. With a cache that has room, the samples come decoded
-    and each shard read whole is kept; a shard it holds is replayed from memory."""
+    and each shard read whole is kept; a shard it holds is replayed from memory. ``counts``
+    (each shard's samples, as dataset.json records them) size an unreadable tail's loss: each
+    reader counts the samples of its own run that the tear took (:func:`tail_loss`)."""
     for item in shards:
         shard, first, end = (item, 0, None) if isinstance(item, str) else item
         kept = cache.shards.get(shard) if cache is not None else None
@@ -245,8 +248,11 @@ def _samples(shards: Sequence[str | Part], damage: Damage, cache: DecodedCache |
         for s in read_shard(shard):
             if end is not None and s.index >= end:
                 break  # the rest of the shard is another reader's run
-            if s.index < first and not (isinstance(s, BadSample) and _is_tail(s)):
-                continue  # another reader's; an unreadable tail is everyone's loss
+            tail = isinstance(s, BadSample) and s.is_tail
+            if s.index < first and not tail:
+                continue  # another reader's; a tear before this run takes this run too
+            if tail:
+                s = tail_loss(s, counts.get(shard) if counts else None, first, end)
             if entries is not None and not isinstance(s, BadSample):
                 s = decode_sample(s, min_side)
             if entries is not None:
@@ -257,11 +263,6 @@ def _samples(shards: Sequence[str | Part], damage: Damage, cache: DecodedCache |
                 yield s
         if cache is not None and entries is not None:
             cache.add(shard, entries, sum(_nbytes(e) for e in entries))
-
-
-def _is_tail(s: BadSample) -> bool:
-    """Whether ``s`` stands for the unreadable rest of a shard (missing, truncated...)."""
-    return s.reason.startswith("damaged shard")
 
 
 def _decoded(s: Sample, damage: Damage, min_side: int | None = None) -> torch.Tensor | None:
@@ -313,7 +314,8 @@ class LabeledStream(IterableDataset):
         # not of one reader's part of it
         self.split_count = split_count
         # samples per shard (dataset.json's shard_counts): training deals the shards balanced
-        # by them, as the pseudo-labeled stream deals its shards by copies
+        # by them, as the pseudo-labeled stream deals its shards by copies, and every stream
+        # counts a torn shard's lost samples from them
         self.weights = list(weights) if weights is not None else None
         self.decode_min_side = decode_min_side
         self.rank, self.world_size, self.train = rank, world_size, train
@@ -324,15 +326,16 @@ class LabeledStream(IterableDataset):
 
     def _raw(self, mine: list[str] | list[Part], rng: random.Random
              ) -> Iterator[Sample | object]:
+        counts = dict(zip(self.shards, self.weights, strict=True)) if self.weights else None
         if not self.train:
-            yield from _samples(mine, self._damage, min_side=self.decode_min_side)
+            yield from _samples(mine, self._damage, min_side=self.decode_min_side, counts=counts)
             return
         cache = DecodedCache(self.cache_bytes) if self.cache_bytes > 0 else None
         while True:  # endless: the training loop decides where an epoch ends
             order = mine[:]
             rng.shuffle(order)
-            yield from _shuffled(_samples(order, self._damage, cache, self.decode_min_side),
-                                 self.shuffle_buffer, rng)
+            yield from _shuffled(_samples(order, self._damage, cache, self.decode_min_side,
+                                          counts), self.shuffle_buffer, rng)
             yield _END_OF_PASS
 
     def _label_problem(self, label: int | None) -> str:

@@ -141,7 +141,7 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     split stops past ``damage_limit``); a label outside the class list, or a key that two shards
     of the split share, stops at once."""
     from pipeline.images import decode_image
-    from pipeline.shards import BadSample, Damage, KeyIndex, ShardError, read_shard
+    from pipeline.shards import BadSample, Damage, KeyIndex, ShardError, read_shard, tail_loss
 
     # Checked even when the read below is skipped: the readers would count a missing shard as
     # one damaged sample, and a run would go on without a thousand images.
@@ -167,8 +167,8 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
             shard_keys, read, torn = [], 0, False
             for s in read_shard(path):
                 if isinstance(s, BadSample):
-                    torn = torn or s.reason.startswith("damaged shard")
-                    damage.bad(s)
+                    torn = torn or s.is_tail
+                    damage.bad(tail_loss(s, count))  # a tear loses the rest of the shard
                     continue
                 read += 1  # samples as register counts them: read, decodable or not
                 shard_keys.append(s.key)

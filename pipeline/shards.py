@@ -23,7 +23,7 @@ import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ MAX_KEY_LENGTH = 90  # a plain (ustar) tar member name holds 100 bytes: the key,
 LABEL_SUFFIXES = ("cls", "json")
 FIXED_MTIME = 946684800.0  # 2000-01-01: any constant makes the output reproducible
 MAX_BAD_EXAMPLES = 20  # per tally: enough to find the problem, bounded in size
+TAIL_REASON = "damaged shard"  # how the reason of a shard's unreadable tail begins
 
 
 class ShardError(ValueError):
@@ -66,12 +67,20 @@ class Sample:
 
 @dataclass(frozen=True)
 class BadSample:
-    """A sample (or a shard's unreadable tail) that cannot be used, and why."""
+    """A sample (or a shard's unreadable tail) that cannot be used, and why. ``lost``: how many
+    samples it stands for in a tally; a tail stands for every sample from ``index`` on that
+    ``dataset.json`` records (:func:`tail_loss`), one when that count is not known."""
 
     shard: str
     key: str
     index: int
     reason: str
+    lost: int = 1
+
+    @property
+    def is_tail(self) -> bool:
+        """Whether this stands for the unreadable rest of a shard (missing, truncated...)."""
+        return self.reason.startswith(TAIL_REASON)
 
     @property
     def message(self) -> str:
@@ -313,11 +322,23 @@ def read_shard(path: str | Path) -> Iterator[Sample | BadSample]:
         # (a damaged .tar.gz / .tar.xz, which tarfile's "r:*" opens, fails in its decompressor)
         lost = current_key if current is not None else ""
         detail = " ".join(str(e).split())  # tarfile's messages span lines
-        yield BadSample(shard, lost, index, f"damaged shard ({type(e).__name__}: {detail}); "
+        yield BadSample(shard, lost, index, f"{TAIL_REASON} ({type(e).__name__}: {detail}); "
                         f"the samples after the first {index} could not be read")
         return
     if current is not None:
         yield emit()
+
+
+def tail_loss(s: BadSample, recorded: int | None, first: int = 0,
+              end: int | None = None) -> BadSample:
+    """``s`` as a tally counts it: a shard's unreadable tail stands for the samples of the run
+    ``[first, end)`` (``end`` None: to the shard's ``recorded`` count) from ``s.index`` on,
+    so that a shard torn after 10 of its 100 samples counts 90 against the damage limit, not 1.
+    Another sample, or a tail whose run's end is not known, counts one."""
+    stop = recorded if end is None else end
+    if not s.is_tail or stop is None:
+        return s
+    return replace(s, lost=max(1, stop - max(s.index, first)))
 
 
 def _split_member(member: tarfile.TarInfo) -> tuple[str | None, str]:
@@ -441,7 +462,7 @@ class Damage:
         self.good += n
 
     def bad(self, sample: BadSample) -> None:
-        self.by_shard[sample.shard] += 1
+        self.by_shard[sample.shard] += sample.lost
         if len(self.examples) < MAX_BAD_EXAMPLES:
             self.examples.append({"shard": sample.shard, "key": sample.key,
                                   "reason": sample.reason})

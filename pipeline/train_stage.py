@@ -89,7 +89,8 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
                            "pixels": cfg.randaugment_pixels}
     split = {s: {"shards": info.split(s).shards, "count": info.split(s).count}
              for s in ("labeled", "test")}
-    split["labeled"]["weights"] = info.split("labeled").shard_counts
+    for s in ("labeled", "test"):  # samples per shard: dealing, and a torn shard's loss
+        split[s]["weights"] = info.split(s).shard_counts
     readers = cfg.num_workers * max(1, cfg.loader_workers)
     for what, weights in (("labeled", split["labeled"]["weights"]),
                           ("pseudo-labeled", pseudo["weights"] if pseudo else None)):

@@ -25,7 +25,15 @@ from jobs._common import run_job
 from jobs.prepare import main as prepare_main
 from pipeline.config import PseudoLabelConfig, StudentConfig, TrainConfig, parse_config
 from pipeline.dataset import load_dataset
-from pipeline.shards import KeyIndex, ShardError, encode_png, read_samples, write_shards
+from pipeline.shards import (
+    BadSample,
+    KeyIndex,
+    ShardError,
+    encode_png,
+    read_samples,
+    read_shard,
+    write_shards,
+)
 from pipeline.storage import sha256_file
 from tests.builders import fake_label_batch, make_round0
 
@@ -284,8 +292,8 @@ def _damage(path: Path, kind: str) -> None:
 @pytest.mark.parametrize("split", ["labeled", "test"])
 def test_a_damaged_shard_in_a_labeled_or_test_split(tmp_path: Path, digits_dir: Path,
                                                     split: str, kind: str) -> None:
-    """Preflight: a truncated or non-tar shard is a counted loss (the job stops past
-    --damage-limit, naming it); a missing one stops at once, named."""
+    """Preflight: a truncated or non-tar shard is a counted loss of every sample it no longer
+    gives (the job stops past --damage-limit, naming it); a missing one stops at once, named."""
     from pipeline.rounds import preflight
     from pipeline.runner import RunError
 
@@ -305,9 +313,15 @@ def test_a_damaged_shard_in_a_labeled_or_test_split(tmp_path: Path, digits_dir: 
                                            "does not exist \\(and 1 more\\)$"):
             preflight(info, limit=0, damage_limit=1.0)
         return
+    recorded = info.split(split).shard_counts[-1]
+    left = sum(1 for s in read_shard(shard) if not isinstance(s, BadSample))
+    assert (0 < left < recorded) if kind == "truncated" else left == 0
     found = preflight(info, limit=10_000, damage_limit=1.0)
-    assert found[split]["bad"] == 1 and found[split]["examples"][0]["shard"] == shard
+    assert found[split]["bad"] == recorded - left  # it counted 1 for the whole tail before
+    assert found[split]["examples"][0]["shard"] == shard
     assert "damaged shard" in found[split]["examples"][0]["reason"]
+    with pytest.raises(ShardError, match=f"{split} split: {recorded - left} of "):
+        preflight(info, limit=10_000, damage_limit=0.01)  # the default limit
     with pytest.raises(ShardError, match=f"{split} split: .* worst shard {shard}"):
         preflight(info, limit=10_000, damage_limit=0.0)
 

@@ -80,6 +80,41 @@ def test_truncated_labeled_shard_is_a_counted_loss_not_a_traceback(tmp_path: Pat
         list(LabeledStream(shards, _as_float, train=False, num_classes=1, damage_limit=0.0))
 
 
+def _tear(shard: str) -> int:
+    """Cuts ``shard`` in half; the index of the first sample lost."""
+    from pipeline.shards import read_shard
+
+    data = Path(shard).read_bytes()
+    Path(shard).write_bytes(data[: len(data) // 2])
+    return list(read_shard(shard))[-1].index
+
+
+def test_a_torn_shard_counts_every_sample_it_lost_once(tmp_path: Path) -> None:
+    """With the shard counts of dataset.json, a torn shard's tail counts the samples it took,
+    against the limit and in the tally, once: evaluation reads whole shards; training readers
+    that share the shard in runs each count their own run's loss."""
+    from pipeline.data import merge_damage
+
+    shards = _shards(tmp_path / "s", [0] * 24, maxcount=8)  # 3 shards of 8
+    lost = 8 - _tear(shards[1])
+    assert 0 < lost < 8
+    found = len(list(LabeledStream(shards, _as_float, train=False, num_classes=1,
+                                   weights=[8, 8, 8], damage_limit=1.0)))
+    assert found == 24 - lost
+    limit = (lost - 0.5) / 24  # below the loss, above the one entry it counted before
+    with pytest.raises(ShardError, match=rf"test split: {lost} of 24 samples are damaged"):
+        list(LabeledStream(shards, _as_float, train=False, num_classes=1, weights=[8, 8, 8],
+                           damage_limit=limit, split="test"))
+    folder = tmp_path / "damage"
+    for rank in range(2):  # 24 samples cut into runs of 12: shard 1 is in both readers' runs
+        it = iter(LabeledStream(shards, _as_float, rank=rank, world_size=2, num_classes=1,
+                                weights=[8, 8, 8], shuffle_buffer=0, damage_dir=str(folder)))
+        for _ in range(13):  # past the end of the first pass (12 samples at most)
+            next(it)
+    merged = merge_damage(folder)
+    assert merged["bad"] == lost and merged["samples"] == 24
+
+
 def test_evaluation_does_not_reseed_the_trainer(tmp_path: Path) -> None:
     shards = _shards(tmp_path, [0, 1])
     torch.manual_seed(123)

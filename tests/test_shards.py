@@ -276,6 +276,28 @@ def test_bad_samples_keep_their_place_and_the_rest_is_read(tmp_path: Path) -> No
                                                 "reason": got[1].reason}
 
 
+def test_a_torn_shard_counts_the_samples_it_lost() -> None:
+    """A tail stands for the rest of the shard (or of a reader's run of it) that dataset.json
+    records: a shard torn after 10 of its 100 samples is 90 damaged, not 1."""
+    from pipeline.shards import TAIL_REASON, tail_loss
+
+    tail = BadSample("/d/a.tar", "k10", 10, f"{TAIL_REASON} (ReadError: truncated)")
+    assert tail.is_tail and tail_loss(tail, 100).lost == 90
+    assert tail_loss(tail, None).lost == 1  # count not recorded: one entry, as before
+    assert tail_loss(tail, 5).lost == 1  # a stale count below what was read
+    # runs of the shard: each reader counts its own run's loss, which adds up to the shard's
+    runs = [(0, 40), (40, 70), (70, None)]
+    assert [tail_loss(tail, 100, a, b).lost for a, b in runs] == [30, 30, 30]
+    decode = BadSample("/d/a.tar", "k3", 3, "cannot decode image")
+    assert not decode.is_tail and tail_loss(decode, 100) is decode
+    damage = Damage()
+    damage.ok(910)
+    damage.bad(tail_loss(tail, 100))
+    assert damage.to_dict()["samples"] == 1000 and damage.count == 90
+    with pytest.raises(ShardError, match=r"labeled split: 90 of 1000 samples are damaged"):
+        damage.check("labeled", 0.01)
+
+
 def test_damage_limit_names_the_worst_shard() -> None:
     damage = Damage()
     damage.ok(97)
