@@ -33,3 +33,26 @@ def test_median_from_fine_histogram_is_within_one_bin():
     assert abs(median_from_histogram(hist)[0] - np.median(values)) <= 1e-3
     assert np.isnan(median_from_histogram(np.zeros((2, 1000)))).all()
 
+
+
+@pytest.mark.parametrize("rows", [
+    {"key": [], "label": []},  # no rows
+    {"key": ["a", None], "label": [-1, 3]},  # none usable: no label, no key
+])
+def test_a_truth_index_with_no_usable_rows_is_empty_not_a_crash(tmp_path, rows):
+    """A truth partition with no keys (an empty file, unusable rows, or a hash partition of a
+    multi-pass scan that no key falls into) indexed one element too many and raised."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.report.stats import _TruthIndex
+
+    path = tmp_path / "truth.parquet"
+    pq.write_table(pa.table({"key": pa.array(rows["key"], pa.string()),
+                             "label": pa.array(rows["label"], pa.int64())}), path)
+    index = _TruthIndex.load(path, 0, 1)
+    assert index.lookup(np.array([1, 2], dtype=np.uint64)).tolist() == [-1, -1]
+    one = pa.table({"key": ["a", "b", "c"], "label": [0, 1, 2]})
+    pq.write_table(one, path)
+    parts = [_TruthIndex.load(path, p, 8) for p in range(8)]  # some partitions get no key
+    assert sum(len(i.hashes) for i in parts) == 3

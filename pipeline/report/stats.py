@@ -292,7 +292,8 @@ class _TruthIndex:
         lab = np.concatenate(ls) if ls else np.zeros(0, dtype=np.int32)
         order = np.argsort(h, kind="stable")
         h, lab = h[order], lab[order]
-        dup = np.r_[False, h[1:] == h[:-1]]
+        dup = np.zeros(len(h), dtype=bool)  # (np.r_[False, ...] is one too long when h is empty)
+        dup[1:] = h[1:] == h[:-1]
         # A key listed twice (or a 64-bit hash collision) keeps its first label.
         return cls(h[~dup], lab[~dup], int(dup.sum()))
 
