@@ -232,3 +232,13 @@ def test_long_tables_are_excerpted_to_30_rows(tmp_path: Path, fmt: str):
     assert len(pd.read_csv(path.parent / "class_changes.csv")) == 40
     # The rounds table (3 rows) stays whole.
     assert len(next(t for t in tables if "model" in t)) == 3
+
+
+def test_large_numbers_are_written_out_not_in_exponent_form():
+    """Seconds of an ImageNet-scale round (tens of thousands) came out as 1.235e+04."""
+    from pipeline.report.render import _fmt, _html_table
+
+    assert _fmt(12345.67) == "12,345.7" and _fmt(3600.0) == "3,600"
+    assert _fmt(0.93412) == "0.9341" and _fmt(123.456) == "123.5" and _fmt(float("nan")) == "-"
+    html = _html_table(pd.DataFrame({"seconds": [12345.67, 0.5]}))
+    assert "12,345.7" in html and "e+" not in html

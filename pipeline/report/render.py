@@ -230,10 +230,16 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
         if float(v).is_integer() and abs(v) >= 1:
             return f"{int(v):,}"
-        return f"{v:.4g}"
+        return _float(float(v))
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"
     return str(v)
+
+
+def _float(v: float) -> str:
+    """Four significant digits, but never an exponent for a large number (12,345.7 seconds,
+    not 1.235e+04)."""
+    return f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
 def _squash(text: str) -> str:
@@ -246,12 +252,13 @@ def _markdown_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no rows)"
     # Cells formatted as the paragraphs format numbers (thousands separators, 4 significant
-    # digits, "-" for missing), then passed through as text; a "|" would end the cell.
+    # digits below 1,000 and one decimal above, "-" for missing), then passed through as text;
+    # a "|" would end the cell.
     cells = df.map(lambda v: _fmt(v).replace("|", "\\|"))
     align = ["right" if pd.api.types.is_numeric_dtype(df[c]) else "left" for c in df.columns]
     return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 def _html_table(df: pd.DataFrame) -> Markup:
-    return Markup(df.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}",
+    return Markup(df.to_html(index=False, na_rep="-", float_format=_float,
                              border=0))
