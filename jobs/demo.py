@@ -37,6 +37,8 @@ def step(title: str, args: list[str], env: dict[str, str] | None = None) -> None
     print(f"\n=== {title}: python {' '.join(args)}", flush=True)
     t0 = time.time()
     proc = subprocess.run([PY, *args], cwd=ROOT, env=env)
+    if proc.returncode == 130:  # the step said it was interrupted (a Ctrl-C it alone received)
+        raise KeyboardInterrupt
     if proc.returncode != 0:
         raise SystemExit(f"demo: {title} failed (exit {proc.returncode}); fix the error above "
                          "and run `make demo` again to continue")
@@ -144,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run_demo(args)
+    except KeyboardInterrupt:  # the step's own line came first; each step resumes
+        print("demo: interrupted; run `make demo` (or the same command) again to continue",
+              file=sys.stderr)
+        return 130
+
+
+def run_demo(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     data = root / "data" / "digits-5pct"  # named by its split: not mistaken for a 10% one
     t0 = time.time()

@@ -7,7 +7,8 @@
 Reads manifests/<run>/, the pseudo-label Parquet files and artifacts/<run>/round-<N>/
 test_predictions.parquet under --root; needs no Ray and no GPU. In a notebook,
 ``pipeline.report.load_run(root, run)`` returns the same tables.
-Exit status: 0 written, 2 the run, a round or a file cannot be reported on (one line on stderr).
+Exit status: 0 written, 2 the run, a round or a file cannot be reported on (one line on stderr),
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: cannot write the report under {cfg.root}/reports/{cfg.run}: "
               f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the report is made from the run again in full by a rerun
+        print("report: interrupted; run the same command again", file=sys.stderr)
+        return 130
     for note in report.notes:
         print(f"report: note: {note}", file=sys.stderr)
     print("\n".join(summary_lines(report)))

@@ -88,3 +88,14 @@ def test_cli_unreadable_truth_is_a_note_not_a_traceback(root: Path, capsys):
     assert rc == 0
     assert f"report: note: held-out truth unusable: {truth}: cannot read Parquet (" in err
     assert "): no precision" in err
+
+
+def test_cli_ctrl_c_is_one_line_exit_130(root: Path, capsys, monkeypatch):
+    """A Ctrl-C while the tables are made gave a traceback (the other jobs say it in a line)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_job, "write_report", interrupted)
+    rc, out, err = run_cli(capsys, "--run", RUN, "--root", str(root))
+    assert rc == 130 and out == ""
+    assert err.strip() == "report: interrupted; run the same command again"
