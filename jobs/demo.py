@@ -136,11 +136,12 @@ def _folder(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=_folder, default=".", help="where data/, manifests/, artifacts/ go")
-    ap.add_argument("--run", default="demo", help="run name")
+    ap.add_argument("--root", type=_folder, default=".",
+                    help="where data/, manifests/, artifacts/ go (default: this folder)")
+    ap.add_argument("--run", default="demo", help="run name (default demo)")
     ap.add_argument("--rounds", type=_at_least_0, default=2,
-                    help="student rounds after the teacher")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every stage")
+                    help="student rounds after the teacher (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     return ap
 
 

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of all 1,797 images that keep their label (default 0.1)")
     d.add_argument("--test-fraction", type=float, default=0.3,
                    help="share of all images held out for testing (default 0.3)")
-    d.add_argument("--seed", type=_seed, default=0, help="seed of the stratified split")
+    d.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the stratified split (default 0)")
     d.add_argument("--shard-size", type=_positive, default=100,
                    help="samples per shard (default 100)")
 
@@ -69,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("src", help="folder of images (local, or an s3:// prefix)")
     f.add_argument("--out", required=True,
                    help="dataset folder, created or extended (local or s3://)")
-    f.add_argument("--split", choices=SPLITS, default="labeled", help="which split to write")
-    f.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
+    f.add_argument("--split", choices=SPLITS, default="labeled",
+                   help="which split to write (default labeled)")
+    f.add_argument("--shard-size", type=_positive, default=1000,
+                   help="samples per shard (default 1000)")
     f.add_argument("--workers", type=_positive, default=None,
                    help=f"processes that decode and check the images (default: one per CPU, "
                         f"{default_workers()} here; at most one per {FILES_PER_WORKER} files)")

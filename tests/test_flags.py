@@ -254,3 +254,27 @@ def test_every_test_the_docs_name_exists() -> None:
     missing = [c for c in cited
                if not re.search(rf"^def {c[2]}\(", (REPO / "tests" / c[1]).read_text(), re.M)]
     assert not missing, missing
+
+
+def test_every_argparse_option_with_a_default_says_it_in_its_help() -> None:
+    """docs/README.md: `--help` of every job lists its options with their defaults. The tyro
+    jobs print them by themselves; prepare's and demo's argparse help strings must say them."""
+    import demo
+    import prepare
+
+    def parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        out = [p]
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    out += parsers(sub)
+        return out
+
+    silent = []
+    for parser in [*parsers(prepare.build_parser()), *parsers(demo.build_parser())]:
+        for a in parser._actions:
+            if not a.option_strings or a.required or a.help in (None, argparse.SUPPRESS):
+                continue
+            if a.default not in (None, argparse.SUPPRESS) and "default" not in a.help:
+                silent.append(f"{parser.prog} {a.option_strings[-1]}")
+    assert not silent
