@@ -3,7 +3,8 @@ threshold + class balancing. ``jobs/student.py`` runs the same stages, with the 
 training; this job is for running (or re-running, or resuming) them alone.
 
     python jobs/pseudo_label.py --run r1 --round 1                     # local Ray, or RAY_ADDRESS
-    ray job submit --working-dir . -- python jobs/pseudo_label.py --run r1 --round 1 --label-actors 4
+    ray job submit --working-dir . -- python jobs/pseudo_label.py --run r1 --round 1 \
+        --root $PWD --label-actors 4   # an absolute root: the job runs in a copy of the folder
 
 Writes ``<root>/artifacts/<run>/round-<N>/pseudo/<shard>.parquet`` and records stages
 ``pseudo_label`` and ``select`` in ``<root>/manifests/<run>/round-<N>.json``. Killed and run again,

@@ -26,6 +26,7 @@ same network.
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                                "a .safetensors file")
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled code: never run it
+        except pickle.UnpicklingError as e:  # weights_only refuses pickled code: never run it
             raise WeightsError(
                 f"--init-from {path}: cannot be read as a weights file without running code from "
                 f"it ({_refusal(e)}); save a plain state_dict (torch.save(model.state_dict(), "
                 "...)) or a .safetensors file") from None
+        except Exception as e:  # a torn zip, a file cut short: not a question of trusting it
+            raise WeightsError(
+                f"--init-from {path}: damaged or incomplete weights file ({_refusal(e)}); copy "
+                "or save it again") from None
     payload: dict[str, Any] = {}
     if isinstance(raw, dict) and raw.get("format") is not None and "model_name" in raw:
         payload = {k: v for k, v in raw.items() if k != "state_dict"}  # one of our model files

@@ -343,7 +343,11 @@ class StudentConfig(TrainConfig, PseudoLabelConfig):
     round: int = 1
     """Round to run (its teacher is round - 1)."""
     model: str = ""
-    """Student model; default: the teacher's model (equal size). Name a bigger one to grow."""
+    """Student model; default: the teacher's model (equal size). Name a bigger one to grow, or
+    'next' for the next size of the teacher's family (t0 -> t1, b3 -> b4)."""
+    seed: int = 0
+    """Seed of everything random in the round: initialisation, data order, augmentation and the
+    selection's per-row draws (hashed with shard and key)."""
     epochs: int | None = None
     """Training epochs (passes over the labeled split, see --student-epoch); default by student
     size as the official code: 700 for B0-B4 (and the tiny family), 350 above."""

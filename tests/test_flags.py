@@ -278,3 +278,14 @@ def test_every_argparse_option_with_a_default_says_it_in_its_help() -> None:
             if a.default not in (None, argparse.SUPPRESS) and "default" not in a.help:
                 silent.append(f"{parser.prog} {a.option_strings[-1]}")
     assert not silent
+
+
+def test_student_help_says_what_its_seed_draws_and_that_model_takes_next(capsys) -> None:
+    """StudentConfig inherits --seed from both configs: its help was the training one, which
+    leaves out the selection's draws; --model next (the demo preset's) was not in --help."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        parse_job_args("student", ["--help"])
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "selection's per-row draws" in text and "'next' for the next size" in text

@@ -170,9 +170,17 @@ def test_files_are_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(WeightsError, match=r"notes\.pt: not a PyTorch weights file "
                                            r"\(torch\.save\) or a \.safetensors file$"):
         read_state_dict(tmp_path / "notes.pt")
+    # Cut short (a download or copy that stopped): damaged, not "holds code" as it said before
     (tmp_path / "short.pt").write_bytes(b"\x80")  # a reason without text: still one line
-    with pytest.raises(WeightsError, match="without running code from it"):
+    with pytest.raises(WeightsError, match=r"short\.pt: damaged or incomplete weights file "
+                                           r"\(index out of range\); copy or save it again$"):
         read_state_dict(tmp_path / "short.pt")
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"torn\.pt: damaged or incomplete weights file "
+                                           r"\(PytorchStreamReader failed reading zip archive"):
+        read_state_dict(tmp_path / "torn.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(WeightsError, match="holds no state dict"):
         read_state_dict(tmp_path / "list.pt")
