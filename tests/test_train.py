@@ -70,6 +70,27 @@ def test_train_worker_runs_all_phases_and_learns(digits_info: DatasetInfo,
     assert [r["phase"] for r in rep.reports] == ["train"] * 12 + ["finetune", "evaluate"]
 
 
+def test_the_same_seed_gives_the_same_weights_and_numbers(digits_info: DatasetInfo,
+                                                           tmp_path: Path) -> None:
+    """README: a run is deterministic on one installation. Two runs of the loop with one seed
+    (noise on: dropout, stochastic depth, EMA) end with identical weights and metrics; another
+    seed does not."""
+    def run(name: str, seed: int) -> dict:
+        job = tiny_job(digits_info, tmp_path / name, epochs=2, eval_every=5, seed=seed,
+                       finetune_epochs=0)
+        train_worker(job, WorkerContext(), LocalReporter(tmp_path / name / "ck"))
+        return torch.load(tmp_path / name / "ck" / "state.pt", weights_only=True)
+
+    a, b, other = run("a", 3), run("b", 3), run("c", 4)
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        assert not all(torch.equal(a[key][k], other[key][k]) for k in a[key]), key
+    assert a["state"]["final_metrics"] == b["state"]["final_metrics"]
+    losses = [[h["train_loss"] for h in s["state"]["history"]] for s in (a, b, other)]
+    assert losses[0] == losses[1] != losses[2]
+
+
 def test_checkpoint_every_n_epochs_and_after_the_last(digits_info: DatasetInfo,
                                                       tmp_path: Path) -> None:
     job = tiny_job(digits_info, tmp_path, epochs=5, checkpoint_every=2, eval_every=10)
