@@ -310,6 +310,9 @@ class TrainConfig:
         if self.finetune_norm_images < 1 or self.finetune_timing_steps < 0:
             raise ConfigError("--finetune-norm-images must be >= 1 and --finetune-timing-steps "
                               ">= 0")
+        if self.init_from is not None and "://" in self.init_from:  # Path() would mangle it
+            raise ConfigError(f"--init-from {self.init_from}: reads local files only; copy it "
+                              "to a local disk first (e.g. aws s3 cp) and give that path")
 
     def model_options(self) -> dict[str, Any]:
         """create_model's BatchNorm arguments for a model trained from scratch (--norm)."""

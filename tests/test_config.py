@@ -96,6 +96,9 @@ def test_only_plain_booleans_have_a_no_flag() -> None:
     (TrainConfig, {"seed": -1}, "--seed must be >= 0"),
     (TrainConfig, {"finetune_lr_scale": -1.0}, "--finetune-lr-scale must be > 0"),
     (StudentConfig, {"randaugment_m": -5.0}, "--randaugment-m must be >= 0"),
+    # Path() made s3://b/w.pt into s3:/b/w.pt, "no such file"
+    (TrainConfig, {"init_from": "s3://b/w.pt"}, r"^--init-from s3://b/w\.pt: reads local files "
+                                                 r"only; copy it to a local disk first"),
 ])
 def test_bad_values_are_refused_by_name(cls: type, values: dict, message: str) -> None:
     base = {"run": "r", "data": "d", "model": "efficientnet_t0"}
