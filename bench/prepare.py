@@ -10,7 +10,7 @@ copied to ``--files`` files. Every file is decoded in full to check it (the cost
 out). Figures, each against a baseline of the same run:
 
 * files per second of wall time with one process per CPU over one process (the shards come
-  out identical, which the test suite checks);
+  out identical, which the test suite checks), median of ``--repeat`` interleaved runs;
 * with ``--max-short-side 915`` (what training at 224 px uses, ``train_min_side``) over
   without, both with one process per CPU: files per second, and bytes stored;
 * the training path at 224 px (decode with the reduction training asks for, random-resized
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=256)
     ap.add_argument("--min-seconds", type=float, default=3.0,
                     help="CPU seconds of each training-path timing")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="interleaved runs of each prepare, median taken (default 3)")
     ap.add_argument("--json", type=Path, default=None, help="merge the figures into this file")
     args = ap.parse_args(argv)
     import pipeline.dataset as dataset
@@ -105,18 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         src, tmp = Path(tmp) / "src", Path(tmp)
         total = photo_tree(src, args.files)
         print(f"{args.files} photo JPEGs 4000x3000, {total / 1e6:.0f} MB; files/s of wall time")
-        one = args.files / run(src, tmp / "one", 1)
-        many = args.files / run(src, tmp / "many", workers)
-        small = args.files / run(src, tmp / "small", workers, SIDE)
+        # Interleaved, and the order turns each round: this machine's speed drifts over
+        # minutes, and the first run in the process pays its lazy imports.
+        sides = [("one", 1, None), ("many", workers, None), ("small", workers, SIDE)]
+        rates: dict[str, list[float]] = {name: [] for name, _, _ in sides}
+        for r in range(args.repeat):
+            for name, n, side in sides[r % 3:] + sides[: r % 3]:
+                rates[name].append(args.files / run(src, tmp / name, n, side))
+        one, many, small = (statistics.median(rates[name]) for name, _, _ in sides)
         print(f"{'1 process':<34}{one:>8.1f}")
         print(f"{f'{workers} processes (one per CPU)':<34}{many:>8.1f}{many / one:>8.2f}x")
         kept, shrunk = stored(tmp / "many"), stored(tmp / "small")
         size = sum(map(len, shrunk)) / sum(map(len, kept))
         print(f"{f'the same, --max-short-side {SIDE}':<34}{small:>8.1f}{small / many:>8.2f}x"
               f"   stored {sum(map(len, shrunk)) / 1e6:.1f} MB ({size:.3f} of the originals)")
-        pictures = min(args.files, 8)  # the distinct ones: the rest are copies
-        full = train_rate(kept[:pictures], args.min_seconds)
-        reduced = train_rate(shrunk[:pictures], args.min_seconds)
+        # The distinct pictures (the rest are copies; prepare wrote them in a random order),
+        # each as kept and as shrunk: the two lists are in the same order (same --seed).
+        distinct = list({k: (k, s) for k, s in zip(kept, shrunk, strict=True)}.values())
+        full = train_rate([k for k, _ in distinct], args.min_seconds)
+        reduced = train_rate([s for _, s in distinct], args.min_seconds)
         print(f"training path at 224 px, images/CPU-s: originals {full:.1f}, shrunk "
               f"{reduced:.1f} ({reduced / full:.2f}x)")
         figures["prepare_workers_over_one"] = round(many / one, 4)

@@ -53,8 +53,8 @@ FIGURES: dict[str, Figure] = {
         "the same, timed from nothing built to the last epoch's end", ">= 0.95",
         "train_epoch.py"),
     "augment_vs_plain": Figure(
-        "decode + crop + flip + RandAugment, 640x480 JPEG -> 224 px, images/s / plain PIL + "
-        "torchvision v2 loop", "", "augment.py"),
+        "decode + crop + flip + RandAugment, 640x480 JPEG -> 224 px, images per CPU-second / "
+        "plain PIL + torchvision v2 loop", "", "augment.py"),
     "augment_vs_plain_digits": Figure(
         "the same on the 32x32 PNG digits -> 32 px", "", "augment.py"),
     "pseudo_label_s3_over_local_10x": Figure(

@@ -8,8 +8,10 @@ measures what reading through pyarrow's S3 client and an HTTP object server cost
 (one ranged GET per 8 MiB block of a shard, the Parquet files uploaded whole), not the bandwidth
 of a real object store, which is usually higher than one Python server's. Both sides write their
 pseudo-label files to the same kind of place they read from (local disk, or the bucket), as a run
-with ``--root`` there would. Runs alternate local/S3, and the ratio is of end-to-end images/s
-(label_shards' wall time, start-up included), S3 over local: 1.0 means no cost.
+with ``--root`` there would. After one discarded warm-up run, runs alternate local/S3 (which
+side goes first alternates too), at the jobs' teacher batch; the ratio is of the mean
+end-to-end images/s of each side (label_shards' wall time, start-up included), S3 over local:
+1.0 means no cost.
 
 Writes ``pseudo_label_s3_over_local_<N>x`` into bench/latest.json (other keys are kept).
 """
@@ -52,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="corpus sizes, x the digits' 1,077 unlabeled images (default 10 40)")
     p.add_argument("--rounds", type=int, default=2, help="local/S3 pairs per size (default 2)")
     p.add_argument("--num-cpus", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256)
+    jobs_batch = PseudoLabelConfig().label_batch_size
+    p.add_argument("--batch-size", type=int, default=jobs_batch,
+                   help=f"the teacher's batch (default: the jobs' default, {jobs_batch})")
     p.add_argument("--json", type=Path, default=LATEST, help="figures file to update")
     args = p.parse_args(argv)
 
@@ -82,13 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": worker_env()})  # as a job's workers have it
         try:
+            # A discarded warm-up run: the first call in a process pays imports (ray.data) and
+            # Ray Data's first set-up, which would count against whichever side went first.
+            smallest = min(args.repeats)
+            run(model_path, sha, corpora[smallest], work / "out", cfg)
             for repeat in args.repeats:
                 results[repeat] = {"local": [], "s3": []}
-                for _ in range(args.rounds):
-                    results[repeat]["local"].append(
-                        run(model_path, sha, corpora[repeat], work / "out", cfg))
-                    results[repeat]["s3"].append(
-                        run(model_path, sha, remote[repeat], S3Path("s3://bench/out"), cfg))
+                for i in range(args.rounds):  # the side that goes first alternates
+                    sides = [("local", corpora[repeat], work / "out"),
+                             ("s3", remote[repeat], S3Path("s3://bench/out"))]
+                    for side, shards, out in sides[:: 1 if i % 2 == 0 else -1]:
+                        results[repeat][side].append(run(model_path, sha, shards, out, cfg))
         finally:
             ray.shutdown()
     finally:
