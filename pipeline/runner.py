@@ -117,22 +117,40 @@ def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterat
     if ray.is_initialized():
         yield False
         return
-    started = not os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS")
+    started = not address
     runtime_env = {"env_vars": worker_env()}
     with quiet_ray(verbose):
-        if started:
-            # The dashboard serves the state API, which Ray Train's placement-group cleaner
-            # polls (without it, it logs a warning every few seconds).
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                     dashboard_host="127.0.0.1", logging_level="warning",
-                     runtime_env=runtime_env)
-        else:
-            ray.init(logging_level="warning", runtime_env=runtime_env)
+        try:
+            if started:
+                # address="local": a new local Ray even where `ray start` left a cluster (or
+                # the file naming one), which ray.init() would otherwise join, and then refuse
+                # the num_cpus given. The dashboard serves the state API, which Ray Train's
+                # placement-group cleaner polls (without it, it warns every few seconds).
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                         include_dashboard=True, dashboard_host="127.0.0.1",
+                         logging_level="warning", runtime_env=runtime_env)
+            else:
+                ray.init(logging_level="warning", runtime_env=runtime_env)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise ray_init_error(address, e) from e
         try:
             yield started
         finally:
             if started:
                 ray.shutdown()
+
+
+def ray_init_error(address: str | None, e: BaseException) -> RunError:
+    """One line for a Ray that could not be started or joined (ray.init raises ConnectionError,
+    ValueError or RuntimeError, with paragraphs of text)."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if address:
+        return RunError(f"cannot join the Ray cluster RAY_ADDRESS={address} names ({first}); "
+                        "start it (ray start --head), correct RAY_ADDRESS, or unset it to run "
+                        "on a local Ray of this machine")
+    return RunError(f"cannot start a local Ray ({first}); see `ray status` and /tmp/ray/, or "
+                    "set RAY_ADDRESS to a running cluster")
 
 
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool | None) -> bool:

@@ -318,6 +318,37 @@ def test_ray_session_gives_the_jobs_workers_worker_env(monkeypatch: pytest.Monke
         with ray_session(num_cpus=2):
             pass
     assert [c["runtime_env"] for c in calls] == [{"env_vars": worker_env()}] * 2
+    # a local Ray of its own, even where `ray start` left a cluster that ray.init() would join
+    assert calls[0]["address"] == "local" and "address" not in calls[1]
+
+
+@pytest.mark.parametrize("address,error,message", [
+    ("auto", ConnectionError("Could not find any running Ray instance. Please specify\nmore"),
+     r"^cannot join the Ray cluster RAY_ADDRESS=auto names \(Could not find any running Ray "
+     r"instance. Please specify\); start it \(ray start --head\), correct RAY_ADDRESS, or "
+     r"unset it"),
+    (None, RuntimeError("Failed to start GCS."),
+     r"^cannot start a local Ray \(Failed to start GCS.\); see `ray status`"),
+])
+def test_a_ray_that_cannot_start_or_be_joined_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                           address, error, message) -> None:
+    """ray.init's ConnectionError (RAY_ADDRESS=auto with no cluster is an OSError) escaped the
+    jobs' one-line handling as a traceback."""
+    import ray
+
+    from pipeline.runner import RunError, ray_session
+
+    def fail(**kw):
+        raise error
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fail)
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(RunError, match=message), ray_session(num_cpus=2):
+        pass
 
 
 @pytest.mark.parametrize("cluster,use_gpu,expected", [
