@@ -31,6 +31,7 @@ import io
 import os
 import posixpath
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
@@ -411,12 +412,28 @@ def check_location(p: Path | S3Path) -> None:
 
 
 def rmtree(p: Path | S3Path) -> None:
+    """Remove a folder and everything in it (nothing when it does not exist). A file that
+    cannot be removed (another user's, a busy NFS file) is a StorageError naming it: what is
+    removed is a round's old state, and a part of it left behind would be resumed from."""
     import shutil
 
     if isinstance(p, S3Path):
         p.rmtree()
+        return
+
+    def refuse(function: Any, path: str, exc: BaseException) -> None:
+        if isinstance(exc, FileNotFoundError):  # gone meanwhile
+            return
+        why = getattr(exc, "strerror", None) or exc
+        raise StorageError(f"cannot remove {path} ({why}); remove {p} by hand (or fix its "
+                           "permissions) and run the command again") from None
+
+    if not p.exists():
+        return
+    if sys.version_info >= (3, 12):  # onerror is deprecated from 3.12 on
+        shutil.rmtree(p, onexc=refuse)
     else:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, onerror=lambda f, path, info: refuse(f, path, info[1]))
 
 
 # ----------------------------------------------------------------------------- Parquet

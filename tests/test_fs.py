@@ -31,6 +31,35 @@ def test_location_picks_the_path_type() -> None:
         location("s3:///k")
 
 
+def test_a_local_folder_that_cannot_be_removed_whole_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force removes the old round's folder; a file it could not remove was ignored, and the
+    training state left behind was resumed from (S3 raised, the local disk did not)."""
+    import os
+
+    from pipeline.fs import rmtree
+
+    folder = tmp_path / "round-1"
+    (folder / "train" / "checkpoint_1").mkdir(parents=True)
+    (folder / "train" / "checkpoint_1" / "state.pt").write_bytes(b"x")
+    (folder / "model.pt").write_bytes(b"y")
+    unlink = os.unlink
+
+    def stuck(path, *args, **kwargs):
+        if str(path).endswith("state.pt"):
+            raise PermissionError(13, "Permission denied")
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", stuck)
+    with pytest.raises(StorageError, match=r"^cannot remove .*state\.pt \(Permission denied\); "
+                                           rf"remove {folder} by hand"):
+        rmtree(folder)
+    monkeypatch.setattr(os, "unlink", unlink)
+    rmtree(folder)
+    assert not folder.exists()
+    rmtree(folder)  # nothing there: nothing to do
+
+
 def test_pure_path_operations() -> None:
     p = S3Path("s3://b/runs//a/model.pt", endpoint=False)
     assert str(p) == "s3://b/runs/a/model.pt"
