@@ -2,9 +2,10 @@
 
 Two commands working on the same round at once would interleave their writes to its manifest and
 files. ``manifests/<run>/round-<N>.lock`` is created only where none exists (a hard link, which
-fails if it does) and holds who has it (host, pid, start time, command). A second process refuses with one line naming the
-holder. A lock whose process is gone (same host, no such pid) was left by a crash: it is taken
-over, and the log says so; two processes that find it stale at once take it over one after
+fails if it does) and holds who has it (host, pid, start time, command; the pid's namespace and
+start time too). A second process refuses with one line naming the holder. A lock whose process
+is gone (same host and pid namespace, and no such pid, or one that started at another time: a
+reused pid) was left by a crash: it is taken over, and the log says so; two processes that find it stale at once take it over one after
 the other under an ``flock`` (the second then refuses). The lock appears with its contents or
 not at all (written beside it, then hard-linked into place). A lock from another host cannot be
 checked from here; the message says which file to delete once that process is known to be gone.
@@ -46,6 +47,39 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text.rsplit(")", 1)[1].split()[19])  # the name may hold spaces or ")"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_namespace() -> int | None:
+    """This process's pid namespace (its inode), or None where /proc cannot say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _stale(held: dict[str, Any], me: dict[str, Any]) -> bool:
+    """Whether a lock's holder is known to be gone: same host and pid namespace (another's
+    pids cannot be checked from here: containers sharing a host name), and its pid either
+    gone or now another process's (one started at another time: a restarted container's
+    pid 1, say, which the lock's own pid would otherwise seem to be alive as)."""
+    pid = held.get("pid")
+    if held.get("host") != me["host"] or not isinstance(pid, int):
+        return False
+    if None not in (held.get("pid_ns"), me["pid_ns"]) and held["pid_ns"] != me["pid_ns"]:
+        return False
+    if not _alive(pid):
+        return True
+    started = held.get("pid_start")
+    return started is not None and _start_time(pid) not in (None, started)
 
 
 def _holder(path: Path | S3Path) -> dict[str, Any] | None:
@@ -123,12 +157,11 @@ def round_lock(layout: RunLayout, round_: int) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(),
           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
-          "token": uuid.uuid4().hex}
+          "token": uuid.uuid4().hex, "pid_start": _start_time(os.getpid()),
+          "pid_ns": _pid_namespace()}
     if not _create(path, me):
         held = _holder(path) or {}
-        stale = held.get("host") == me["host"] and isinstance(held.get("pid"), int) \
-            and not _alive(held["pid"])
-        if not stale:
+        if not _stale(held, me):
             where = _describe(held) if held else "a process whose lock file cannot be read"
             raise LockError(
                 f"round {round_} of run {layout.run!r} is being run by {where}; wait for it to "
