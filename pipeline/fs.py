@@ -96,15 +96,18 @@ def arrow_fs(p: Path | S3Path) -> tuple[Any, str]:
 def explain(e: BaseException, where: S3Path) -> StorageError:
     """The one line to show for an S3 failure at ``where``."""
     text = " ".join(str(e).split())
+    # Matched without the location's own names: a key such as lab-000403.tar is no HTTP 403.
+    scan = text.replace(where.key, " ").replace(where.bucket, " ") if where.key else \
+        text.replace(where.bucket, " ")
+    if re.search(r"NO_SUCH_BUCKET|NoSuchBucket|Bucket '.*' not found", text):
+        return StorageError(f"{where}: bucket {where.bucket!r} does not exist; create it "
+                            f"(e.g. `aws s3 mb s3://{where.bucket}`) or fix the location")
     if re.search(r"ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH|InvalidAccessKeyId|INVALID_ACCESS_KEY|"
-                 r"AccessDenied|SignatureDoesNotMatch|403", text):
+                 r"AccessDenied|SignatureDoesNotMatch|(?:status|code)\W{0,3}403\b", scan):
         return StorageError(
             f"{where}: access denied by the object store ({_short(text)}); check the credentials "
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and "
             "the bucket's policy")
-    if re.search(r"NO_SUCH_BUCKET|NoSuchBucket|Bucket '.*' not found", text):
-        return StorageError(f"{where}: bucket {where.bucket!r} does not exist; create it "
-                            f"(e.g. `aws s3 mb s3://{where.bucket}`) or fix the location")
     if isinstance(e, FileNotFoundError):
         return StorageError(f"{where}: no such object; check the location")
     if re.search(r"connect|resolve host|Couldn't|timed? ?out|NETWORK_CONNECTION", text, re.I):

@@ -60,6 +60,25 @@ def test_a_local_folder_that_cannot_be_removed_whole_is_an_error(
     rmtree(folder)  # nothing there: nothing to do
 
 
+def test_an_s3_error_is_told_by_its_status_not_by_a_403_in_the_key() -> None:
+    """A shard named lab-000403.tar (the README's brace patterns) made a connection failure
+    read "access denied"; a missing bucket whose name has 403 in it too."""
+    from pipeline.fs import explain
+
+    where = S3Path("s3://b/data/lab-000403.tar")
+    down = OSError("When getting information for key 'data/lab-000403.tar' in bucket 'b': AWS "
+                   "Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, "
+                   "Couldn't connect to server")
+    assert "cannot reach the object store" in str(explain(down, where))
+    denied = OSError("When getting information for key 'data/lab-000403.tar' in bucket 'b': "
+                     "AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No "
+                     "response body.")
+    assert "access denied by the object store" in str(explain(denied, where))
+    bucket = S3Path("s3://run-403/x.json")
+    gone = OSError("Bucket 'run-403' not found")
+    assert "bucket 'run-403' does not exist" in str(explain(gone, bucket))
+
+
 def test_pure_path_operations() -> None:
     p = S3Path("s3://b/runs//a/model.pt", endpoint=False)
     assert str(p) == "s3://b/runs/a/model.pt"
