@@ -291,12 +291,10 @@ class S3Path:
             f: IO[Any] = io.BufferedReader(raw, READ_BLOCK)
             return f if mode == "rb" else io.TextIOWrapper(f, encoding=encoding or "utf-8",
                                                             errors=errors, newline=newline)
-        if mode in ("wb", "w"):
-            try:
-                out = self.filesystem.open_output_stream(self.arrow_path)
-            except OSError as e:
-                raise explain(e, self) from None
-            return out if mode == "wb" else _TextUpload(out, encoding or "utf-8")
+        if mode == "wb":
+            return _Upload(self)
+        if mode == "w":
+            return _TextUpload(self, encoding or "utf-8")
         raise ValueError(f"S3Path.open: mode {mode!r} is not supported (objects are written whole)")
 
     def read_bytes(self) -> bytes:
@@ -384,19 +382,39 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
-class _TextUpload(io.StringIO):
-    """Text written to an S3 object, uploaded whole on close."""
+class _Upload(io.BytesIO):
+    """Bytes written to an S3 object: kept in memory and uploaded whole on close, or not at all
+    when the ``with`` block that wrote them raised (pyarrow's own stream completes the upload
+    of whatever was written however its block ends, which left a truncated object)."""
 
-    def __init__(self, stream: Any, encoding: str) -> None:
+    def __init__(self, path: S3Path) -> None:
         super().__init__()
-        self._stream, self._encoding = stream, encoding
+        self._path, self._failed = path, False
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        self._failed = exc_type is not None
+        self.close()
 
     def close(self) -> None:
-        if not self.closed:
-            try:
-                self._stream.write(self.getvalue().encode(self._encoding))
-            finally:
-                self._stream.close()
+        if not self.closed and not self._failed:
+            self._path.write_bytes(self.getvalue())
+        super().close()
+
+
+class _TextUpload(io.StringIO):
+    """Text written to an S3 object, as :class:`_Upload` writes bytes."""
+
+    def __init__(self, path: S3Path, encoding: str) -> None:
+        super().__init__()
+        self._path, self._encoding, self._failed = path, encoding, False
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        self._failed = exc_type is not None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed and not self._failed:
+            self._path.write_bytes(self.getvalue().encode(self._encoding))
         super().close()
 
 

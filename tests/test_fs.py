@@ -114,6 +114,14 @@ def test_write_read_list_delete(s3, bucket: str) -> None:
     with (base / "c.txt").open("w") as f:
         f.write("text")
     assert (base / "c.txt").read_text() == "text"
+    for mode in ("w", "wb"):  # a block that raises leaves no object (it left the part written)
+        with pytest.raises(RuntimeError), (base / f"torn-{mode}").open(mode) as f:
+            f.write('{"a": ' if mode == "w" else b'{"a": ')
+            raise RuntimeError("stopped mid-write")
+        assert not (base / f"torn-{mode}").exists()
+    with (base / "d.bin").open("wb") as f:
+        f.write(b"bytes")
+    assert (base / "d.bin").read_bytes() == b"bytes"
     (base / "a.txt").unlink()
     assert not (base / "a.txt").exists()
     (base / "a.txt").unlink(missing_ok=True)
