@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import subprocess
 import types
@@ -402,12 +403,22 @@ def load_round_file(path: str | Path | S3Path,
     """``expect``: the (run, round) the file should record, checked before the rest, since a
     manifest copied or renamed fails other checks that would not say so."""
     path = location(path)
+    return _parse_round(path, _read_manifest(path), expect)
+
+
+def _read_manifest(path: Path | S3Path) -> bytes:
     try:
-        text = path.read_text(encoding="utf-8")  # JSON's encoding, whatever the locale's
+        return path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _parse_round(path: Path | S3Path, data: bytes, expect: tuple[str, int] | None
+                 ) -> RoundRecord:
+    try:
+        text = data.decode("utf-8")  # JSON's encoding, whatever the locale's
     except UnicodeDecodeError as e:  # JSON is UTF-8: binary garbage, or another encoding
         raise ManifestError(
             f"{path}: not valid JSON (not UTF-8 text: byte {e.object[e.start]:#04x} at offset "
@@ -484,7 +495,10 @@ def load_parent(layout: RunLayout, round_: int) -> Parent:
     prev = round_ - 1
     cmd = make_command(layout.run, prev)
     path = layout.manifest_path(prev)
-    rec = load_round(layout, prev)
+    # One read, parsed and hashed: the sha256 the student records is of the record it used,
+    # even if `--force` on round N-1 rewrites the file meanwhile.
+    data = _read_manifest(path) if path.exists() else None
+    rec = None if data is None else _parse_round(path, data, (layout.run, prev))
     if rec is None:
         raise ManifestError(f"round {round_} needs round {prev} of run {layout.run!r}, which does "
                             f"not exist ({path}); run `{cmd}` first")
@@ -494,7 +508,7 @@ def load_parent(layout: RunLayout, round_: int) -> Parent:
     if rec.checkpoint is None or rec.data is None or rec.model is None:
         raise ManifestError(f"{path} records no checkpoint, model or data.dataset; rerun "
                             f"`{cmd} --force`")
-    return Parent(record=rec, manifest_sha256=sha256_file(path),
+    return Parent(record=rec, manifest_sha256=hashlib.sha256(data).hexdigest(),
                   model_path=layout.resolve(rec.checkpoint.uri),
                   dataset_path=layout.resolve(rec.data.dataset))
 

@@ -234,6 +234,31 @@ def test_parent_lookup_resolves_paths_under_the_root(tmp_path: Path) -> None:
         mf.check_model_file(parent)
 
 
+def test_the_parent_sha256_is_of_the_record_it_parsed(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round N-1's manifest rewritten (--force) between reading it and hashing it: the student
+    recorded the new file's sha256 beside the old record's checkpoint."""
+    import hashlib
+
+    layout = RunLayout(tmp_path, "r")
+    rec = _teacher("r")
+    rec.checkpoint = FileRef("artifacts/r/round-0/model.pt", "a" * 64)
+    rec.mark_complete()
+    path = save_round(layout, rec)
+    used = path.read_bytes()
+    parse = mf._parse_round
+
+    def then_rewritten(*args):
+        parsed = parse(*args)
+        path.write_text(path.read_text().replace("a" * 64, "b" * 64))  # another process
+        return parsed
+
+    monkeypatch.setattr(mf, "_parse_round", then_rewritten)
+    parent = mf.load_parent(layout, 1)
+    assert parent.record.checkpoint.sha256 == "a" * 64
+    assert parent.manifest_sha256 == hashlib.sha256(used).hexdigest()
+
+
 def test_git_state_shape() -> None:
     g = mf.git_state()
     assert set(g) == {"git_commit", "dirty"}
