@@ -25,6 +25,7 @@ import io
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -59,20 +60,25 @@ class _LineFilter(io.TextIOBase):
 
     def __init__(self, inner: TextIO) -> None:
         self.inner, self._pending = inner, ""
+        # Ray's driver forwards the workers' lines from a thread of its own while the main
+        # thread prints progress: without it, one writer's text could replace the other's.
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        self._pending += text
-        *lines, self._pending = self._pending.split("\n")
-        for line in lines:
-            if not harmless(line):
-                self.inner.write(line + "\n")
+        with self._lock:
+            self._pending += text
+            *lines, self._pending = self._pending.split("\n")
+            for line in lines:
+                if not harmless(line):
+                    self.inner.write(line + "\n")
         return len(text)
 
     def flush(self) -> None:
-        if self._pending and not harmless(self._pending):
-            self.inner.write(self._pending)
-        self._pending = ""
-        self.inner.flush()
+        with self._lock:
+            if self._pending and not harmless(self._pending):
+                self.inner.write(self._pending)
+            self._pending = ""
+            self.inner.flush()
 
     def isatty(self) -> bool:
         # Ray's colorama asks at interpreter exit, when pytest may have closed the stream.

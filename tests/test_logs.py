@@ -75,3 +75,34 @@ def test_quiet_console_lowers_only_console_handlers_and_only_inside() -> None:
         assert console.level == logging.WARNING and file.level == logging.NOTSET
     assert console.level == logging.NOTSET  # restored
     file.close()
+
+
+def test_the_line_filter_loses_no_line_written_from_two_threads() -> None:
+    """Ray forwards worker lines from a thread while the main thread prints: the filter's
+    read-modify-write of its pending text lost one writer's lines now and then."""
+    import io
+    import sys
+    import threading
+
+    from pipeline.logs import _LineFilter
+
+    out = io.StringIO()
+    stream = _LineFilter(out)
+
+    def write(tag: str) -> None:
+        for i in range(2000):
+            stream.write(f"{tag} {i}\n")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=write, args=(t,)) for t in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    stream.flush()
+    lines = out.getvalue().splitlines()
+    assert sorted(lines) == sorted(f"{t} {i}" for t in "ab" for i in range(2000))
