@@ -246,6 +246,7 @@ def test_student_job_refuses_too_many_teacher_actors_before_writing(
     assert not (tmp_path / "manifests" / "r" / "round-1.json").exists()
 
 
+@pytest.mark.slow
 def test_teacher_job_refuses_repeated_test_keys_before_writing(tmp_path: Path,
                                                                digits_dir: Path) -> None:
     """The user's view, as a subprocess: one line, exit 2, no manifest."""
@@ -582,6 +583,7 @@ def test_prepare_digits_leaves_a_dataset_json_it_cannot_read(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]
 
 
+@pytest.mark.slow
 def test_job_options_out_of_range_are_one_line(tmp_path: Path) -> None:
     """pseudo_label.py --num-cpus below 1 (a Ray traceback, and 0 silently meant all CPUs) and
     a --run that is not a plain name; a --root that is a file (a traceback after Ray started)

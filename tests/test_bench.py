@@ -92,6 +92,7 @@ def test_augment_bench_writes_its_figures(tmp_path: Path) -> None:
     assert all(0 < data[k] < 100 for k in data)
 
 
+@pytest.mark.slow
 def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     merge({"other": 1.0}, path)
@@ -109,6 +110,7 @@ def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
     assert "500x375" in r.stdout and "1000x750" in r.stdout and "1600x1200" in r.stdout
 
 
+@pytest.mark.slow
 def test_prepare_bench_writes_its_figures(tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     merge({"other": 1.0}, path)
@@ -182,6 +184,7 @@ def test_seed_tables_compute_what_the_readme_reports() -> None:
     assert "90.00 (one seed)" in one and "Noise ablation" not in one
 
 
+@pytest.mark.slow
 def test_decode_bench_runs_and_finds_identical_pixels() -> None:
     """bench/decode.py is not in `make bench`: this keeps it runnable (it reaches into
     pipeline.images' header check, which once changed under it)."""

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_passes_its_checks_and_writes_its_figures(tmp_path: Path) -> None:
     path = tmp_path / "gpu.json"
     r = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick",

@@ -551,6 +551,7 @@ print(json.dumps(next(iter(loader)).flatten().tolist()))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("how", "seen"), [("make_loader", True), ("plain", False)])
 def test_loader_workers_fork_with_the_pipeline_already_imported(how: str, seen: bool) -> None:
     """make_loader's workers start from a forkserver that has imported the streams' modules, so
@@ -581,6 +582,7 @@ os._exit(0)  # as Ray ends a finished worker: no exit hooks
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("how", "left"), [("release", False), ("plain", True)])
 def test_loader_socket_folder_is_removed_when_exit_hooks_do_not_run(how: str, left: bool) -> None:
     """A Ray training worker ends without exit hooks, so multiprocessing never removed the

@@ -212,6 +212,7 @@ def _tiny_bn_model_and_batches() -> tuple[nn.Sequential, list[torch.Tensor]]:
     return model, [torch.randn(8, 3, 4, 4) + i for i in range(3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second_rank_batches", [0, 1])
 def test_reestimation_over_ranks_weighs_each_by_its_images(tmp_path: Path,
                                                            second_rank_batches: int) -> None:
@@ -246,6 +247,7 @@ def test_finetune_reestimates_the_chosen_norms_on_labeled_and_unlabeled_images(
     assert "step_seconds" not in done  # equal resolutions: nothing was saved, nothing timed
 
 
+@pytest.mark.slow
 def test_a_round_below_its_test_resolution_records_fixres(digits_info: DatasetInfo,
                                                           tmp_path: Path) -> None:
     """End to end through every phase: trained at 24 px, tested at 32; the record has top-1 at

@@ -190,6 +190,7 @@ def _prepare(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_prepare_digits_to_s3_and_register_there(s3, bucket: str) -> None:
     from pipeline.dataset import load_dataset
 
@@ -250,6 +251,7 @@ def test_prepare_imagefolder_to_s3(s3, bucket: str, tmp_path: Path) -> None:
     assert labels == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_prepare_imagefolder_from_s3_with_workers(s3, bucket: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """An image tree kept on S3 is read where it is, by worker processes that find the server

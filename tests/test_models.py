@@ -160,7 +160,10 @@ def test_stem_stride_sets_final_feature_map(name: str, side: int) -> None:
     assert features.shape[-2:] == (side, side)
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n != "efficientnet_l2"])
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in ("efficientnet_b5", "efficientnet_b6",
+                                                     "efficientnet_b7") else n
+    for n in list_models() if n != "efficientnet_l2"])
 def test_forward_and_backward_at_small_size(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, 5).train()
@@ -256,6 +259,7 @@ def test_batchnorm_settings_reach_every_norm_layer() -> None:
     assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in plain)
 
 
+@pytest.mark.slow
 def test_same_padding_pads_strided_convs_as_tensorflow() -> None:
     import copy
     import pickle
@@ -273,6 +277,7 @@ def test_same_padding_pads_strided_convs_as_tensorflow() -> None:
             assert torch.equal(clone.eval()(y), model(y))
 
 
+@pytest.mark.slow
 def test_training_step_copies_no_activation_and_matches_in_place_silu() -> None:
     """create_model turns torchvision's in-place SiLUs out of place: under autograd an in-place
     SiLU copies its input first (its backward needs it). The gradients stay bit-identical to the

@@ -49,6 +49,7 @@ def test_digits_cli_is_deterministic(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
 
+@pytest.mark.slow
 def test_digits_rerun_with_other_options_replaces_nothing_listed(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A rerun with other fractions writes beside the shards dataset.json lists (a run reading
@@ -670,6 +671,7 @@ def brace(paths: Iterable[object]) -> str:
     return "{" + ",".join(str(p) for p in paths) + "}"
 
 
+@pytest.mark.slow
 def test_register_with_worker_processes_counts_as_one_process(
         tmp_path: Path, digits_dir: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

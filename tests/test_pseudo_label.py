@@ -83,6 +83,7 @@ def test_progress_ends_with_one_summary_line_not_a_repeat() -> None:
     assert len(lines) == 2 and lines[1].endswith("shards 1/1 done, 0 left")
 
 
+@pytest.mark.slow
 def test_job_user_errors_are_one_line_and_exit_2(tmp_path: Path, digits_dir: Path) -> None:
     missing = run_job(["--run", "nope", "--round", "1", "--root", str(tmp_path)])
     _, err = missing.communicate(timeout=120)
@@ -94,6 +95,7 @@ def test_job_user_errors_are_one_line_and_exit_2(tmp_path: Path, digits_dir: Pat
     assert changed.returncode == 2 and "sha256 mismatch" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_job_refuses_another_selection_once_the_student_trains(tmp_path: Path, digits_dir: Path,
                                                                 teacher_model: Path) -> None:
     from pipeline.manifest import save_round

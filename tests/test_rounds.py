@@ -320,6 +320,7 @@ def test_a_relative_data_reaches_the_workers_absolute(tmp_path: Path, digits_dir
     assert all(Path(s).exists() for s in p.info.split("labeled").shards)
 
 
+@pytest.mark.slow
 def test_student_defaults_follow_the_official_size_table(tmp_path: Path, digits_dir: Path,
                                                          teacher_model: Path) -> None:
     """Dropout from the compound-scaling table, unlabel_ratio 1 for B0 / 3 above and the

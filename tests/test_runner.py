@@ -284,6 +284,7 @@ def _forward_page_faults() -> int:
     return min(faults[2:])
 
 
+@pytest.mark.slow
 def test_workers_with_worker_env_do_not_fault_their_memory_in_again(ray_address: str) -> None:
     """What MALLOC_ENV is for: with glibc's defaults a worker hands the activations' memory back
     to the kernel after each layer and faults it in again in the next pass (tens of thousands of

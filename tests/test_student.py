@@ -135,6 +135,7 @@ def test_teacher_config_has_no_pseudo_batches(digits_info, tmp_path: Path) -> No
         pseudo_batch_size(job.config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["finetune", "evaluate"])
 def test_resume_at_each_phase_runs_only_what_is_left(digits_info, tmp_path: Path,
                                                      phase: str) -> None:

@@ -65,6 +65,7 @@ def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
 # ----------------------------------------------------------------------------- bad input (fast)
 
 
+@pytest.mark.slow
 def test_data_without_dataset_json(tmp_path: Path) -> None:
     p = teacher("--run", "x", "--data", str(tmp_path), "--root", str(tmp_path), *FAST)
     assert "has no dataset.json; create one with `python jobs/prepare.py digits" in \
@@ -72,6 +73,7 @@ def test_data_without_dataset_json(tmp_path: Path) -> None:
     assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_dataset_without_labeled_samples(tmp_path: Path, tiny: Path) -> None:
     info = json.loads((tiny / "dataset.json").read_text())
     info["splits"]["labeled"] = {"shards": [], "count": 0, "class_counts": {}}
@@ -85,6 +87,7 @@ def test_dataset_without_labeled_samples(tmp_path: Path, tiny: Path) -> None:
     assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_unknown_model_lists_valid_ones(tmp_path: Path, tiny: Path) -> None:
     p = teacher("--run", "x", "--data", str(tiny), "--root", str(tmp_path), *FAST,
                 "--model", "resnet50")
@@ -92,17 +95,20 @@ def test_unknown_model_lists_valid_ones(tmp_path: Path, tiny: Path) -> None:
     assert "--model 'resnet50' is unknown; valid:" in line and "efficientnet_b0" in line
 
 
+@pytest.mark.slow
 def test_unknown_option_lists_allowed(tmp_path: Path, tiny: Path) -> None:
     p = teacher("--run", "x", "--data", str(tiny), "--learning-rate", "0.1")
     line = _error_line(p)
     assert "unknown option --learning-rate; allowed:" in line and "--lr" in line
 
 
+@pytest.mark.slow
 def test_bad_value_is_rejected(tmp_path: Path, tiny: Path) -> None:
     p = teacher("--run", "x", "--data", str(tiny), "--root", str(tmp_path), "--epochs", "0")
     assert "--epochs must be > 0" in _error_line(p)
 
 
+@pytest.mark.slow
 def test_undecodable_labeled_sample_past_the_damage_limit_named(tmp_path: Path,
                                                                tiny: Path) -> None:
     ds = tmp_path / "ds"
@@ -118,6 +124,7 @@ def test_undecodable_labeled_sample_past_the_damage_limit_named(tmp_path: Path,
     assert not (tmp_path / "manifests").exists() and not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_help_explains_options() -> None:
     p = subprocess.run([PY, str(ROOT / "jobs" / "teacher.py"), "--help"], capture_output=True,
                        text=True, timeout=60)

@@ -45,6 +45,7 @@ def tiny_job(info: DatasetInfo, tmp: Path, **overrides) -> Job:
                predictions_dir=str(tmp / "pred"))
 
 
+@pytest.mark.slow
 def test_train_worker_runs_all_phases_and_learns(digits_info: DatasetInfo,
                                                  tmp_path: Path) -> None:
     # no noise and no EMA: with them, eval-mode BatchNorm needs more steps than a unit test has
@@ -70,6 +71,7 @@ def test_train_worker_runs_all_phases_and_learns(digits_info: DatasetInfo,
     assert [r["phase"] for r in rep.reports] == ["train"] * 12 + ["finetune", "evaluate"]
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_weights_and_numbers(digits_info: DatasetInfo,
                                                            tmp_path: Path) -> None:
     """README: a run is deterministic on one installation. Two runs of the loop with one seed
@@ -91,6 +93,7 @@ def test_the_same_seed_gives_the_same_weights_and_numbers(digits_info: DatasetIn
     assert losses[0] == losses[1] != losses[2]
 
 
+@pytest.mark.slow
 def test_checkpoint_every_n_epochs_and_after_the_last(digits_info: DatasetInfo,
                                                       tmp_path: Path) -> None:
     job = tiny_job(digits_info, tmp_path, epochs=5, checkpoint_every=2, eval_every=10)
@@ -105,6 +108,7 @@ def test_checkpoint_every_n_epochs_and_after_the_last(digits_info: DatasetInfo,
     assert [p.name for p in (tmp_path / "pred").iterdir()] == ["rank-00000.parquet"]
 
 
+@pytest.mark.slow
 def test_train_worker_resumes_from_checkpoint(digits_info: DatasetInfo, tmp_path: Path) -> None:
     rep = LocalReporter(tmp_path / "ck")
     train_worker(tiny_job(digits_info, tmp_path, epochs=2, eval_every=5), WorkerContext(), rep)

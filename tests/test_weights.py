@@ -58,6 +58,7 @@ def test_torchvision_b0_gives_the_same_logits(tmp_path: Path) -> None:
     assert _max_logit_error(src, ours) < 1e-5
 
 
+@pytest.mark.slow
 def test_torchvision_b5_keeps_its_batchnorm_settings(tmp_path: Path) -> None:
     import torchvision
 
