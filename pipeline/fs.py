@@ -60,6 +60,13 @@ def location(p: str | os.PathLike[str] | S3Path) -> Path | S3Path:
         return S3Path(s)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s):
         raise StorageError(f"{s}: unsupported location; use a local path or s3://bucket/key")
+    # s3:/bucket/key or s3:bucket/key (a slash short) was a relative local folder named "s3:",
+    # and the run went there without a word.
+    typo = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):(/?)(.*)$", s)
+    if typo and (typo.group(1).lower() == "s3" or typo.group(2)):
+        hint = (f"did you mean {SCHEME}{typo.group(3)}?" if typo.group(1).lower() == "s3"
+                else "use a local path or s3://bucket/key")
+        raise StorageError(f"{s}: not a location this tool reads (a URI needs '://'); {hint}")
     return Path(s)
 
 

@@ -29,6 +29,14 @@ def test_location_picks_the_path_type() -> None:
         location("gs://b/k")
     with pytest.raises(StorageError, match="no bucket"):
         location("s3:///k")
+    # A slash short: a local folder named "s3:" got the whole run, without a word
+    for typo in ("s3:/b/k", "s3:b/k", "S3:/b/k"):
+        with pytest.raises(StorageError, match=rf"^{typo}: not a location this tool reads \(a "
+                                               r"URI needs '://'\); did you mean s3://b/k\?$"):
+            location(typo)
+    with pytest.raises(StorageError, match="use a local path or s3://bucket/key"):
+        location("gs:/b/k")
+    assert location("data:v1/x") == Path("data:v1/x")  # a colon in a local name stays allowed
 
 
 def test_a_local_folder_that_cannot_be_removed_whole_is_an_error(
