@@ -422,14 +422,14 @@ def _parse_round(path: Path | S3Path, data: bytes, expect: tuple[str, int] | Non
     except UnicodeDecodeError as e:  # JSON is UTF-8: binary garbage, or another encoding
         raise ManifestError(
             f"{path}: not valid JSON (not UTF-8 text: byte {e.object[e.start]:#04x} at offset "
-            f"{e.start}); restore it from version control or rerun the round with --force"
+            f"{e.start}); restore it (a copy, version control) or rerun the round with --force"
         ) from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ManifestError(
-            f"{path}: not valid JSON ({e.msg} at line {e.lineno}); restore it from version control "
-            "or rerun the round with --force") from None
+            f"{path}: not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}); restore "
+            "it (a copy, version control) or rerun the round with --force") from None
     if expect is not None and isinstance(raw, Mapping):
         _check_identity(path, raw.get("run"), raw.get("round"), *expect)
     return RoundRecord.from_json(raw, source=str(path))

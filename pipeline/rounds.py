@@ -276,7 +276,14 @@ def plan_round(cfg: TrainConfig) -> Plan:
         if teacher_classes is not None:
             check_teacher_classes(teacher_classes, info)
     get_model_spec(cfg.model)
-    existing = load_round(layout, round_)
+    try:
+        existing = load_round(layout, round_)
+    except ManifestError:  # a torn or edited record: --force, which its message advises, replaces it
+        if not cfg.force:
+            raise
+        log(f"--force: {layout.manifest_path(round_)} cannot be read; the round starts over and "
+            "a new record replaces it")
+        existing = None
     if existing is not None and existing.status == "complete" and not cfg.force:
         raise RunError(
             f"run {cfg.run!r} already has a complete round {round_} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -301,6 +302,25 @@ def test_parameter_counts_need_no_real_model() -> None:
         create_model("efficientnet_t1", 10))
     assert 479e6 < parameter_count("efficientnet_l2", 1000) < 481e6  # allocates nothing
 
+
+
+def test_force_starts_over_a_round_whose_manifest_cannot_be_read(tmp_path: Path,
+                                                                  digits_dir: Path) -> None:
+    """A torn manifest says "rerun the round with --force", and --force stopped on the same
+    error: the record was read before --force was looked at."""
+    from pipeline.config import TrainConfig
+    from pipeline.manifest import ManifestError
+    from pipeline.rounds import plan_round
+
+    path = RunLayout(tmp_path, "r").manifest_path(0)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"run": "r", "round": 0, "status": "compl')
+    cfg = TrainConfig(run="r", root=str(tmp_path), data=str(digits_dir))
+    with pytest.raises(ManifestError, match=r"not valid JSON \(Unterminated string starting "
+                                            r"at line 1\); restore it .* --force"):
+        plan_round(cfg)
+    plan = plan_round(dataclasses.replace(cfg, force=True))
+    assert plan.existing is None
 
 
 def test_a_relative_data_reaches_the_workers_absolute(tmp_path: Path, digits_dir: Path,
