@@ -463,10 +463,14 @@ def save_round(layout: RunLayout, rec: RoundRecord) -> Path:
 # ----------------------------------------------------------------------------- the parent
 
 
-def make_command(run: str, round_: int) -> str:
-    """The command that makes round ``round_`` of ``run``."""
-    return (f"python jobs/teacher.py --run {run} --data DATA" if round_ == 0
-            else f"python jobs/student.py --run {run} --round {round_}")
+def make_command(run: str, round_: int, root: Path | S3Path | None = None) -> str:
+    """The command that makes round ``round_`` of ``run`` (under ``root``, named unless it is
+    the current folder, the jobs' default: pasted without it, the command would look there)."""
+    cmd = (f"python jobs/teacher.py --run {run} --data DATA" if round_ == 0
+           else f"python jobs/student.py --run {run} --round {round_}")
+    if root is not None and not (isinstance(root, Path) and root == Path.cwd().resolve()):
+        cmd += f" --root {root}"
+    return cmd
 
 
 @dataclass(frozen=True)
@@ -491,9 +495,9 @@ def load_parent(layout: RunLayout, round_: int) -> Parent:
     that makes it."""
     if round_ < 1:
         raise ManifestError(f"round must be >= 1 for a student, got {round_}; round 0 is the "
-                            f"teacher: `{make_command(layout.run, 0)}`")
+                            f"teacher: `{make_command(layout.run, 0, layout.root)}`")
     prev = round_ - 1
-    cmd = make_command(layout.run, prev)
+    cmd = make_command(layout.run, prev, layout.root)
     path = layout.manifest_path(prev)
     # One read, parsed and hashed: the sha256 the student records is of the record it used,
     # even if `--force` on round N-1 rewrites the file meanwhile.

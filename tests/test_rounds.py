@@ -32,9 +32,12 @@ def read_all(out_dir: Path) -> dict[str, pd.DataFrame]:
 def test_missing_or_unfinished_teacher_round_says_what_to_run(tmp_path: Path,
                                                               digits_dir: Path) -> None:
     layout = RunLayout(tmp_path, "r1")
-    with pytest.raises(ManifestError, match=r"python jobs/teacher.py --run r1 --data"):
+    # the commands name the root (pasted without it, they would look in the current folder)
+    with pytest.raises(ManifestError, match=rf"python jobs/teacher.py --run r1 --data DATA "
+                                            rf"--root {tmp_path}`"):
         load_parent(layout, 1)
-    with pytest.raises(ManifestError, match=r"python jobs/student.py --run r1 --round 1`"):
+    with pytest.raises(ManifestError, match=rf"python jobs/student.py --run r1 --round 1 --root "
+                                            rf"{tmp_path}`"):
         load_parent(layout, 2)
     with pytest.raises(ManifestError, match=r"round 0 is the teacher"):
         load_parent(layout, 0)
