@@ -111,6 +111,8 @@ def load_dataset(path: str | Path | S3Path) -> DatasetInfo:
         path = path.parent
     file = path / DATASET_FILE
     if not file.exists():
+        if isinstance(path, S3Path):  # a missing bucket, said as such: prepare there would fail
+            path.check_bucket()
         raise DatasetError(
             f"{path} has no {DATASET_FILE}; create one with `python jobs/prepare.py digits --out "
             f"{path}` (bundled corpus), `imagefolder` or `register`"

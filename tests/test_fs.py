@@ -182,6 +182,13 @@ def test_missing_bucket_and_bad_credentials_are_one_clear_line(s3, bucket: str,
                                                                monkeypatch) -> None:
     with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist; create it"):
         S3Path("s3://no-such-bucket/x").check_bucket()
+    # --data in a missing bucket: said so, not "has no dataset.json; create one with prepare"
+    from pipeline.dataset import DatasetError, load_dataset
+
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist"):
+        load_dataset("s3://no-such-bucket/data/digits")
+    with pytest.raises(DatasetError, match=r"has no dataset.json; create one"):
+        load_dataset(f"s3://{bucket}/data/none")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     s3_filesystem.cache_clear()
     try:
