@@ -140,7 +140,8 @@ def _label(layout: RunLayout, job: PseudoLabelJob, parent: Parent,
     from pipeline.rounds import check_label_resources, labels_to_make, run_label_stages
 
     info = load_dataset(parent.dataset_path)  # read once: run_label_stages takes it too
-    if labels_to_make(existing, job.label_settings(), info.num_classes):
+    if labels_to_make(existing, job.label_settings(), info.num_classes, layout,
+                      info.split("unlabeled").shards):
         check_label_resources(job.label_settings())
     rec = existing or new_record(layout, job, parent, info)
     return run_label_stages(layout, job.round, job.label_settings(), rec, parent=parent,

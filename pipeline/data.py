@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.fs import S3Path, location
 from pipeline.images import decode_image
-from pipeline.pseudo_files import pseudo_file_names, read_selected
+from pipeline.pseudo_files import PseudoFileError, pseudo_file_names, read_selected
 from pipeline.shards import BadSample, Damage, Sample, ShardError, read_shard, tail_loss
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -471,7 +471,17 @@ class PseudoStream(IterableDataset):
         self._names = dict(names) if names is not None else pseudo_file_names(self.shards)
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
-        return read_selected(location(self.pseudo_dir) / self._names[shard])
+        path = location(self.pseudo_dir) / self._names[shard]
+        try:
+            return read_selected(path)
+        except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            # Labeled and selected, then damaged or removed: rerunning as it stands would fail
+            # the same way; a missing file is labeled again (rounds.run_label_stages).
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise PseudoFileError(
+                f"pseudo-label file {path} cannot be read ({first}); it changed after labeling: "
+                "delete it and run the same command again (its shard is labeled and the round "
+                "selected again)") from None
 
     def _repeated(self, shards: Sequence[str | Part], cache: DecodedCache | None = None
                   ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:

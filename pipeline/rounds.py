@@ -413,8 +413,9 @@ def run_round(cfg: TrainConfig) -> RoundRecord:
     damage = preflight(p.info, cfg.preflight_limit, cfg.damage_limit)
     with ray_session(num_cpus=None, verbose=cfg.verbose):
         use_gpu = check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-        if isinstance(cfg, StudentConfig) and labels_to_make(p.existing, cfg.label_settings(),
-                                                             p.info.num_classes):
+        if isinstance(cfg, StudentConfig) and labels_to_make(
+                p.existing, cfg.label_settings(), p.info.num_classes, layout,
+                p.info.split("unlabeled").shards):
             check_label_resources(cfg.label_settings())
         with round_lock(layout, p.round_):  # the last check; from here on the round writes
             return _run_locked(p, damage, use_gpu)
@@ -509,6 +510,15 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
         rec.stages["pseudo_label"].status = "running"
         if rec.stage("select") is not None:  # its counts describe the old files
             rec.stages["select"].status = "running"
+    elif rec.stage_complete("pseudo_label"):
+        gone = _missing_pseudo_files(layout, rec.round, shards)
+        if gone:  # removed (or deleted as damaged) since: labeled again, to the same rows
+            progress(f"pseudo-label: {len(gone)} labeled file(s) are gone since labeling (e.g. "
+                     f"{gone[0]}); labeling their shards again, then selecting again")
+            rec.add_event("relabel", missing=gone[:MAX_NAMED], missing_count=len(gone))
+            rec.stages["pseudo_label"].status = "running"
+            if rec.stage("select") is not None:
+                rec.stages["select"].status = "running"
     if not rec.stage_complete("pseudo_label"):
         # One read of the model file (it may be gigabytes, on S3) serves this check and the
         # stage; a round past labeling does not read it at all.
@@ -534,6 +544,18 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
     if not rec.stage_complete("select"):
         _select_stage(layout, rec, shards, info.classes, cfg, progress)
     return rec
+
+
+MAX_NAMED = 20  # file names an event lists
+
+
+def _missing_pseudo_files(layout: RunLayout, round_: int, shards: list[str]) -> list[str]:
+    """The pseudo-label files of ``shards`` that are not in the round's folder (one listing)."""
+    from pipeline.pseudo_files import pseudo_file_names
+
+    folder = layout.pseudo_dir(round_)
+    present = {p.name for p in folder.glob("*.parquet")} if folder.exists() else set()
+    return sorted(n for n in pseudo_file_names(shards).values() if n not in present)
 
 
 def check_teacher_classes(teacher: list[str], info: DatasetInfo) -> None:
@@ -653,11 +675,16 @@ def labeling_changed(rec: RoundRecord, cfg: PseudoLabelConfig, num_classes: int)
             if n in done and value(done, n) != value(now, n)]
 
 
-def labels_to_make(rec: RoundRecord | None, cfg: PseudoLabelConfig, num_classes: int) -> bool:
-    """Whether the round will run the teacher: its labeling is not complete, or was made with
-    other options (then the cluster must have the actors, checked before anything starts)."""
-    return (rec is None or not rec.stage_complete("pseudo_label")
-            or bool(labeling_changed(rec, cfg, num_classes)))
+def labels_to_make(rec: RoundRecord | None, cfg: PseudoLabelConfig, num_classes: int,
+                   layout: RunLayout | None = None, shards: list[str] | None = None) -> bool:
+    """Whether the round will run the teacher: its labeling is not complete, was made with
+    other options, or (given ``layout`` and the unlabeled ``shards``) some of its files are
+    gone (then the cluster must have the actors, checked before anything starts)."""
+    if rec is None or not rec.stage_complete("pseudo_label") or labeling_changed(
+            rec, cfg, num_classes):
+        return True
+    return layout is not None and shards is not None and bool(
+        _missing_pseudo_files(layout, rec.round, shards))
 
 
 def _as_flag(name: str, value: Any) -> str:

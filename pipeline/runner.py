@@ -328,7 +328,7 @@ def training_error(e: BaseException) -> RunError:
     return RunError(f"training failed: {cause}")
 
 
-_USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError")
+_USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError", "PseudoFileError")
 MAX_CAUSE_CHARS = 300  # Ray's worker-death text runs to several hundred characters
 
 

@@ -780,3 +780,23 @@ def test_spread_warning_names_the_split_the_readers_and_the_fix() -> None:
         "warning: the labeled split's 50 images do not divide evenly among the 16 training "
         "readers (2 workers x 8 loader processes): some samples come up 1.3x as often as others; "
         "fewer readers (--num-workers, --loader-workers) even this out")
+
+
+def test_a_pseudo_label_file_damaged_after_labeling_is_one_line_naming_it(tmp_path: Path
+                                                                         ) -> None:
+    """The student's readers met a truncated file with pyarrow's traceback, and the job said to
+    run the same command again, which failed the same way."""
+    from pipeline.data import PseudoStream
+    from pipeline.pseudo_files import PseudoFileError
+
+    shards = _varied_shards(tmp_path / "unl", 6, maxcount=3)
+    out = tmp_path / "pseudo"
+    _pseudo_files(out, [[1, 1, 1], [1, 1, 1]])
+    damaged = sorted(out.glob("*.parquet"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    stream = PseudoStream(shards, str(out), _as_float, num_classes=2, temperature=1.0,
+                          shuffle_buffer=0)
+    with pytest.raises(PseudoFileError, match=rf"^pseudo-label file {damaged} cannot be read "
+                                              r"\(.*\); it changed after labeling: delete it and "
+                                              r"run the same command again"):
+        list(zip(range(12), iter(stream), strict=False))  # two passes: every file is read

@@ -154,6 +154,28 @@ def test_round_labels_every_image_then_selects(ray_address: str, tmp_path: Path,
     again = run_label_stages(layout, 1, PseudoLabelConfig(), saved, progress=lambda _: None)
     assert again.to_json()["stages"] == before  # complete stages are skipped
     assert len(reads) == 1  # and the teacher's file is not read again for them
+    # A file deleted after labeling (damaged, as the student's error advises): its shard is
+    # labeled again, to the same rows, and the selection made again comes out the same.
+    from pipeline.rounds import labels_to_make
+
+    gone = sorted(tables)[1]
+    whole = read_all(out)
+
+    def selection(rec) -> dict:  # the file hashes aside: Parquet's metadata may differ
+        d = dataclasses.asdict(rec.pseudo_labels)
+        return {**d, "files": [{**f, "sha256": ""} for f in d["files"]]}
+
+    selected = selection(again)
+    (out / gone).unlink()
+    assert labels_to_make(again, PseudoLabelConfig(), 10, layout, unlabeled.shards)
+    assert not labels_to_make(again, PseudoLabelConfig(), 10)  # without the folder: unknown
+    lines: list[str] = []
+    again = run_label_stages(layout, 1, PseudoLabelConfig(), again, progress=lines.append)
+    assert any(f"1 labeled file(s) are gone since labeling (e.g. {gone})" in x for x in lines)
+    assert [e for e in again.events if e["event"] == "relabel"][-1]["missing"] == [gone]
+    pd.testing.assert_frame_equal(read_all(out)[gone], whole[gone])
+    assert selection(again) == selected and len(reads) == 2
+    before = again.to_json()["stages"]
     # a different threshold is not silently ignored: selection (cheap) runs again, labels stay
     stricter = run_label_stages(layout, 1, PseudoLabelConfig(threshold=0.9), again,
                                 progress=lambda _: None)
