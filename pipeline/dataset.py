@@ -503,6 +503,20 @@ FILES_PER_WORKER = 64
 PROGRESS_SECONDS = 10.0
 
 
+def _die_with_parent(parent: int) -> None:
+    """A pool worker's start (Linux): killed when its parent dies. A prepare killed with
+    SIGKILL left its workers blocked for ever writing results no one would read."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the workers end when their pipe does
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def _ordered_map(fn: Callable[[str], Any], items: list[str], workers: int) -> Iterator[Any]:
     """``map(fn, items)`` in order; with ``workers > 1`` in that many processes, at most four
     items per worker in flight, so results do not pile up while the caller is slow (a shard
@@ -515,7 +529,8 @@ def _ordered_map(fn: Callable[[str], Any], items: list[str], workers: int) -> It
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the parent has imported torch, whose thread pools do not survive a fork.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
     todo = iter(items)
     pending: deque[Future[Any]] = deque(pool.submit(fn, x)
                                         for x in itertools.islice(todo, 4 * workers))

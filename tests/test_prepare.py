@@ -445,6 +445,53 @@ def test_ordered_map_keeps_order_bounds_what_is_in_flight_and_names_a_dead_worke
         list(_ordered_map(_exit_on_3, [str(i) for i in range(8)], 2))
 
 
+@pytest.mark.slow
+def test_pool_workers_end_when_prepare_is_killed(tmp_path: Path) -> None:
+    """kill -9 of prepare left its worker processes blocked for ever, writing results that no
+    one would read (seen after a user killed `prepare imagefolder`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "from pipeline.dataset import _ordered_map\n"
+        "from test_prepare import _record\n"
+        "if __name__ == '__main__':  # spawn imports this module again in each worker\n"
+        f"    items = [{str(tmp_path / 'log')!r} + f'|{{i}}' for i in range(1000)]\n"
+        "    for _ in _ordered_map(_record, items, 2):\n"
+        "        time.sleep(60)  # a slow caller: the workers fill the pipe and block\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "log").exists():
+            time.sleep(0.2)
+        time.sleep(2)
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                   .read_text().split()]
+        assert workers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    def running(pid: int) -> bool:  # a zombie waits for a reaper that may not come: ended
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(map(running, workers)):
+        time.sleep(0.2)
+    left = [w for w in workers if running(w)]
+    for w in left:  # clean up whatever the old code left behind
+        os.kill(w, signal.SIGKILL)
+    assert not left
+
+
 def test_imagefolder_max_short_side_shrinks_large_images_only(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """--max-short-side: larger images come out upright, RGB, aspect kept, shorter side exactly
