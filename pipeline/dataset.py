@@ -878,9 +878,13 @@ def register_shards(out: str | Path | S3Path, *, labeled: str | list[str],
                                "pattern")
         paths = [str(location(p).resolve()) for p in expand_shards(spec)]
         missing = [p for p in paths if not location(p).is_file()]
-        if not paths or missing:
-            raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0] if missing else ''}"
-                               "; check the path or pattern")
+        if not paths:  # a glob that matched nothing (it said "no such shard ;")
+            raise DatasetError(f"--{split} {spec!r}: the pattern matches no file; check the path "
+                               "or pattern")
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DatasetError(f"--{split} {spec!r}: no such shard {missing[0]}{more}; check the "
+                               "path or pattern")
         count, labels, damage, per_shard = scan_shards(paths, split, workers)
         if count == 0:  # nothing a stage could use (damaged samples are not counted)
             why = (f"; e.g. {damage.examples[0]['shard']}, key {damage.examples[0]['key']!r}: "

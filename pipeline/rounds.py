@@ -149,7 +149,8 @@ def preflight(info: DatasetInfo, limit: int, damage_limit: float) -> dict[str, A
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise RunError(f"shard {missing[0]} listed in {info.path}/dataset.json does not "
-                       f"exist{more}")
+                       f"exist{more}; restore it, or describe the shards there are again "
+                       "(jobs/prepare.py register, or prepare the dataset again)")
     total = info.split("labeled").count + info.split("test").count
     if total > limit:
         log(f"preflight: {total} labeled+test images > --preflight-limit {limit}; damaged samples "

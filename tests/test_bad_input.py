@@ -303,15 +303,17 @@ def test_a_damaged_shard_in_a_labeled_or_test_split(tmp_path: Path, digits_dir: 
     shard = info.split(split).shards[-1]
     _damage(Path(shard), kind)
     if kind == "missing":
-        with pytest.raises(RunError, match=f"shard {shard} listed in .* does not exist$"):
+        with pytest.raises(RunError, match=f"shard {shard} listed in .* does not exist; "
+                                           "restore it, or describe "):
             preflight(info, limit=10_000, damage_limit=1.0)
         # also when the read is skipped (--preflight-limit below the images): the training
         # readers would count the shard as one damaged sample and go on without it
-        with pytest.raises(RunError, match=f"shard {shard} listed in .* does not exist$"):
+        with pytest.raises(RunError, match=f"shard {shard} listed in .* does not exist; "
+                                           "restore it, or describe "):
             preflight(info, limit=0, damage_limit=1.0)
         Path(info.split(split).shards[0]).unlink()
         with pytest.raises(RunError, match=f"shard {info.split(split).shards[0]} listed in .* "
-                                           "does not exist \\(and 1 more\\)$"):
+                                           "does not exist \\(and 1 more\\); restore it"):
             preflight(info, limit=0, damage_limit=1.0)
         return
     recorded = info.split(split).shard_counts[-1]

@@ -203,7 +203,13 @@ def test_register_errors(tmp_path: Path, digits_dir: Path,
     unl = str(digits_dir / "unlabeled" / "*" / "*.tar")
     rc = prepare_main(["register", "--labeled", str(tmp_path / "nope-*.tar"), "--unlabeled", unl,
                        "--test", unl, "--out", str(tmp_path / "o")])
-    assert rc == 2 and "no such shard" in capsys.readouterr().err
+    # a glob that matches nothing is said so (it said "no such shard ;", naming nothing)
+    assert rc == 2 and "nope-*.tar': the pattern matches no file; check the path or pattern" \
+        in capsys.readouterr().err
+    rc = prepare_main(["register", "--labeled", f"{tmp_path}/{{a,b}}.tar", "--unlabeled", unl,
+                       "--test", unl, "--out", str(tmp_path / "o")])
+    assert rc == 2 and f"no such shard {tmp_path}/a.tar (and 1 more); check" in \
+        capsys.readouterr().err
     rc = prepare_main(["register", "--labeled", unl, "--unlabeled", unl, "--test", unl,
                        "--out", str(tmp_path / "o")])
     assert rc == 2 and "carry no labels" in capsys.readouterr().err
