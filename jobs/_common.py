@@ -25,7 +25,8 @@ def disk_full_line(name: str, e: OSError, option: str, kept: str) -> str:
 
 
 def run_job(name: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a known user error becomes one line on stderr and exit code 2."""
+    """Run ``body``; a known user error becomes one line on stderr and exit code 2, a training
+    crash (a lost worker: nothing to fix, run again) one line and exit code 1."""
     from models.weights import WeightsError
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
@@ -35,7 +36,7 @@ def run_job(name: str, body: Callable[[], int]) -> int:
     from pipeline.lock import LockError
     from pipeline.manifest import ManifestError
     from pipeline.pseudo_files import PseudoFileError
-    from pipeline.runner import RunError
+    from pipeline.runner import RunError, TrainingCrash
     from pipeline.shards import ShardError
 
     known: tuple[type[BaseException], ...] = (
@@ -43,6 +44,9 @@ def run_job(name: str, body: Callable[[], int]) -> int:
         InferenceError, PseudoFileError, WeightsError, LockError, StorageError)
     try:
         return body()
+    except TrainingCrash as e:  # nothing to fix: the same command continues
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
     except known as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

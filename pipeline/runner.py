@@ -27,6 +27,12 @@ class RunError(RuntimeError):
     """A job cannot start or failed; the message is the one line to show the user."""
 
 
+class TrainingCrash(RunError):
+    """Training failed for no fault of the input or options (a worker lost or crashed): the same
+    command continues from the last checkpoint. The jobs exit 1 for it, not 2, so that a
+    script can tell a failure to retry from an input to fix."""
+
+
 # ----------------------------------------------------------------------------- cluster
 
 
@@ -319,13 +325,17 @@ def training_error(e: BaseException) -> RunError:
                         "--loader-workers, or use nodes with more memory: run as it is, it fails "
                         "the same way (finished stages are kept)")
     cause, ours = _root_cause(e)
-    if not ours:  # a lost worker, a crash: no fix of the input to name, so say how to go on
-        if len(cause) > MAX_CAUSE_CHARS:
-            cause = cause[: MAX_CAUSE_CHARS - 3].rstrip() + "..."
-        cause += ("; the round is recorded as failed: run the same command again to continue "
-                  "from its last checkpoint (--max-failures N lets Ray Train restart lost "
-                  "workers by itself)")
-    return RunError(f"training failed: {cause}")
+    if ours:
+        return RunError(f"training failed: {cause}")
+    # A lost worker, a crash: no fix of the input to name, so say how to go on.
+    if re.search(r"actor is dead|worker process has died|unexpectedly exit", text):
+        cause = ("a training worker's process died (killed by the out-of-memory killer, `ray "
+                 "stop --force` or a signal, or crashed; Ray's lines above say which)")
+    elif len(cause) > MAX_CAUSE_CHARS:
+        cause = cause[: MAX_CAUSE_CHARS - 3].rstrip() + "..."
+    return TrainingCrash(f"training failed: {cause}; the round is recorded as failed: run the "
+                         "same command again to continue from its last checkpoint "
+                         "(--max-failures N lets Ray Train restart lost workers by itself)")
 
 
 _USER_ERRORS = ("ShardError", "DatasetError", "ValueError", "CheckpointError", "PseudoFileError")

@@ -128,17 +128,20 @@ def test_root_cause_of_worker_failures_and_plain_errors() -> None:
 
 
 def test_training_errors_say_how_to_go_on() -> None:
-    from pipeline.runner import RunError, training_error
+    from pipeline.runner import RunError, TrainingCrash, training_error
 
     lost = RuntimeError("The Ray Train run failed.")
     lost.__cause__ = _TaskError("The actor is dead because its worker process has died. " * 20)
     e = training_error(lost)
-    assert isinstance(e, RunError) and len(str(e)) < 600
-    assert str(e).startswith("training failed: The actor is dead because")
+    assert isinstance(e, TrainingCrash) and len(str(e)) < 600  # the jobs exit 1 for it
+    # said in a sentence of ours (Ray's paragraph was cut mid-sentence)
+    assert str(e).startswith("training failed: a training worker's process died (killed by the "
+                             "out-of-memory killer, `ray stop --force` or a signal, or crashed")
     assert str(e).endswith("run the same command again to continue from its last checkpoint "
                            "(--max-failures N lets Ray Train restart lost workers by itself)")
     ours = training_error(_TaskError("Traceback\nShardError: shard a.tar: not a tar file"))
     assert str(ours) == "training failed: shard a.tar: not a tar file"  # names its own fix
+    assert type(ours) is RunError  # an input to fix: exit 2
     # a worker's full disk reaches the driver as text: said as such, with where and what to do
     full = RuntimeError("Training failed due to worker errors")
     full.__cause__ = _TaskError("Traceback (most recent call last):\n  ...\nOSError: [Errno 28] "

@@ -378,7 +378,7 @@ def test_a_killed_training_worker_fails_the_round_by_default_and_a_rerun_resumes
     args = _worker_kill_args(tmp_path, "mf0", tiny)
     proc, out = _kill_a_training_worker_mid_run(args, tmp_path / "artifacts" / "mf0" / "round-0"
                                                 / "train")
-    assert proc.returncode == 2, out[-3000:]
+    assert proc.returncode == 1, out[-3000:]  # nothing to fix: 1, not the 2 of bad input
     # Ray's controller logs the lost worker (its lines, prefixed by the process); ours is the
     # last line, and it says how to go on
     last = out.strip().splitlines()[-1]
