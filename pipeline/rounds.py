@@ -29,7 +29,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.dataset import DatasetError, DatasetInfo, load_dataset
-from pipeline.fs import location, rmtree
+from pipeline.fs import S3Path, location, rmtree
 from pipeline.layout import RunLayout
 from pipeline.lock import round_lock
 from pipeline.manifest import (
@@ -269,6 +269,10 @@ def plan_round(cfg: TrainConfig) -> Plan:
                            f"holding none: add some with `python jobs/prepare.py imagefolder "
                            f"SRC --out {info.path} --split {split}` or register other shards")
     check_labeled_classes(info)
+    for note in (existing_data_note(parent, info) if parent is not None else None,
+                 split_storage_note(layout.root, info.path)):
+        if note:
+            log(note)
     if parent is not None and str(parent.dataset_path) != str(info.path):
         try:  # another --data: the teacher's classes, checked before anything is written
             teacher_classes = load_dataset(parent.dataset_path).classes
@@ -303,6 +307,27 @@ def plan_round(cfg: TrainConfig) -> Plan:
         check_same_start(existing, cfg, init)
     return Plan(cfg=cfg, layout=layout, round_=round_, info=info, parent=parent,
                 existing=None if cfg.force else existing, init=init)
+
+
+def split_storage_note(root: Path | S3Path, data: Path | S3Path) -> str | None:
+    """A line when the dataset is on local disk and the run on object storage: fine on one
+    machine, but on a cluster the other nodes must see that path too."""
+    if isinstance(root, S3Path) and not isinstance(data, S3Path):
+        return (f"note: --data {data} is on this machine's disk and --root on object storage: "
+                "on a cluster every node must be able to read the dataset at that path")
+    return None
+
+
+def existing_data_note(parent: Parent, info: DatasetInfo) -> str | None:
+    """A line when round N-1's dataset.json has changed since it was recorded there (a split
+    prepared again): the new round uses it as it is now, which is meant, but said."""
+    recorded = parent.record.data
+    if recorded is None or str(parent.dataset_path) != str(info.path) or \
+            recorded.dataset_sha256 == info.sha256:
+        return None
+    return (f"note: {info.path}/dataset.json has changed since round {parent.record.round} "
+            f"recorded it (sha256 {recorded.dataset_sha256[:12]}... -> {info.sha256[:12]}...); "
+            "this round uses it as it is now")
 
 
 def check_labeled_classes(info: DatasetInfo) -> None:

@@ -348,6 +348,34 @@ def test_force_starts_over_a_round_whose_manifest_cannot_be_read(tmp_path: Path,
     assert plan.existing is None
 
 
+def test_a_dataset_changed_since_round_n_minus_1_is_said(tmp_path: Path, digits_dir: Path,
+                                                          teacher_model: Path) -> None:
+    """A split prepared again after round 0: the student uses the dataset as it is now (meant),
+    and said so (it was silent)."""
+    import json
+    import shutil
+
+    from pipeline.rounds import existing_data_note
+
+    data = tmp_path / "d"
+    shutil.copytree(digits_dir, data)
+    make_round0(tmp_path, "r", data, teacher_model)
+    parent = load_parent(RunLayout(tmp_path, "r"), 1)
+    assert existing_data_note(parent, load_dataset(data)) is None
+    doc = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps(doc, indent=1))  # any change of its bytes
+    note = existing_data_note(parent, load_dataset(data))
+    assert note is not None and note.startswith(f"note: {data}/dataset.json has changed since "
+                                                "round 0 recorded it (sha256 ")
+    assert note.endswith("this round uses it as it is now")
+    from pipeline.fs import S3Path
+    from pipeline.rounds import split_storage_note
+
+    assert "every node must be able to read" in split_storage_note(S3Path("s3://b/r"), data)
+    assert split_storage_note(tmp_path, data) is None
+    assert split_storage_note(S3Path("s3://b/r"), S3Path("s3://b/d")) is None
+
+
 def test_a_relative_data_reaches_the_workers_absolute(tmp_path: Path, digits_dir: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's workers run in folders of their own: the plan hands them the dataset and its shards
