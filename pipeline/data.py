@@ -472,16 +472,24 @@ class PseudoStream(IterableDataset):
 
     def _labels_of(self, shard: str) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
         path = location(self.pseudo_dir) / self._names[shard]
+        import pyarrow as pa
+
         try:
             return read_selected(path)
-        except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            # Labeled and selected, then damaged or removed: rerunning as it stands would fail
-            # the same way; a missing file is labeled again (rounds.run_label_stages).
+        # The student trains on these files: one gone or damaged since cannot be made again
+        # here (labels made again could differ in the last bits on other devices, and move the
+        # selection under the checkpoint). A storage error (refused, unreachable) or a disk's
+        # own error passes as it is: the file may be fine.
+        except FileNotFoundError:
+            raise PseudoFileError(f"pseudo-label file {path} is gone since the student started "
+                                  "training on it; restore it, or pass --force to start the "
+                                  "round over") from None
+        except (pa.ArrowException, KeyError) as e:  # damaged: rerunning would fail the same way
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise PseudoFileError(
-                f"pseudo-label file {path} cannot be read ({first}); it changed after labeling: "
-                "delete it and run the same command again (its shard is labeled and the round "
-                "selected again)") from None
+                f"pseudo-label file {path} cannot be read ({first}); it changed after the "
+                "student started training on it: restore it, or pass --force to start the "
+                "round over") from None
 
     def _repeated(self, shards: Sequence[str | Part], cache: DecodedCache | None = None
                   ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:

@@ -538,7 +538,12 @@ def run_label_stages(layout: RunLayout, round_: int, cfg: PseudoLabelConfig, rec
             rec.stages["select"].status = "running"
     elif rec.stage_complete("pseudo_label"):
         gone = _missing_pseudo_files(layout, rec.round, shards)
-        if gone:  # removed (or deleted as damaged) since: labeled again, to the same rows
+        if gone and rec.stage("train") is not None:  # labels made again could differ in the
+            # last bits (another device), and move the selection under the student's checkpoint
+            raise RunError(f"round {rec.round} of run {rec.run!r}: {len(gone)} pseudo-label "
+                           f"file(s) are gone since its student started training on them (e.g. "
+                           f"{gone[0]}); restore them, or pass --force to start the round over")
+        if gone:  # removed before the student trained: labeled again, to the same rows
             progress(f"pseudo-label: {len(gone)} labeled file(s) are gone since labeling (e.g. "
                      f"{gone[0]}); labeling their shards again, then selecting again")
             rec.add_event("relabel", missing=gone[:MAX_NAMED], missing_count=len(gone))

@@ -785,7 +785,7 @@ def test_spread_warning_names_the_split_the_readers_and_the_fix() -> None:
 def test_a_pseudo_label_file_damaged_after_labeling_is_one_line_naming_it(tmp_path: Path
                                                                          ) -> None:
     """The student's readers met a truncated file with pyarrow's traceback, and the job said to
-    run the same command again, which failed the same way."""
+    run the same command again, which failed the same way. A file gone is said so too."""
     from pipeline.data import PseudoStream
     from pipeline.pseudo_files import PseudoFileError
 
@@ -797,6 +797,10 @@ def test_a_pseudo_label_file_damaged_after_labeling_is_one_line_naming_it(tmp_pa
     stream = PseudoStream(shards, str(out), _as_float, num_classes=2, temperature=1.0,
                           shuffle_buffer=0)
     with pytest.raises(PseudoFileError, match=rf"^pseudo-label file {damaged} cannot be read "
-                                              r"\(.*\); it changed after labeling: delete it and "
-                                              r"run the same command again"):
+                                              r"\(.*\); it changed after the student started "
+                                              r"training on it: restore it, or pass --force"):
         list(zip(range(12), iter(stream), strict=False))  # two passes: every file is read
+    damaged.unlink()
+    with pytest.raises(PseudoFileError, match=rf"^pseudo-label file {damaged} is gone since the "
+                                              r"student started training on it; restore it"):
+        list(zip(range(12), iter(stream), strict=False))
