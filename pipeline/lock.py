@@ -5,7 +5,7 @@ files. ``manifests/<run>/round-<N>.lock`` is created only where none exists (a h
 fails if it does) and holds who has it (host, pid, start time, command; the pid's namespace and
 start time too). A second process refuses with one line naming the holder. A lock whose process
 is gone (same host and pid namespace, and no such pid, or one that started at another time: a
-reused pid) was left by a crash: it is taken over, and the log says so; two processes that find it stale at once take it over one after
+pid reused after a reboot) was left by a crash: it is taken over, and the log says so; two processes that find it stale at once take it over one after
 the other under an ``flock`` (the second then refuses). The lock appears with its contents or
 not at all (written beside it, then hard-linked into place). A lock from another host cannot be
 checked from here; the message says which file to delete once that process is known to be gone.
@@ -68,9 +68,10 @@ def _pid_namespace() -> int | None:
 
 def _stale(held: dict[str, Any], me: dict[str, Any]) -> bool:
     """Whether a lock's holder is known to be gone: same host and pid namespace (another's
-    pids cannot be checked from here: containers sharing a host name), and its pid either
-    gone or now another process's (one started at another time: a restarted container's
-    pid 1, say, which the lock's own pid would otherwise seem to be alive as)."""
+    pids cannot be checked from here: containers sharing a host name, or a container since
+    restarted, which has a new namespace), and its pid either gone or now another process's
+    (one started at another time: a pid reused after a reboot, which the lock's own pid
+    would otherwise seem to be alive as)."""
     pid = held.get("pid")
     if held.get("host") != me["host"] or not isinstance(pid, int):
         return False
@@ -163,9 +164,13 @@ def round_lock(layout: RunLayout, round_: int) -> Iterator[Path]:
         held = _holder(path) or {}
         if not _stale(held, me):
             where = _describe(held) if held else "a process whose lock file cannot be read"
+            other = held.get("pid_ns") not in (None, me["pid_ns"]) and \
+                held.get("host") == me["host"]
+            scope = (" (in another pid namespace: another container, or this one before a "
+                     "restart)") if other else ""
             raise LockError(
-                f"round {round_} of run {layout.run!r} is being run by {where}; wait for it to "
-                f"finish, or if that process is gone, delete {path}")
+                f"round {round_} of run {layout.run!r} is being run by {where}{scope}; wait for "
+                f"it to finish, or if that process is gone, delete {path}")
         with _takeover_guard(path):
             now = _holder(path)
             if now is not None and now.get("token") != held.get("token"):

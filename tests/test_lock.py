@@ -54,10 +54,10 @@ def test_a_lock_from_another_host_is_not_guessed_stale(tmp_path: Path) -> None:
 
 def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path: Path,
                                                                         capsys) -> None:
-    """A container restarted with the same host name gets the crashed holder's pid (often 1):
-    the pid is alive, as this very process, but started at another time. It was refused for
-    ever ("being run by pid N", N being the refused process itself)."""
-    from pipeline.lock import _start_time
+    """After a reboot, the crashed holder's pid can belong to another process (here, this very
+    process): alive, but started at another time. It was refused for ever ("being run by pid
+    N", N being the refused process itself)."""
+    from pipeline.lock import _pid_namespace, _start_time
 
     layout = RunLayout(tmp_path, "r")
     path = layout.manifest_dir / "round-0.lock"
@@ -65,7 +65,8 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path:
     mine = _start_time(os.getpid())
     assert mine is not None
     path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                "pid_start": mine - 1, "started_at": "then", "token": "old"}))
+                                "pid_ns": _pid_namespace(), "pid_start": mine - 1,
+                                "started_at": "then", "token": "old"}))
     with round_lock(layout, 0):
         assert json.loads(path.read_text())["pid_start"] == mine
     assert f"left by pid {os.getpid()}" in capsys.readouterr().err
@@ -73,7 +74,8 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path:
 
 def test_a_lock_from_another_pid_namespace_is_not_guessed_stale(tmp_path: Path) -> None:
     """Containers sharing the host's name, each with its own pids: another's live pid is not
-    visible here, and taking its lock over would let two processes run the round."""
+    visible here, and taking its lock over would let two processes run the round. (A container
+    since restarted has a new namespace too: it is refused the same way, saying so.)"""
     from pipeline.lock import _pid_namespace
 
     layout = RunLayout(tmp_path, "r")
@@ -83,7 +85,10 @@ def test_a_lock_from_another_pid_namespace_is_not_guessed_stale(tmp_path: Path) 
                           capture_output=True, text=True, check=True)
     path.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
                                 "pid_ns": (_pid_namespace() or 0) + 1, "started_at": "then"}))
-    with pytest.raises(LockError, match="is being run by pid"), round_lock(layout, 0):
+    with pytest.raises(LockError, match=r"is being run by pid .* \(in another pid namespace: "
+                                        r"another container, or this one before a restart\); "
+                                        r"wait for it to finish, or if that process is gone, "
+                                        rf"delete {path}"), round_lock(layout, 0):
         pass
     assert json.loads(path.read_text())["pid"] == int(gone.stdout)  # untouched
 
