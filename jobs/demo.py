@@ -36,7 +36,19 @@ LABELED_FRACTION = 0.05
 def step(title: str, args: list[str], env: dict[str, str] | None = None) -> None:
     print(f"\n=== {title}: python {' '.join(args)}", flush=True)
     t0 = time.time()
-    proc = subprocess.run([PY, *args], cwd=ROOT, env=env)
+    proc = subprocess.Popen([PY, *args], cwd=ROOT, env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        # The step got the Ctrl-C too (one process group) and needs seconds to stop cleanly:
+        # Ray Train aborts its run, the round is recorded as failed (subprocess.run would kill
+        # it with SIGKILL after a quarter of a second). A second Ctrl-C ends it at once.
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise
     if proc.returncode == 130:  # the step said it was interrupted (a Ctrl-C it alone received)
         raise KeyboardInterrupt
     if proc.returncode != 0:
@@ -147,12 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.runner import RunError
+
     try:
         return run_demo(args)
     except KeyboardInterrupt:  # the step's own line came first; each step resumes
         print("demo: interrupted; run `make demo` (or the same command) again to continue",
               file=sys.stderr)
         return 130
+    except RunError as e:  # its shared Ray could not start (the steps report their own)
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_demo(args: argparse.Namespace) -> int:
