@@ -160,6 +160,9 @@ def plain(job: Job, epochs: int, device: torch.device) -> tuple[list[float], flo
             yield from loader
 
     labeled = [(decode_image(s.image), s.label) for s in read_samples(job.labeled["shards"])]
+    if len(labeled) < cfg.batch_size:  # drop_last (below) would loop for ever on no batch
+        raise SystemExit(f"train_epoch: {len(labeled)} labeled images, fewer than one batch of "
+                         f"{cfg.batch_size}; lower --batch-size")
     # drop_last: our streams never end, so every one of our batches is full; a plain loop's
     # last partial batch would spread a step's fixed cost (optimizer, EMA) over fewer images.
     loaders = [endless(torch.utils.data.DataLoader(InMemory(labeled), batch_size=cfg.batch_size,
@@ -175,6 +178,9 @@ def plain(job: Job, epochs: int, device: torch.device) -> tuple[list[float], flo
                                   len(job.classes), cfg.temperature)
             targets.update(zip(t["key"], dense, strict=True))
         unl = [(decode_image(s.image), targets[s.key]) for s in read_samples(job.pseudo["shards"])]
+        if len(unl) < pseudo_batch_size(cfg):  # drop_last would give an endless loop no batch
+            raise SystemExit(f"train_epoch: {len(unl)} pseudo-labeled images, fewer than one "
+                             f"batch of {pseudo_batch_size(cfg)}; lower --batch-size")
         loaders.append(endless(torch.utils.data.DataLoader(
             InMemory(unl), batch_size=pseudo_batch_size(cfg), shuffle=True, drop_last=True)))
         weight = pseudo_weight(cfg)

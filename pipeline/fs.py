@@ -103,9 +103,13 @@ def arrow_fs(p: Path | S3Path) -> tuple[Any, str]:
 def explain(e: BaseException, where: S3Path) -> StorageError:
     """The one line to show for an S3 failure at ``where``."""
     text = " ".join(str(e).split())
-    # Matched without the location's own names: a key such as lab-000403.tar is no HTTP 403.
-    scan = text.replace(where.key, " ").replace(where.bucket, " ") if where.key else \
-        text.replace(where.bucket, " ")
+    # Matched without the location's own names, as the error quotes them: a key such as
+    # lab-000403.tar is no HTTP 403 (a short name unquoted would cut into the error's words).
+    scan = text
+    for name in (str(where), where.key, where.bucket):
+        if name:
+            scan = scan.replace(f"'{name}'", "''").replace(f'"{name}"', '""')
+    scan = scan.replace(str(where), " ")
     if re.search(r"NO_SUCH_BUCKET|NoSuchBucket|Bucket '.*' not found", text):
         return StorageError(f"{where}: bucket {where.bucket!r} does not exist; create it "
                             f"(e.g. `aws s3 mb s3://{where.bucket}`) or fix the location")

@@ -62,7 +62,9 @@ class _LineFilter(io.TextIOBase):
         self.inner, self._pending = inner, ""
         # Ray's driver forwards the workers' lines from a thread of its own while the main
         # thread prints progress: without it, one writer's text could replace the other's.
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler that prints runs on the main thread, possibly inside
+        # write(), and would wait for ever on a plain lock.
+        self._lock = threading.RLock()
 
     def write(self, text: str) -> int:
         with self._lock:

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import shlex
 import subprocess
 import types
 import typing
@@ -469,7 +470,7 @@ def make_command(run: str, round_: int, root: Path | S3Path | None = None) -> st
     cmd = (f"python jobs/teacher.py --run {run} --data DATA" if round_ == 0
            else f"python jobs/student.py --run {run} --round {round_}")
     if root is not None and not (isinstance(root, Path) and root == Path.cwd().resolve()):
-        cmd += f" --root {root}"
+        cmd += f" --root {shlex.quote(str(root))}"
     return cmd
 
 

@@ -16,7 +16,7 @@ from pipeline.config import StudentConfig
 from pipeline.fs import read_pandas, read_table
 from pipeline.manifest import FileRef, Metrics, RoundRecord, save_round
 from pipeline.pseudo_files import pseudo_file_names, shards_with_selection
-from pipeline.runner import RunError, fit
+from pipeline.runner import RunError, TrainingCrash, fit
 from pipeline.storage import atomic_write_bytes
 from pipeline.train import Job
 
@@ -128,8 +128,8 @@ def train_stage(p: Plan, rec: RoundRecord, use_gpu: bool) -> None:
     try:
         state = read_state(final)
         if state.get("phase") != "done":  # never a half-trained model as the round's model.pt
-            raise RunError(f"training ended in phase {state.get('phase')!r}, not done; the "
-                           "round is recorded as failed: run the same command again")
+            raise TrainingCrash(f"training ended in phase {state.get('phase')!r}, not done; "
+                                "the round is recorded as failed: run the same command again")
         model_path = layout.model_path(p.round_)
         sha = save_model_file(model_path, read_weights(final), model_name=cfg.model,
                               classes=p.info.classes,

@@ -244,7 +244,8 @@ def test_end_to_end_student_manifests(tiny_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monkeypatch) -> None:
+def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monkeypatch,
+                                                          tmp_path: Path) -> None:
     """Select records each file's kept rows and copies; the student's start deals the shards by
     those counts without reading a file (thousands of reads on object storage)."""
     import pipeline.pseudo_files
@@ -298,6 +299,28 @@ def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monke
         train_stage(dataclasses.replace(plan, existing=empty), empty, use_gpu=False)
     assert empty.stage("train") is None
     check_selection_in_use(empty, dataclasses.replace(plan.cfg, threshold=0.1).label_settings())
+    # Training that ends in a phase other than done (nothing to fix in the input): exit 1, as a
+    # lost worker; the final checkpoint is never made the round's model.pt
+    import shutil
+
+    import pipeline.train_stage as train_stage_module
+    from pipeline.runner import TrainingCrash
+
+    halfway = tmp_path / "halfway"
+    shutil.copytree(tiny_run / "artifacts" / "e2e" / "round-1" / "train", tmp_path / "copy")
+    state_file = next((tmp_path / "copy").glob("checkpoint_*/state.pt"))
+    shutil.copytree(state_file.parent, halfway)
+    saved = torch.load(halfway / "state.pt", weights_only=True)
+    saved["state"]["phase"] = "train"
+    torch.save(saved, halfway / "state.pt")
+    monkeypatch.setattr(train_stage_module, "fit", lambda job, art, use_gpu: halfway)
+    again = load_round(layout, 1)
+    again.status, again.stages = "running", {k: v for k, v in again.stages.items()
+                                             if k in ("pseudo_label", "select")}
+    model = layout.model_path(1).read_bytes()
+    with pytest.raises(TrainingCrash, match=r"^training ended in phase 'train', not done"):
+        train_stage(dataclasses.replace(plan, existing=again), again, use_gpu=False)
+    assert layout.model_path(1).read_bytes() == model
 
 
 @pytest.mark.slow
