@@ -300,27 +300,33 @@ def test_student_job_deals_pseudo_shards_from_the_manifest(tiny_run: Path, monke
     assert empty.stage("train") is None
     check_selection_in_use(empty, dataclasses.replace(plan.cfg, threshold=0.1).label_settings())
     # Training that ends in a phase other than done (nothing to fix in the input): exit 1, as a
-    # lost worker; the final checkpoint is never made the round's model.pt
+    # lost worker; the final checkpoint is never made the round's model.pt. On a copy of the
+    # run: train_stage records the round, and the module's other tests use it complete.
     import shutil
 
     import pipeline.train_stage as train_stage_module
     from pipeline.runner import TrainingCrash
 
+    copy = tmp_path / "run"
+    for folder in ("manifests", "artifacts"):
+        shutil.copytree(tiny_run / folder, copy / folder)
+    mine = RunLayout(copy, "e2e")
     halfway = tmp_path / "halfway"
-    shutil.copytree(tiny_run / "artifacts" / "e2e" / "round-1" / "train", tmp_path / "copy")
-    state_file = next((tmp_path / "copy").glob("checkpoint_*/state.pt"))
-    shutil.copytree(state_file.parent, halfway)
+    shutil.copytree(next(mine.artifact_dir(1).glob("train/checkpoint_*/state.pt")).parent,
+                    halfway)
     saved = torch.load(halfway / "state.pt", weights_only=True)
     saved["state"]["phase"] = "train"
     torch.save(saved, halfway / "state.pt")
     monkeypatch.setattr(train_stage_module, "fit", lambda job, art, use_gpu: halfway)
-    again = load_round(layout, 1)
+    again = load_round(mine, 1)
     again.status, again.stages = "running", {k: v for k, v in again.stages.items()
                                              if k in ("pseudo_label", "select")}
-    model = layout.model_path(1).read_bytes()
+    model = mine.model_path(1).read_bytes()
     with pytest.raises(TrainingCrash, match=r"^training ended in phase 'train', not done"):
-        train_stage(dataclasses.replace(plan, existing=again), again, use_gpu=False)
-    assert layout.model_path(1).read_bytes() == model
+        train_stage(dataclasses.replace(plan, layout=mine, existing=again), again,
+                    use_gpu=False)
+    assert mine.model_path(1).read_bytes() == model
+    assert load_round(layout, 1).status == "complete"  # the module's run is untouched
 
 
 @pytest.mark.slow

@@ -267,17 +267,24 @@ def _stop_cluster(temp: Path) -> None:
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: each socket stays bound until all are chosen (one at a time,
+    the kernel could hand out the same port twice, and `ray start` failed on the clash)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.mark.slow
 def test_ray_job_submit_against_local_cluster(tmp_path: Path, tiny: Path) -> None:
     """`ray start --head` on free ports, `ray job submit --working-dir .`, results under --root."""
     ray_bin = str(Path(PY).parent / "ray")
-    port, dash, agent, grpc, metrics, renv, client = (_free_port() for _ in range(7))
+    port, dash, agent, grpc, metrics, renv, client = _free_ports(7)
     env = job_env(None)
     # This cluster's session files live in a folder of its own (short: socket paths are
     # limited), so stopping it touches no other Ray on the machine.
