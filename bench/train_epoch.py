@@ -155,18 +155,20 @@ def plain(job: Job, epochs: int, device: torch.device) -> tuple[list[float], flo
         def __getitem__(self, i: int) -> tuple[torch.Tensor, object]:
             return tf(self.items[i][0]), self.items[i][1]
 
-    def endless(loader: torch.utils.data.DataLoader):
+    def endless(items: list, batch_size: int, what: str):
+        # drop_last: our streams never end, so every one of our batches is full; a plain loop's
+        # last partial batch would spread a step's fixed cost (optimizer, EMA) over fewer
+        # images. With fewer items than a batch it would loop for ever on no batch.
+        if len(items) < batch_size:
+            raise SystemExit(f"train_epoch: {len(items)} {what} images, fewer than one batch "
+                             f"of {batch_size}; lower --batch-size")
+        loader = torch.utils.data.DataLoader(InMemory(items), batch_size=batch_size,
+                                             shuffle=True, drop_last=True)
         while True:
             yield from loader
 
     labeled = [(decode_image(s.image), s.label) for s in read_samples(job.labeled["shards"])]
-    if len(labeled) < cfg.batch_size:  # drop_last (below) would loop for ever on no batch
-        raise SystemExit(f"train_epoch: {len(labeled)} labeled images, fewer than one batch of "
-                         f"{cfg.batch_size}; lower --batch-size")
-    # drop_last: our streams never end, so every one of our batches is full; a plain loop's
-    # last partial batch would spread a step's fixed cost (optimizer, EMA) over fewer images.
-    loaders = [endless(torch.utils.data.DataLoader(InMemory(labeled), batch_size=cfg.batch_size,
-                                                   shuffle=True, drop_last=True))]
+    loaders = [endless(labeled, cfg.batch_size, "labeled")]
     if job.pseudo is not None:
         import pyarrow.parquet as pq
 
@@ -178,11 +180,7 @@ def plain(job: Job, epochs: int, device: torch.device) -> tuple[list[float], flo
                                   len(job.classes), cfg.temperature)
             targets.update(zip(t["key"], dense, strict=True))
         unl = [(decode_image(s.image), targets[s.key]) for s in read_samples(job.pseudo["shards"])]
-        if len(unl) < pseudo_batch_size(cfg):  # drop_last would give an endless loop no batch
-            raise SystemExit(f"train_epoch: {len(unl)} pseudo-labeled images, fewer than one "
-                             f"batch of {pseudo_batch_size(cfg)}; lower --batch-size")
-        loaders.append(endless(torch.utils.data.DataLoader(
-            InMemory(unl), batch_size=pseudo_batch_size(cfg), shuffle=True, drop_last=True)))
+        loaders.append(endless(unl, pseudo_batch_size(cfg), "pseudo-labeled"))
         weight = pseudo_weight(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(MODEL, len(job.classes), dropout=0.2, drop_path=0.2,

@@ -105,11 +105,9 @@ def explain(e: BaseException, where: S3Path) -> StorageError:
     text = " ".join(str(e).split())
     # Matched without the location's own names, as the error quotes them: a key such as
     # lab-000403.tar is no HTTP 403 (a short name unquoted would cut into the error's words).
-    scan = text
-    for name in (str(where), where.key, where.bucket):
-        if name:
-            scan = scan.replace(f"'{name}'", "''").replace(f'"{name}"', '""')
-    scan = scan.replace(str(where), " ")
+    scan = text.replace(str(where), " ")
+    for name in filter(None, (where.key, where.bucket)):
+        scan = scan.replace(f"'{name}'", "''").replace(f'"{name}"', '""')
     if re.search(r"NO_SUCH_BUCKET|NoSuchBucket|Bucket '.*' not found", text):
         return StorageError(f"{where}: bucket {where.bucket!r} does not exist; create it "
                             f"(e.g. `aws s3 mb s3://{where.bucket}`) or fix the location")
@@ -393,40 +391,44 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
-class _Upload(io.BytesIO):
-    """Bytes written to an S3 object: kept in memory and uploaded whole on close, or not at all
-    when the ``with`` block that wrote them raised (pyarrow's own stream completes the upload
+class _WholeUpload:
+    """What is written to an S3 object: kept in memory and uploaded whole on close, or not at
+    all when the ``with`` block that wrote it raised (pyarrow's own stream completes the upload
     of whatever was written however its block ends, which left a truncated object)."""
 
+    _path: S3Path
+    _failed = False
+    closed: bool
+
+    def _payload(self) -> bytes:
+        raise NotImplementedError
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        self._failed = exc_type is not None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed and not self._failed:
+            self._path.write_bytes(self._payload())
+        super().close()  # type: ignore[misc]
+
+
+class _Upload(_WholeUpload, io.BytesIO):
     def __init__(self, path: S3Path) -> None:
         super().__init__()
-        self._path, self._failed = path, False
+        self._path = path
 
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        self._failed = exc_type is not None
-        self.close()
-
-    def close(self) -> None:
-        if not self.closed and not self._failed:
-            self._path.write_bytes(self.getvalue())
-        super().close()
+    def _payload(self) -> bytes:
+        return self.getvalue()
 
 
-class _TextUpload(io.StringIO):
-    """Text written to an S3 object, as :class:`_Upload` writes bytes."""
-
+class _TextUpload(_WholeUpload, io.StringIO):
     def __init__(self, path: S3Path, encoding: str) -> None:
         super().__init__()
-        self._path, self._encoding, self._failed = path, encoding, False
+        self._path, self._encoding = path, encoding
 
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        self._failed = exc_type is not None
-        self.close()
-
-    def close(self) -> None:
-        if not self.closed and not self._failed:
-            self._path.write_bytes(self.getvalue().encode(self._encoding))
-        super().close()
+    def _payload(self) -> bytes:
+        return self.getvalue().encode(self._encoding)
 
 
 def check_location(p: Path | S3Path) -> None:

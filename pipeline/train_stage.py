@@ -87,10 +87,9 @@ def make_job(p: Plan, rec: RoundRecord) -> Job:
         if cfg.randaugment and cfg.randaugment_n > 0 and cfg.randaugment_m:
             randaugment = {"num_ops": cfg.randaugment_n, "magnitude": cfg.randaugment_m,
                            "pixels": cfg.randaugment_pixels}
-    split = {s: {"shards": info.split(s).shards, "count": info.split(s).count}
-             for s in ("labeled", "test")}
-    for s in ("labeled", "test"):  # samples per shard: dealing, and a torn shard's loss
-        split[s]["weights"] = info.split(s).shard_counts
+    # weights: samples per shard, for dealing the shards and sizing a torn shard's loss
+    split = {s: {"shards": info.split(s).shards, "count": info.split(s).count,
+                 "weights": info.split(s).shard_counts} for s in ("labeled", "test")}
     readers = cfg.num_workers * max(1, cfg.loader_workers)
     for what, weights in (("labeled", split["labeled"]["weights"]),
                           ("pseudo-labeled", pseudo["weights"] if pseudo else None)):
