@@ -27,7 +27,8 @@ Decoders, one thread (``torch.set_num_threads(1)``, as in a decode worker):
 Rates are images per CPU-second of the decoding thread (``time.thread_time``), so other work
 on a shared machine slows the figures less than wall time would. Each round times every decoder
 once over the workload, interleaved; each decoder's median over the rounds is taken, and the
-ratios are of those medians against the baseline's, in the same run. The script also checks that all give identical pixels on every image.
+ratios are of those medians against the baseline's, in the same run. The script also checks
+that all give identical pixels on every image.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ at 600 px (632), after ``pipeline.images.decode_image`` with ``min_side`` as the
 (reduced) and without (full, what ``--no-jpeg-dct-scaling`` does). Rates are images per
 CPU-second of this thread (``time.thread_time``), one torch thread as in a reader task; each
 round times both paths once, interleaved; each path's median over the rounds is taken, and the
-ratio is of those medians, reduced over full in the same run. Also printed: the mean and 99th-percentile absolute difference of
+ratio is of those medians, reduced over full in the same run. Also printed: the mean and
+99th-percentile absolute difference of
 the two paths' uint8 pixels (levels of 255). Then the training path at 224 px: random-resized
 crop (8-100% of the area), flip and normalise, the decoder reduced down to 915 px
 (``pipeline.transforms.train_min_side``) against the full decode.

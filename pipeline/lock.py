@@ -5,10 +5,11 @@ files. ``manifests/<run>/round-<N>.lock`` is created only where none exists (a h
 fails if it does) and holds who has it (host, pid, start time, command; the pid's namespace and
 start time too). A second process refuses with one line naming the holder. A lock whose process
 is gone (same host and pid namespace, and no such pid, or one that started at another time: a
-pid reused after a reboot) was left by a crash: it is taken over, and the log says so; two processes that find it stale at once take it over one after
-the other under an ``flock`` (the second then refuses). The lock appears with its contents or
-not at all (written beside it, then hard-linked into place). A lock from another host cannot be
-checked from here; the message says which file to delete once that process is known to be gone.
+pid reused after a reboot) was left by a crash: it is taken over, and the log says so; two
+processes that find it stale at once take it over one after the other under an ``flock`` (the
+second then refuses). The lock appears with its contents or not at all (written beside it, then
+hard-linked into place). A lock from another host or pid namespace cannot be checked from here;
+the message says which file to delete once that process is known to be gone.
 
 On object storage (an ``s3://`` root) there is no exclusive create through pyarrow: the lock is
 written only when absent, then read back after :data:`REMOTE_SETTLE` seconds, and the process

@@ -283,7 +283,7 @@ def plan_round(cfg: TrainConfig) -> Plan:
     get_model_spec(cfg.model)
     try:
         existing = load_round(layout, round_)
-    except ManifestError:  # a torn or edited record: --force, which its message advises, replaces it
+    except ManifestError:  # torn or edited: --force, which its message advises, replaces it
         if not cfg.force:
             raise
         log(f"--force: {layout.manifest_path(round_)} cannot be read; the round starts over and "
