@@ -114,8 +114,8 @@ def _job_env_vars() -> set[str]:
 def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterator[bool]:
     """Join the cluster named by RAY_ADDRESS (set for ``ray job submit`` drivers; set it to
     ``auto`` to use a cluster from ``ray start``), else start a local one with explicit CPUs.
-    Shuts down only a cluster it started. Yields whether it started one. Ray's chatter is
-    hidden unless ``verbose`` (:mod:`pipeline.logs`)."""
+    Shuts down only a cluster it started (from a joined one it disconnects). Yields whether it
+    started one. Ray's chatter is hidden unless ``verbose`` (:mod:`pipeline.logs`)."""
     import ray
 
     from pipeline.logs import quiet_ray
@@ -143,8 +143,11 @@ def ray_session(num_cpus: int | None = None, *, verbose: bool = False) -> Iterat
         try:
             yield started
         finally:
-            if started:
-                ray.shutdown()
+            # On a joined cluster this only disconnects the driver (the cluster runs on). It
+            # must happen here, not at exit: disconnecting prints the worker lines Ray held back
+            # to fold repeats ("[repeated 2x across cluster]"), which would otherwise follow
+            # the job's last line, its error.
+            ray.shutdown()
 
 
 def ray_init_error(address: str | None, e: BaseException) -> RunError:
