@@ -25,9 +25,11 @@ demo: $(STAMP)
 
 # Two test processes, each module whole in one of them (its Ray and fixtures are per module):
 # much of an end-to-end test is waiting on processes starting and on Ray's polls, so a second
-# process fills the cores (pytest-xdist). TEST_WORKERS=0 runs them in this process.
+# process fills the cores (pytest-xdist); a third made it no faster. Modules are handed out in
+# collection order, the longest first (tests/conftest.py). TEST_WORKERS=0 runs them in this
+# process.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST)

@@ -16,6 +16,21 @@ from pipeline.dataset import DatasetInfo, prepare_digits
 # default, which suits fits of hours.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# The modules that take minutes (each runs jobs end to end), longest first, by `pytest
+# --durations`. `make test` hands whole modules to its two processes in collection order
+# (--dist loadfile --no-loadscope-reorder); xdist's own order, by number of tests, started
+# test_faults (6 tests, the second longest) last, and the suite waited minutes on it alone.
+LONGEST_FIRST = ["test_teacher_job.py", "test_faults.py", "test_student.py",
+                 "test_s3_end_to_end.py", "test_pseudo_label.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the other modules, and every module's tests, keep their order
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

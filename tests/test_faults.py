@@ -3,7 +3,7 @@
 The driver-kill test runs jobs/student.py as a subprocess in its own process group against the
 module's shared local Ray (RAY_ADDRESS), SIGKILLs the group once the round's manifest (or Ray
 Train's checkpoint record) shows the target stage running, and runs the same command again: five
-kills, one per stage, then a run that completes. Select, the fine-tune and the final evaluation
+kills, one per stage, and a Ctrl-C while training, then a run that completes. Select, the fine-tune and the final evaluation
 are too short to hit reliably from outside, and training's workers outlive a killed driver by a
 moment, so those kills wait at the test-only pause ``NOISY_STUDENT_TEST_PAUSE=<stage>``
 (pipeline/pause.py).
@@ -168,37 +168,6 @@ def file_states(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_training_says_interrupted_and_the_rerun_resumes(
-        ray_address: str, tmp_path: Path, small_data: Path, teacher_file: Path) -> None:
-    """Ray Train handles SIGINT itself while it trains (it aborts the run and ends the driver
-    with sys.exit): the job exited 1 without a word and recorded the round's error as "1".
-    Now it is a Ctrl-C like any other: one line, exit 130, and the rerun continues."""
-    root = tmp_path / "root"
-    make_teacher_round(root, small_data, teacher_file)
-    env = job_env(ray_address)
-    job = Job(root, env, tmp_path / "1.log")
-    deadline = time.monotonic() + 300
-    while "[student] epoch 1/" not in job.output():
-        assert job.proc.poll() is None, job.output()[-3000:]
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.05)
-    os.kill(job.proc.pid, signal.SIGINT)  # the driver, as a terminal's Ctrl-C reaches it
-    try:
-        job.proc.wait(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.proc.pid, signal.SIGKILL)
-    out = job.output()
-    assert job.proc.returncode == 130, out[-3000:]
-    assert out.strip().splitlines()[-1] == (
-        "student: interrupted; run the same command again to continue")
-    m = manifest(root)
-    assert m["status"] == "failed" and m["error"] == "KeyboardInterrupt"
-    again = Job(root, env, tmp_path / "2.log").finish()
-    assert manifest(root)["status"] == "complete", again[-3000:]
-
-
-@pytest.mark.slow
 def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: Path,
                                                    small_data: Path, teacher_file: Path) -> None:
     from pipeline.checkpoint import read_state
@@ -250,6 +219,29 @@ def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: P
     assert selected[first] == at_select[first]  # already selected with this plan: kept
     epoch1 = read_state(registered(root)["dir"])["history"]
 
+    # 3b. Ctrl-C in train, once the second epoch's checkpoint is recorded (paused there). Ray
+    # Train handles SIGINT itself while it trains (it aborts the run and ends the driver with
+    # sys.exit: the job exited 1 without a word and recorded the round's error as "1"); it is
+    # a Ctrl-C like any other: one line, exit 130, and the rerun continues.
+    job = Job(root, job_env(ray_address, pause="train"), tmp_path / "3b.log")
+    deadline = time.monotonic() + 300
+    while not (registered(root).get("epoch") == 2 and "train: paused" in job.output()):
+        assert job.proc.poll() is None, job.output()[-3000:]
+        assert time.monotonic() < deadline, "the second epoch's checkpoint"
+        time.sleep(0.05)
+    os.kill(job.proc.pid, signal.SIGINT)  # the driver, as a terminal's Ctrl-C reaches it
+    try:
+        job.proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.proc.pid, signal.SIGKILL)
+    out = job.output()
+    assert job.proc.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == (
+        "student: interrupted; run the same command again to continue")
+    m = manifest(root)
+    assert m["status"] == "failed" and m["error"] == "KeyboardInterrupt"
+
     # 4. finetune: killed in the fine-tune (paused as it starts, so that Ray Train records
     # training's last checkpoint before the fine-tune's)
     job = Job(root, job_env(ray_address, pause="finetune"), tmp_path / "4.log")
@@ -280,7 +272,10 @@ def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: P
                        ("restart", None), ("resume", "select"),
                        ("restart", None), ("resume", "train"),
                        ("restart", None), ("resume", "train"),
+                       ("restart", None), ("resume", "train"),
                        ("restart", None), ("resume", "train")]
+    # the resumptions the final weights went through (kept in the checkpoints): 4 resumed
+    # from 3b's last checkpoint and was killed before it wrote one, 5 from the same one
     assert [(r["phase"], r["epoch"]) for r in m["resumed_from"]] == [
         ("train", 1), ("finetune", 2), ("evaluate", 2)]
     # nothing complete was done again
@@ -297,7 +292,7 @@ def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: P
     preds = pq.read_table(root / m["stages"]["evaluate"]["predictions"]).to_pandas()
     assert len(preds) == TEST_SAMPLES == m["metrics"]["n"] and preds.key.is_unique
     assert not list(layout.manifest_dir.glob("*.lock"))
-    print(f"driver-kill chain: {elapsed:.0f} s for 6 runs")
+    print(f"driver-kill chain: {elapsed:.0f} s for 7 runs")
 
 
 # ----------------------------------------------------------------------------- full disk
