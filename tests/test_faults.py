@@ -3,10 +3,10 @@
 The driver-kill test runs jobs/student.py as a subprocess in its own process group against the
 module's shared local Ray (RAY_ADDRESS), SIGKILLs the group once the round's manifest (or Ray
 Train's checkpoint record) shows the target stage running, and runs the same command again: five
-kills, one per stage, and a Ctrl-C while training, then a run that completes. Select, the fine-tune and the final evaluation
-are too short to hit reliably from outside, and training's workers outlive a killed driver by a
-moment, so those kills wait at the test-only pause ``NOISY_STUDENT_TEST_PAUSE=<stage>``
-(pipeline/pause.py).
+kills, one per stage, and a Ctrl-C while training, then a run that completes. Select, the
+fine-tune and the final evaluation are too short to hit reliably from outside, and training's
+workers outlive a killed driver by a moment, so those kills wait at the test-only pause
+``NOISY_STUDENT_TEST_PAUSE=<stage>`` (pipeline/pause.py).
 
 The full-disk tests write on a small tmpfs (``mount -t tmpfs``; they need root, as CI has, and
 fail rather than skip without it).

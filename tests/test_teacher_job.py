@@ -416,8 +416,7 @@ def test_teacher_starts_from_a_pretrained_file_at_a_new_class_count(
         tmp_path: Path, tiny: Path, ray_address: str) -> None:
     """A locally saved state dict of 7 classes starts a 10-class teacher: the classifier is new,
     every other weight is the file's (a learning rate of 1e-12 leaves them where they start).
-    The job joins the module's Ray; last in the module, so that no test starting a Ray of its
-    own runs beside it."""
+    The job joins the module's Ray."""
     import torch
     from safetensors.torch import save_file
 
