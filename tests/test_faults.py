@@ -114,15 +114,19 @@ class Job:
     def output(self) -> str:
         return self.log.read_text()
 
+    def wait_for(self, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
+        """Return once ``ready()``; fail if the job ends first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.proc.poll() is None, \
+                f"the job ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
     def kill_when(self, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
         """SIGKILL the whole group as soon as ``ready()``; fail if the job ends first."""
-        deadline = time.monotonic() + timeout
         try:
-            while not ready():
-                assert self.proc.poll() is None, \
-                    f"the job ended before {what}:\n{self.output()[-3000:]}"
-                assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                time.sleep(0.05)
+            self.wait_for(ready, what, timeout)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -224,13 +228,10 @@ def test_driver_killed_in_each_stage_resumes_there(ray_address: str, tmp_path: P
     # sys.exit: the job exited 1 without a word and recorded the round's error as "1"); it is
     # a Ctrl-C like any other: one line, exit 130, and the rerun continues.
     job = Job(root, job_env(ray_address, pause="train"), tmp_path / "3b.log")
-    deadline = time.monotonic() + 300
-    while not (registered(root).get("epoch") == 2 and "train: paused" in job.output()):
-        assert job.proc.poll() is None, job.output()[-3000:]
-        assert time.monotonic() < deadline, "the second epoch's checkpoint"
-        time.sleep(0.05)
-    os.kill(job.proc.pid, signal.SIGINT)  # the driver, as a terminal's Ctrl-C reaches it
     try:
+        job.wait_for(lambda: registered(root).get("epoch") == 2
+                     and "train: paused" in job.output(), "the second epoch's checkpoint")
+        os.kill(job.proc.pid, signal.SIGINT)  # the driver, as a terminal's Ctrl-C reaches it
         job.proc.wait(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
