@@ -27,27 +27,17 @@ def disk_full_line(name: str, e: OSError, option: str, kept: str) -> str:
 def run_job(name: str, body: Callable[[], int]) -> int:
     """Run ``body``; a known user error becomes one line on stderr and exit code 2, a training
     crash (a lost worker: nothing to fix, run again) one line and exit code 1."""
-    from models.weights import WeightsError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
-    from pipeline.dataset import DatasetError
-    from pipeline.fs import StorageError
-    from pipeline.inference import InferenceError
-    from pipeline.lock import LockError
-    from pipeline.manifest import ManifestError
-    from pipeline.pseudo_files import PseudoFileError
-    from pipeline.runner import RunError, TrainingCrash
-    from pipeline.shards import ShardError
+    # Each module's error class derives from UserError: catching the base needs none of those
+    # modules (some import torch, seconds), so a mistake found early is reported at once.
+    from pipeline.errors import UserError
+    from pipeline.runner import TrainingCrash
 
-    known: tuple[type[BaseException], ...] = (
-        ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError,
-        InferenceError, PseudoFileError, WeightsError, LockError, StorageError)
     try:
         return body()
     except TrainingCrash as e:  # nothing to fix: the same command continues
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
-    except known as e:
+    except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -8,7 +8,7 @@ are downloaded; every model starts from torchvision's initialisation.
 The tiny family (``efficientnet_t0`` .. ``efficientnet_t3``) exists so the whole Noisy Student
 loop can run on CPUs with 32x32 images. It uses the SAME builder and the SAME compound-scaling
 steps as B0..B3: t_k's multipliers are B_k's (width, depth) times a fixed base
-(``TINY_BASE_WIDTH`` 0.25, ``TINY_BASE_DEPTH`` 0.5), so each round's student grows the way the
+(``TINY_BASE_WIDTH`` 0.25, ``TINY_BASE_DEPTH`` 0.5, in ``models/registry.py``), so each round's student grows the way the
 paper's B_k -> B_k+1 students do, and every t_k is strictly larger than t_(k-1).
 
 - Stem stride 1: the four stride-2 stages already divide by 16, so a 32 px input ends at 2x2
@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.efficientnet import EfficientNet, MBConv, MBConvConfig
 
-from models.registry import ModelSpec, get_model_spec, register_model
+from models.registry import ModelSpec, get_model_spec
 
 # (expand_ratio, kernel, stride, in_channels, out_channels, num_layers) for B0.
 _B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -47,46 +47,6 @@ _B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
-
-# Compound-scaling table (docs/recipe.md): name -> (width, depth, resolution, head dropout).
-_COMPOUND_TABLE: dict[str, tuple[float, float, int, float]] = {
-    "b0": (1.0, 1.0, 224, 0.2),
-    "b1": (1.0, 1.1, 240, 0.2),
-    "b2": (1.1, 1.2, 260, 0.3),
-    "b3": (1.2, 1.4, 300, 0.3),
-    "b4": (1.4, 1.8, 380, 0.4),
-    "b5": (1.6, 2.2, 456, 0.4),
-    "b6": (1.8, 2.6, 528, 0.5),
-    "b7": (2.0, 3.1, 600, 0.5),
-}
-
-TINY_BASE_WIDTH = 0.25
-TINY_BASE_DEPTH = 0.5
-TINY_RESOLUTION = 32
-
-
-def _register_all() -> None:
-    # B0-B7 train and test at their table resolution, as their released Noisy Student
-    # checkpoints (tensorflow/tpu efficientnet README); the paper's FixRes gap is L2's only.
-    for key, (width, depth, res, dropout) in _COMPOUND_TABLE.items():
-        register_model(ModelSpec(f"efficientnet_{key}", width, depth, res, res, dropout))
-    # Noisy Student trained L2 at 475 px and tested at 800 px (paper Section 3.1; tpu README,
-    # "L2-475"), with a 1.5-epoch fine-tune at 800 (pipeline/fixres.py).
-    register_model(ModelSpec("efficientnet_l2", 4.3, 5.3, 475, 800, 0.5))
-    for k in range(4):
-        width, depth, _, dropout = _COMPOUND_TABLE[f"b{k}"]
-        register_model(
-            ModelSpec(
-                f"efficientnet_t{k}",
-                width_mult=TINY_BASE_WIDTH * width,
-                depth_mult=TINY_BASE_DEPTH * depth,
-                train_resolution=TINY_RESOLUTION,
-                test_resolution=TINY_RESOLUTION,
-                dropout=dropout,
-                stem_stride=1,
-            )
-        )
-
 
 def _stage_configs(spec: ModelSpec) -> list[MBConvConfig]:
     scaled = partial(MBConvConfig, width_mult=spec.width_mult, depth_mult=spec.depth_mult)
@@ -232,5 +192,3 @@ def freeze_shallow(model: nn.Module, fraction: float = 0.5, *,
         hooks.append(handle)
     return sum(p.numel() for p in params)
 
-
-_register_all()

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
+
 STYLES = ("auto", "torchvision", "timm", "tf", "ours")
 CONTAINERS = ("state_dict_ema", "model_ema", "state_dict", "model")  # EMA weights first
 PREFIXES = ("module.", "_orig_mod.")
@@ -41,7 +43,7 @@ TF_BN = {"norm_eps": 1e-3, "norm_momentum": 0.01}  # TF's 0.99 decay in PyTorch'
 _TORCHVISION_TF_BN = ("efficientnet_b5", "efficientnet_b6", "efficientnet_b7")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file cannot start this model; the message names the file and the first problem."""
 
 

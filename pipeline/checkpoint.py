@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.fs import location
 from pipeline.storage import atomic_write_bytes, sha256_file
 
@@ -29,7 +30,7 @@ FORMAT = 1
 STATE_FILE = "state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, changed since its manifest was written, or unreadable."""
 
 

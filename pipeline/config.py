@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from pipeline.errors import UserError
+
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 DEFAULT_FINETUNE_EPOCHS = 1.5  # the paper's FixRes fine-tune of L2 (Section 3.1)
 # The official schedule (350 epochs, x0.97 every 2.4); students of B0-B4 train twice as long
@@ -21,7 +23,7 @@ DEFAULT_FINETUNE_EPOCHS = 1.5  # the paper's FixRes fine-tune of L2 (Section 3.1
 BASE_EPOCHS, BASE_DECAY_EPOCHS = 350, 2.4
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the option and what is allowed."""
 
 

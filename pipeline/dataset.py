@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.fs import SCHEME, S3Path, StorageError, location
 from pipeline.shards import (
     Damage,
@@ -50,7 +51,7 @@ DATASET_FILE = "dataset.json"
 TRUTH_STEM = "unlabeled_truth"  # + "-<hash>.parquet": see prepare_digits
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset folder or its description cannot be used."""
 
 

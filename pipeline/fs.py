@@ -37,13 +37,15 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import IO, Any
 
+from pipeline.errors import UserError
+
 SCHEME = "s3://"
 # Read-ahead for random-access reads (tar parsing seeks and reads small headers): one ranged GET
 # per block instead of one per header.
 READ_BLOCK = 8 << 20
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """An object store refused or could not find something; the message says what to fix."""
 
 

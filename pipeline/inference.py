@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from pipeline.config import PseudoLabelConfig
+from pipeline.errors import UserError
 from pipeline.images import decode_image
 from pipeline.shards import BadSample, ShardError, read_shard
 
@@ -62,7 +63,7 @@ READ_AHEAD_BATCHES = 8  # decoded batches buffered per reader and per actor (the
 KIND_OK, KIND_BAD, KIND_END = 0, 1, 2
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """The cluster cannot run the requested actors; the message says what to change."""
 
 

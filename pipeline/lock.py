@@ -30,13 +30,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.fs import S3Path
 from pipeline.layout import RunLayout
 
 REMOTE_SETTLE = 1.0  # seconds between writing a lock object and reading it back
 
 
-class LockError(RuntimeError):
+class LockError(UserError, RuntimeError):
     """The round is being run by another process; the message names it."""
 
 

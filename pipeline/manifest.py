@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.fs import S3Path, location
 from pipeline.layout import RunLayout
 from pipeline.storage import atomic_write_json, sha256_file
@@ -37,7 +38,7 @@ REQUIRED_KEYS = (
 STUDENT_KEYS = ("teacher", "pseudo_labels")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest is missing, unreadable or does not follow the schema."""
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
 from pipeline.fs import StorageError, parquet_file, read_table
 from pipeline.shards import MAX_BAD_EXAMPLES  # the damage policy's bound, per file and summary
 from pipeline.storage import atomic_write_bytes, sha256_file
@@ -60,7 +61,7 @@ _BEFORE_SETTING = {"jpeg_dct_scaling": False}
 Progress = Callable[[str], Any]
 
 
-class PseudoFileError(ValueError):
+class PseudoFileError(UserError, ValueError):
     """A pseudo-label file is missing or not one of ours; the message says which stage to rerun."""
 
 

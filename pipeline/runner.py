@@ -14,16 +14,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.checkpoint import STATE_FILE
+from pipeline.errors import UserError
 from pipeline.fs import S3Path, arrow_fs, check_location, location
-from pipeline.train import Job, WorkerContext, train_worker
+
+if TYPE_CHECKING:
+    from pipeline.train import Job
+
+# Nothing here imports torch at module level (pipeline.train and pipeline.checkpoint are imported
+# where they are used): a job's driver that stops on a bad option or input answers in about a
+# second instead of after torch's and torchvision's imports.
 
 TRAIN_DIR = "train"  # Ray Train's run folder inside artifacts/<run>/round-<N>/
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A job cannot start or failed; the message is the one line to show the user."""
 
 
@@ -225,6 +231,7 @@ def _ray_entry(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.data import release_loader_files
+    from pipeline.train import Job, WorkerContext, train_worker
 
     # Ray Train logs every report and checkpoint at INFO; our own epoch lines say it better.
     # (Some of its loggers are named by file path, hence the search.)
@@ -244,6 +251,8 @@ def _ray_entry(config: dict[str, Any]) -> None:
 
 
 def has_checkpoint(storage: Path | S3Path) -> bool:
+    from pipeline.checkpoint import STATE_FILE
+
     return any((storage / TRAIN_DIR).glob("checkpoint_*/" + STATE_FILE))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.fs import S3Path, StorageError, is_remote, location
 
 # What a sample's image member may be called; any of them is decoded by pipeline.images (PIL).
@@ -40,7 +41,7 @@ MAX_BAD_EXAMPLES = 20  # per tally: enough to find the problem, bounded in size
 TAIL_REASON = "damaged shard"  # how the reason of a shard's unreadable tail begins
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or a sample in it cannot be used; the message names the shard and key."""
 
 

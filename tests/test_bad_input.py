@@ -632,3 +632,89 @@ def test_job_options_out_of_range_are_one_line(tmp_path: Path) -> None:
                        text=True, timeout=60, cwd=cwd)
     assert p.returncode == 2 and "argument --root: is empty; give a folder" in p.stderr
     assert list(cwd.iterdir()) == []
+
+
+def _error_classes() -> list[type[BaseException]]:
+    from models.weights import WeightsError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
+    from pipeline.dataset import DatasetError
+    from pipeline.fs import StorageError
+    from pipeline.inference import InferenceError
+    from pipeline.lock import LockError
+    from pipeline.manifest import ManifestError
+    from pipeline.pseudo_files import PseudoFileError
+    from pipeline.runner import RunError
+    from pipeline.shards import ShardError
+
+    return [ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError,
+            InferenceError, PseudoFileError, WeightsError, LockError, StorageError]
+
+
+def test_every_module_error_is_one_line_and_exit_2_and_a_lost_worker_exit_1(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """run_job catches the errors by their base class, UserError; each keeps its old base too
+    (code that catches ValueError or RuntimeError still does)."""
+    from pipeline.errors import UserError
+    from pipeline.runner import TrainingCrash
+
+    for cls in _error_classes():
+        assert issubclass(cls, UserError) and issubclass(cls, (ValueError, RuntimeError)), cls
+
+        def body(cls: type[BaseException] = cls) -> int:
+            raise cls(f"a {cls.__name__}; do this instead")
+
+        assert run_job("teacher", body) == 2, cls
+        assert one_line(capsys.readouterr().err, "teacher") == (
+            f"teacher: error: a {cls.__name__}; do this instead")
+
+    def crash() -> int:
+        raise TrainingCrash("a worker was lost; run the same command again")
+
+    assert run_job("student", crash) == 1
+    assert capsys.readouterr().err.strip() == (
+        "student: error: a worker was lost; run the same command again")
+
+    def bug() -> int:
+        raise ValueError("not ours")  # a bug is not turned into a one-line user error
+
+    with pytest.raises(ValueError, match="not ours"):
+        run_job("teacher", bug)
+
+
+# Runs a job's script as `python jobs/<job>.py ARGS` does, then says which of the heavy
+# packages the run imported.
+_IMPORTS = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python jobs/<job>.py` puts it first
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, file=sys.stderr)
+print("imported", *[m for m in ("torch", "torchvision") if m in sys.modules], file=sys.stderr)
+"""
+
+
+def test_a_job_stopped_by_a_bad_option_or_input_does_not_import_torch(tmp_path: Path) -> None:
+    """--help and the checks before any work answer in well under a second; torch and
+    torchvision alone took seconds to import (4.8 s on the 2-core machine of the README), which
+    every such answer used to wait for."""
+    missing = str(tmp_path / "nothing")
+    cases = [(["teacher.py", "--help"], "exit 0"),
+             (["teacher.py", "--run", "r", "--data", missing, "--root", str(tmp_path)],
+              "teacher: error: "),
+             (["teacher.py", "--run", "r", "--data", missing, "--model", "nope"],
+              "--model 'nope' is unknown; valid: efficientnet_t0"),
+             (["teacher.py", "--run", "r", "--data", missing, "--epochs", "-1"], "teacher: error"),
+             (["student.py", "--run", "r", "--round", "1", "--root", str(tmp_path)],
+              "round 1 needs round 0 of run 'r'"),
+             (["pseudo_label.py", "--run", "r", "--round", "1", "--root", str(tmp_path)],
+              "pseudo_label: error: "),
+             (["report.py", "--run", "r", "--root", str(tmp_path)], "report: no run 'r'")]
+    for argv, says in cases:
+        p = subprocess.run([PY, "-c", _IMPORTS, str(ROOT / "jobs" / argv[0]), *argv[1:]],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert says in p.stderr + p.stdout, (argv, p.stderr[-2000:])
+        assert p.stderr.strip().splitlines()[-1] == "imported", (argv, p.stderr[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
