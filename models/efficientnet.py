@@ -1,6 +1,6 @@
 """EfficientNet B0-B7, L2 and a tiny CPU family, built from torchvision's EfficientNet blocks.
 
-Architecture as data: ``_B0_STAGES`` is the B0 stage table (Tan & Le 2019, Table 1) and every
+Architecture as data: ``B0_STAGES`` (``models/registry.py``) is the B0 stage table (Tan & Le 2019, Table 1) and every
 registered model is that table scaled by a (width, depth) multiplier pair with torchvision's
 rounding (channels to multiples of 8 via ``_make_divisible``, depth ceil per stage). No weights
 are downloaded; every model starts from torchvision's initialisation.
@@ -35,22 +35,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.efficientnet import EfficientNet, MBConv, MBConvConfig
 
-from models.registry import ModelSpec, get_model_spec
+from models.registry import B0_STAGES, ModelSpec, get_model_spec
 
-# (expand_ratio, kernel, stride, in_channels, out_channels, num_layers) for B0.
-_B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 3, 1, 32, 16, 1),
-    (6, 3, 2, 16, 24, 2),
-    (6, 5, 2, 24, 40, 2),
-    (6, 3, 2, 40, 80, 3),
-    (6, 5, 1, 80, 112, 3),
-    (6, 5, 2, 112, 192, 4),
-    (6, 3, 1, 192, 320, 1),
-)
 
 def _stage_configs(spec: ModelSpec) -> list[MBConvConfig]:
     scaled = partial(MBConvConfig, width_mult=spec.width_mult, depth_mult=spec.depth_mult)
-    return [scaled(*stage) for stage in _B0_STAGES]
+    return [scaled(*stage) for stage in B0_STAGES]
 
 
 def _set_drop_path(model: nn.Module, drop_path: float) -> None:

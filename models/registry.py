@@ -8,6 +8,7 @@ resolutions and its size-dependent defaults before paying for torch's import.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -48,6 +49,38 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY, key=lambda name: (_REGISTRY[name].relative_cost, name))
 
 
+def parameter_count(name: str, num_classes: int) -> int:
+    """Parameters of the model ``create_model(name, num_classes)`` builds, by arithmetic on the
+    stage table: torchvision's EfficientNet layer by layer (``tests/test_models.py`` checks it
+    against built models of every registered name). It spares a job's driver importing torch and
+    torchvision to count the sizes it records and compares."""
+    spec = get_model_spec(name)
+
+    def divisible(v: float) -> int:  # torchvision's _make_divisible(v, 8)
+        rounded = max(8, int(v + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * v else rounded
+
+    def conv_bn(c_in: int, c_out: int, k: int = 1, groups: int = 1) -> int:
+        return c_in // groups * c_out * k * k + 2 * c_out  # no conv bias; BatchNorm's weight, bias
+
+    stem = divisible(32 * spec.width_mult)
+    total, c_in = conv_bn(3, stem, 3), stem
+    for expand, kernel, _, first_in, out, layers in B0_STAGES:
+        c_out = divisible(out * spec.width_mult)
+        for i in range(math.ceil(layers * spec.depth_mult)):
+            block_in = divisible(first_in * spec.width_mult) if i == 0 else c_out
+            expanded = divisible(block_in * expand)
+            squeeze = max(1, block_in // 4)
+            if expanded != block_in:
+                total += conv_bn(block_in, expanded)
+            total += conv_bn(expanded, expanded, kernel, groups=expanded)
+            total += expanded * squeeze + squeeze + squeeze * expanded + expanded  # SE, biases
+            total += conv_bn(expanded, c_out)
+        c_in = c_out
+    head = 4 * c_in
+    return total + conv_bn(c_in, head) + head * num_classes + num_classes
+
+
 def get_model_spec(name: str) -> ModelSpec:
     """The spec registered under ``name``; unknown names fail with the list of valid ones."""
     try:
@@ -56,6 +89,17 @@ def get_model_spec(name: str) -> ModelSpec:
         valid = ", ".join(list_models())
         raise ValueError(f"unknown model '{name}'; valid: {valid}") from None
 
+
+# (expand_ratio, kernel, stride, in_channels, out_channels, num_layers) for B0.
+B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
 
 # Compound-scaling table (docs/recipe.md): name -> (width, depth, resolution, head dropout).
 _COMPOUND_TABLE: dict[str, tuple[float, float, int, float]] = {

@@ -97,14 +97,11 @@ def next_model(name: str) -> str:
 
 
 def parameter_count(name: str, num_classes: int = 10) -> int:
-    """Parameters of a registered model, counted on the meta device: no memory, no init cost
-    (an L2 has 480M of them)."""
-    import torch
+    """Parameters of a registered model, by arithmetic (:func:`models.registry.parameter_count`):
+    no model built, no torch imported (an L2 has 480M of them)."""
+    from models.registry import parameter_count as count
 
-    from models import count_parameters, create_model
-
-    with torch.device("meta"):
-        return count_parameters(create_model(name, num_classes))
+    return count(name, num_classes)
 
 
 # ----------------------------------------------------------------------------- preflight

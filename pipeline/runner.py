@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.fs import S3Path, arrow_fs, check_location, location
 
 if TYPE_CHECKING:
-    from pipeline.train import Job
+    from pipeline.job import Job
 
 # Nothing here imports torch at module level (pipeline.train and pipeline.checkpoint are imported
 # where they are used): a job's driver that stops on a bad option or input answers in about a
@@ -231,7 +231,8 @@ def _ray_entry(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.data import release_loader_files
-    from pipeline.train import Job, WorkerContext, train_worker
+    from pipeline.job import Job
+    from pipeline.train import WorkerContext, train_worker
 
     # Ray Train logs every report and checkpoint at INFO; our own epoch lines say it better.
     # (Some of its loggers are named by file path, hence the search.)

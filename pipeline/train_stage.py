@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import StudentConfig
 from pipeline.fs import read_pandas, read_table
+from pipeline.job import Job
 from pipeline.manifest import FileRef, Metrics, RoundRecord, save_round
 from pipeline.pseudo_files import pseudo_file_names, shards_with_selection
 from pipeline.runner import RunError, TrainingCrash, fit
 from pipeline.storage import atomic_write_bytes
-from pipeline.train import Job
 
 if TYPE_CHECKING:
     from pipeline.rounds import Plan

@@ -718,3 +718,16 @@ def test_a_job_stopped_by_a_bad_option_or_input_does_not_import_torch(tmp_path: 
         assert says in p.stderr + p.stdout, (argv, p.stderr[-2000:])
         assert p.stderr.strip().splitlines()[-1] == "imported", (argv, p.stderr[-2000:])
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_modules_a_driver_runs_leave_torchvision_to_the_workers() -> None:
+    """A job's driver plans, records and starts the round; the workers build the models. The
+    driver counts parameters by arithmetic and builds the workers' Job without pipeline.train, so
+    torchvision (2 s of import on 2 cores, most of it torch._dynamo) is not imported there."""
+    code = ("import sys\n"
+            "import pipeline.job, pipeline.rounds, pipeline.runner, pipeline.train_stage\n"
+            "from pipeline.rounds import parameter_count\n"
+            "assert parameter_count('efficientnet_l2', 1000) > 479e6\n"
+            "print(sorted(m for m in ('torchvision', 'pipeline.train') if m in sys.modules))")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]

@@ -79,6 +79,16 @@ def test_list_order_matches_real_parameter_counts() -> None:
     assert all(a < b for a, b in zip(counts, counts[1:], strict=False)), counts
 
 
+@pytest.mark.parametrize("num_classes", [1, 10, 1000])
+def test_arithmetic_parameter_count_equals_the_built_model(num_classes: int) -> None:
+    """models.registry.parameter_count (the jobs' drivers use it, without torch) against the
+    model create_model builds, for every registered name."""
+    from models.registry import parameter_count
+
+    for name in list_models():
+        assert parameter_count(name, num_classes) == _meta_count(name, num_classes), name
+
+
 def test_tiny_family_grows_strictly_at_ten_classes() -> None:
     counts = [_meta_count(name, num_classes=10) for name in TINY]
     assert all(a < b for a, b in zip(counts, counts[1:], strict=False)), counts

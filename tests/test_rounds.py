@@ -333,6 +333,8 @@ def test_a_labeled_split_needs_two_classes_and_names_those_without_images(
 
 
 def test_parameter_counts_need_no_real_model() -> None:
+    """The driver records and compares model sizes by arithmetic (tests/test_models.py checks
+    every registered model against a built one)."""
     from models import count_parameters, create_model
     from pipeline.rounds import parameter_count
 
