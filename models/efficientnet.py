@@ -1,15 +1,16 @@
 """EfficientNet B0-B7, L2 and a tiny CPU family, built from torchvision's EfficientNet blocks.
 
-Architecture as data: ``B0_STAGES`` (``models/registry.py``) is the B0 stage table (Tan & Le 2019, Table 1) and every
-registered model is that table scaled by a (width, depth) multiplier pair with torchvision's
-rounding (channels to multiples of 8 via ``_make_divisible``, depth ceil per stage). No weights
-are downloaded; every model starts from torchvision's initialisation.
+Architecture as data: ``B0_STAGES`` (``models/registry.py``) is the B0 stage table (Tan & Le
+2019, Table 1) and every registered model is that table scaled by a (width, depth) multiplier
+pair with torchvision's rounding (channels to multiples of 8 via ``_make_divisible``, depth ceil
+per stage). No weights are downloaded; every model starts from torchvision's initialisation.
 
 The tiny family (``efficientnet_t0`` .. ``efficientnet_t3``) exists so the whole Noisy Student
 loop can run on CPUs with 32x32 images. It uses the SAME builder and the SAME compound-scaling
 steps as B0..B3: t_k's multipliers are B_k's (width, depth) times a fixed base
-(``TINY_BASE_WIDTH`` 0.25, ``TINY_BASE_DEPTH`` 0.5, in ``models/registry.py``), so each round's student grows the way the
-paper's B_k -> B_k+1 students do, and every t_k is strictly larger than t_(k-1).
+(``TINY_BASE_WIDTH`` 0.25, ``TINY_BASE_DEPTH`` 0.5, in ``models/registry.py``), so each
+round's student grows the way the paper's B_k -> B_k+1 students do, and every t_k is strictly
+larger than t_(k-1).
 
 - Stem stride 1: the four stride-2 stages already divide by 16, so a 32 px input ends at 2x2
   before pooling instead of 1x1 (a stride-2 stem on 64 px up-sampled inputs would cost the same).
