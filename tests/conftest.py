@@ -15,8 +15,9 @@ from pipeline.dataset import DatasetInfo, prepare_digits
 # and every job subprocess (which inherit this environment) poll faster; users keep Ray's
 # default, which suits fits of hours.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Ray Train starts six helper actors per fit, each a Python process that imports Ray (about 3
-# CPU-seconds each on 2 cores, where the suite is CPU-bound). One of them, the preemption watcher,
+# Ray Train starts a controller and five helper actors per fit (one of them once per cluster),
+# each a Python process that imports Ray (about 3 CPU-seconds each on 2 cores, where the suite is
+# CPU-bound). One of them, the preemption watcher,
 # polls Ray for nodes being drained (spot instances); a test machine has none to drain, and Ray
 # has this switch to leave it out. Users keep it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
