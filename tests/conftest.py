@@ -17,9 +17,9 @@ from pipeline.dataset import DatasetInfo, prepare_digits
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Train starts a controller and five helper actors per fit (one of them once per cluster),
 # each a Python process that imports Ray (about 3 CPU-seconds each on 2 cores, where the suite is
-# CPU-bound). One of them, the preemption watcher,
-# polls Ray for nodes being drained (spot instances); a test machine has none to drain, and Ray
-# has this switch to leave it out. Users keep it.
+# CPU-bound). One of them, the preemption watcher, polls Ray for nodes being drained (spot
+# instances); a test machine has none to drain, and Ray has this switch to leave it out. Users
+# keep it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # The modules that take minutes (each runs jobs end to end), longest first, by `pytest
