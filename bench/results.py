@@ -86,6 +86,12 @@ FIGURES: dict[str, Figure] = {
     "train_decode_max_short_side_915_over_kept_12mp_224": Figure(
         "training path at 224 px (reduced decode, random-resized crop, flip), images/CPU-s: "
         "files shrunk to 915 px / the 4000x3000 originals", "", "prepare.py"),
+    "depthwise_train_step_t0": Figure(
+        "CPU training step of efficientnet_t0, batch 128 at 32 px, 1 thread, images/CPU-s: our "
+        "depthwise layers (matmul weight gradient on small maps) / PyTorch's nn.Conv2d", "",
+        "depthwise.py"),
+    "depthwise_train_step_t1": Figure("the same, efficientnet_t1", "", "depthwise.py"),
+    "depthwise_train_step_t2": Figure("the same, efficientnet_t2", "", "depthwise.py"),
     # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
     # keys start with cpu_quick_ and only show that the code runs.
     "gpu_teacher_step_bf16_cl_over_fp32": Figure(

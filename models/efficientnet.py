@@ -20,11 +20,10 @@ larger than t_(k-1).
   teacher even after the fine-tune (docs/recipe.md, FixRes); ``--train-resolution`` tries one.
 - Size at 10 classes: t0 0.20M, t1 0.25M, t2 0.30M, t3 0.35M parameters. Channel rounding to
   multiples of 8 flattens width growth at this scale, so depth carries most of it.
-- Speed (batch 128, 32 px, torch.set_num_threads(2), forward+backward+SGD step, best of
-  several runs on a shared 2-core VM): train t0/t1/t2/t3 = 670/530/510/460 img/s in the default
-  NCHW layout and 1250/900/840/770 img/s after ``model.to(memory_format=torch.channels_last)``
-  (inputs too), because CPU depthwise-conv backward is far faster in that layout; CPU train loops
-  should use it. Eval (no grad) is about 4000 img/s NCHW, 6000 channels_last for t0.
+- Speed on CPUs: training runs channels_last (``pipeline.train``), where PyTorch's depthwise
+  convolutions are faster, and every depthwise layer is a ``models.depthwise.DepthwiseConv2d``,
+  whose weight gradient on maps no larger than its kernel (this family's last stages at 32 px)
+  is a matrix product; ``bench/depthwise.py`` measures the step against PyTorch's layers.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.efficientnet import EfficientNet, MBConv, MBConvConfig
 
+from models.depthwise import use_matmul_depthwise
 from models.registry import B0_STAGES, ModelSpec, get_model_spec
 
 
@@ -118,6 +118,9 @@ def create_model(
     # torchvision hard-codes a stride-2 stem; the tiny family needs stride 1 on 32 px inputs.
     # A 3x3 conv with padding 1 keeps "same" padding at either stride.
     model.features[0][0].stride = (spec.stem_stride, spec.stem_stride)
+    # The same layers; on CPUs their weight gradient on small maps is computed much faster
+    # (models/depthwise.py). Before the padding hooks, which attach to the final modules.
+    use_matmul_depthwise(model)
     if same_padding:
         _use_same_padding(model)
     _set_drop_path(model, drop_path)

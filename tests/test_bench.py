@@ -111,6 +111,23 @@ def test_reduced_decode_bench_writes_its_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_depthwise_bench_writes_its_figures(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"other": 1.0}, path)
+    r = subprocess.run([sys.executable, "bench/depthwise.py", "--steps", "1", "--rounds", "1",
+                        "--json", str(path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = read(path)
+    figures = {f"depthwise_train_step_t{k}" for k in range(3)}
+    assert set(data) == {"other", *figures} and figures <= set(FIGURES)
+    assert all(0 < data[k] < 100 for k in data)
+    # the layers of t1 that take the matmul path: its 4x4 and 2x2 maps, none larger
+    layers = [line for line in r.stdout.splitlines() if " map: PyTorch " in line]
+    assert len(layers) == 6 and all(("4x4 map" in s or "2x2 map" in s) for s in layers)
+
+
+@pytest.mark.slow
 def test_prepare_bench_writes_its_figures(tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     merge({"other": 1.0}, path)
