@@ -1,10 +1,10 @@
 """Depthwise convolution whose weight gradient on small CPU feature maps is a batched matmul.
 
 Why: on a CPU, PyTorch computes a depthwise convolution's weight gradient with oneDNN, which is
-fast while the feature map is large against the kernel and ten times slower than it needs to be
-once the map is no larger than the kernel's area (a 5x5 kernel on 4x4 or 2x2 maps, a 3x3 on 2x2;
-``bench/depthwise.py`` measures it). The tiny family at 32 px ends its last three stages at
-exactly those sizes, and there this one gradient took about half of a training step.
+fast while the feature map is large against the kernel and 4 to 11 times slower than it needs
+to be once the map is no larger than the kernel's area (a 5x5 kernel on 4x4 or 2x2 maps, a 3x3
+on 2x2; ``bench/depthwise.py`` measures it). The tiny family at 32 px runs its last three stages
+at exactly those sizes, where these gradients took about a third of a training step.
 
 For a depthwise convolution (one filter per channel, stride s, zero padding p)::
 
@@ -40,6 +40,7 @@ def uses_matmul_grad(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether ``conv``'s forward on ``x`` takes the batched-matmul weight gradient."""
     kh, kw = conv.kernel_size
     return (x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # its forward would not be float32
             and conv.weight.requires_grad and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and conv.dilation == (1, 1)
             and conv.groups == conv.in_channels == conv.out_channels
@@ -124,11 +125,10 @@ class DepthwiseConv2d(nn.Conv2d):
 
 def use_matmul_depthwise(model: nn.Module) -> int:
     """Replace every depthwise ``nn.Conv2d`` of ``model`` in place; returns how many."""
-    replaced = 0
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if (type(child) is nn.Conv2d and child.groups > 1
-                    and child.groups == child.in_channels == child.out_channels):
-                setattr(parent, name, DepthwiseConv2d.replacing(child))
-                replaced += 1
-    return replaced
+    found = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children()
+             if type(child) is nn.Conv2d and child.groups > 1
+             and child.groups == child.in_channels == child.out_channels]
+    for parent, name, child in found:
+        setattr(parent, name, DepthwiseConv2d.replacing(child))
+    return len(found)

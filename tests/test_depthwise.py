@@ -82,6 +82,11 @@ def test_pytorchs_path_is_taken_everywhere_else() -> None:
     ours.weight.requires_grad_(False)  # frozen (FixRes): only the input gradient is wanted
     assert type(ours(small.requires_grad_()).grad_fn).__name__ != MATMUL
     ours.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # PyTorch's, in bfloat16
+        out = ours(small.requires_grad_())
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ != MATMUL
+    out.float().sum().backward()
+    assert ours.weight.grad is not None
     dilated = DepthwiseConv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False)
     assert type(dilated(small.requires_grad_()).grad_fn).__name__ != MATMUL
     with pytest.raises(ValueError, match="not a depthwise convolution"):
