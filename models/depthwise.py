@@ -96,7 +96,7 @@ class _MatmulGradDepthwise(torch.autograd.Function):
             xs = x.permute(1, 0, 2, 3).reshape(channels, n, h * w)
             pairs = torch.bmm(g, xs).view(channels, -1)  # (C, output x input positions)
             taps = tap_matrix(h, w, (kh, kw), tuple(ctx.stride), tuple(ctx.padding), x.dtype)
-            grad_w = (pairs @ taps.to(x.device).t()).view_as(weight)
+            grad_w = (pairs @ taps.t()).view_as(weight)  # CPU only (uses_matmul_grad)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.depthwise import with_pytorch_depthwise
 from models import create_model
 from models.depthwise import DepthwiseConv2d, tap_matrix, use_matmul_depthwise
 
@@ -123,14 +124,7 @@ def test_models_use_it_for_every_depthwise_layer_with_torchvisions_keys() -> Non
 def test_a_whole_model_gets_pytorchs_gradients() -> None:
     torch.manual_seed(0)
     ours = create_model("efficientnet_t0", 10, dropout=0.0, drop_path=0.0)
-    plain = copy.deepcopy(ours)
-    for parent in plain.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, DepthwiseConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
-                                 child.stride, child.padding, groups=child.groups, bias=False)
-                conv.weight = child.weight
-                setattr(parent, name, conv)
+    plain = with_pytorch_depthwise(ours)  # the benchmark's baseline: the same weights
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 3])
     for model in (ours, plain):
