@@ -581,6 +581,21 @@ def make_loader(dataset: IterableDataset, batch_size: int, loader_workers: int) 
     return DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers, **kwargs)
 
 
+def start_loader_server() -> None:
+    """Start this process's loader forkserver now rather than at the first ``make_loader``.
+
+    The forkserver is a new process that imports :data:`LOADER_PRELOAD` (torch and torchvision:
+    seconds on a small CPU) before it forks a worker, and the first batch of a round waited for
+    it. Started as a training worker begins, those imports overlap the worker's own set-up
+    (importing the training code, building the model, loading a checkpoint). Returns at once;
+    calling it again, or before a loader, is harmless (the server starts only once).
+    """
+    from multiprocessing import forkserver
+
+    torch.multiprocessing.get_context("forkserver").set_forkserver_preload(list(LOADER_PRELOAD))
+    forkserver.ensure_running()
+
+
 def release_loader_files() -> None:
     """Remove the folder of this process's loader forkserver socket (``/tmp/pymp-*``).
 

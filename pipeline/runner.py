@@ -230,7 +230,10 @@ def _ray_entry(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.data import release_loader_files
+    from pipeline.data import release_loader_files, start_loader_server
+
+    if config["config"].loader_workers > 0:
+        start_loader_server()  # its imports overlap the ones below and the model's set-up
     from pipeline.job import Job
     from pipeline.train import WorkerContext, train_worker
 

@@ -569,6 +569,41 @@ def test_loader_workers_fork_with_the_pipeline_already_imported(how: str, seen: 
     assert flags == [seen] * len(flags) and len(flags) == 3
 
 
+_START_PROBE = """
+import json, sys, time
+import psutil
+from pipeline.data import LOADER_PRELOAD, make_loader, start_loader_server
+from tests.loader_probe import ModulesSeen
+if sys.argv[1] == "started":
+    start_loader_server()
+    start_loader_server()  # a second call starts nothing more
+time.sleep(0.5)
+before = [" ".join(p.cmdline()) for p in psutil.Process().children()]
+seen = next(iter(make_loader(ModulesSeen(list(LOADER_PRELOAD)), 1, 1))).flatten().tolist()
+print(json.dumps([sum("forkserver" in c for c in before), seen]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "servers"), [("started", 1), ("plain", 0)])
+def test_loader_server_can_start_before_the_first_loader(how: str, servers: int) -> None:
+    """start_loader_server (the Ray entry point calls it first) starts the forkserver at once,
+    so its imports overlap the training worker's set-up instead of delaying the first batch;
+    the loader made later forks from that server, with the pipeline preloaded. The control: no
+    server until the first loader."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _START_PROBE, how], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found, seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found == servers
+    assert seen == [True] * len(seen) and len(seen) == 3
+
+
 _EXIT_PROBE = """
 import json, multiprocessing.util, os, sys
 from pipeline.data import make_loader, release_loader_files
