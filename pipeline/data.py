@@ -572,13 +572,18 @@ LOADER_PRELOAD = ("pipeline.data", "pipeline.transforms", "pipeline.augment")
 def make_loader(dataset: IterableDataset, batch_size: int, loader_workers: int) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if loader_workers > 0:
-        # fork inside Ray actors can deadlock (docs/ray_notes.md)
-        context = torch.multiprocessing.get_context("forkserver")
-        # Takes effect when this process starts its forkserver, i.e. at its first loader.
-        context.set_forkserver_preload(list(LOADER_PRELOAD))
-        kwargs = dict(multiprocessing_context=context, persistent_workers=True,
+        kwargs = dict(multiprocessing_context=_loader_context(), persistent_workers=True,
                       prefetch_factor=4)
     return DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers, **kwargs)
+
+
+def _loader_context() -> Any:
+    # fork inside Ray actors can deadlock (docs/ray_notes.md)
+    context = torch.multiprocessing.get_context("forkserver")
+    # Takes effect when this process starts its forkserver: at its first loader, or earlier by
+    # start_loader_server.
+    context.set_forkserver_preload(list(LOADER_PRELOAD))
+    return context
 
 
 def start_loader_server() -> None:
@@ -592,7 +597,7 @@ def start_loader_server() -> None:
     """
     from multiprocessing import forkserver
 
-    torch.multiprocessing.get_context("forkserver").set_forkserver_preload(list(LOADER_PRELOAD))
+    _loader_context()
     forkserver.ensure_running()
 
 
