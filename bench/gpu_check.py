@@ -11,7 +11,8 @@
    The epoch must read the device once, whatever its length.
 2. Pseudo-labeling throughput: the teacher actor's callable (``TeacherPredictor``: uint8 batches
    in, padded to the batch size, normalised on the device, top-k out) against the bare forward
-   pass on device-resident, normalised tensors, same model, batch and precision.
+   pass on device-resident, normalised tensors, same network (BatchNorm folded, channels_last),
+   batch and precision.
 3. Bit-exactness across batch mates: pipeline/inference.py promises that an image's soft labels
    do not depend on the other rows of its batch, because every forward pass is padded to one
    shape. The same image is labeled at different positions among different mates, and alone in
@@ -225,11 +226,10 @@ def labeling_rates(pred: Any, sizes: Sizes, batch: int) -> dict[str, float]:
     cast = (torch.autocast("cuda", dtype=torch.bfloat16) if pred.device.type == "cuda"
             else torch.autocast("cpu", enabled=False))
 
-    def bare() -> None:
+    def bare() -> None:  # the actor's network (pipeline.inference.inference_model) and layout
         with torch.inference_mode(), cast:
             for b in x:
-                pred.model(b.contiguous(memory_format=torch.channels_last)
-                           if pred.device.type == "cuda" else b)
+                pred.model(b.contiguous(memory_format=torch.channels_last))
 
     bare()
     _sync(pred.device)
@@ -261,9 +261,9 @@ def unpadded_difference(pred: Any, sizes: Sizes, batch: int) -> float:
     with torch.inference_mode():
         for n in (1, batch):
             x = pred.normalize(torch.from_numpy(a[:n])).to(pred.device)
+            x = x.contiguous(memory_format=torch.channels_last)
             if pred.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    x = x.contiguous(memory_format=torch.channels_last)
                     logits.append(pred.model(x)[0].float().cpu())
             else:
                 logits.append(pred.model(x)[0])

@@ -6,8 +6,9 @@
     python bench/pseudo_label.py --device cuda --num-cpus 16  # teacher on a GPU (gpu_check.sh)
 
 (a) Throughput: images/s of ``label_shards`` (read tar -> decode -> teacher -> Parquet, through
-    Ray Data) against the teacher's pure forward pass on already-decoded tensors, same model,
-    batch size and thread count as the actor, in a Ray actor with the same worker environment
+    Ray Data) against the teacher's pure forward pass on already-decoded tensors, same network
+    (``pipeline.inference.inference_model``: BatchNorm folded, channels_last), batch size and
+    thread count as the actor, in a Ray actor with the same worker environment
     (``pipeline.runner.worker_env``, whose allocator settings more than double a CPU forward
     pass; the report also prints the forward pass in the driver without them), measured in the
     same run (just before and just after each stage run, averaged: the speed of a shared
@@ -25,13 +26,16 @@
 
 The teacher is an untrained ``efficientnet_t0`` (throughput does not depend on the weights).
 ``--json`` merges the largest corpus's figures into that file (bench/results.py): end to end and
-steady over forward, tree memory over 1x, and the bytes on disk per pseudo-label row.
+steady over forward, tree memory over 1x, and the bytes on disk per pseudo-label row; and
+the teacher network's forward over the model's as loaded (nothing folded, contiguous tensors),
+timed in the same kind of actor next to the first and the last of the forward timings.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import shutil
 import sys
@@ -178,17 +182,23 @@ def make_model(work: Path) -> tuple[Path, str, torch.nn.Module]:
 
 
 def forward_rate(model: torch.nn.Module, images: torch.Tensor, batch_size: int, threads: int,
-                 seconds: float, device: str = "cpu") -> float:
-    """Images/s of the bare forward pass on decoded tensors, full batches only; on a GPU the
-    tensors are on it already and the precision and layout are the teacher actor's (bf16
-    autocast, channels_last: pipeline.inference.TeacherPredictor)."""
+                 seconds: float, device: str = "cpu", as_loaded: bool = False) -> float:
+    """Images/s of the bare forward pass on decoded tensors, full batches only, on the network
+    the teacher actor runs (``pipeline.inference.inference_model``: BatchNorm folded,
+    channels_last) or, ``as_loaded``, on the model as loaded (contiguous tensors, nothing
+    folded). On a GPU the tensors are on it already and both run in the actor's bf16 autocast."""
+    from pipeline.inference import inference_model
+
     torch.set_num_threads(threads)
     reps = -(-batch_size // len(images)) + 1
     pool = images.repeat(reps, 1, 1, 1).to(device)
+    if as_loaded:
+        model = model.eval().to(device)
+    else:
+        model = inference_model(copy.deepcopy(model), torch.device(device))  # folds in place
+        pool = pool.contiguous(memory_format=torch.channels_last)
     cast: contextlib.AbstractContextManager = contextlib.nullcontext()
     if device == "cuda":
-        model = model.to(device, memory_format=torch.channels_last)
-        pool = pool.contiguous(memory_format=torch.channels_last)
         cast = torch.autocast("cuda", dtype=torch.bfloat16)
     with torch.inference_mode(), cast:
         model(pool[:batch_size])  # warm-up: first call plans the kernels
@@ -207,7 +217,8 @@ def forward_rate(model: torch.nn.Module, images: torch.Tensor, batch_size: int, 
 
 
 def actor_forward_rate(model_path: Path, sha: str, images: torch.Tensor, batch_size: int,
-                       threads: int, seconds: float, device: str = "cpu") -> float:
+                       threads: int, seconds: float, device: str = "cpu",
+                       as_loaded: bool = False) -> float:
     """:func:`forward_rate` in a Ray actor, a process like the teacher actor's: the same Ray
     worker environment (``pipeline.runner.worker_env``: glibc's allocator keeps freed memory,
     without which a forward pass on a CPU spends much of its time in page faults) and the same
@@ -221,7 +232,7 @@ def actor_forward_rate(model_path: Path, sha: str, images: torch.Tensor, batch_s
             from pipeline.checkpoint import load_model
 
             model, _ = load_model(model_path, sha)
-            return forward_rate(model.eval(), images, batch_size, threads, seconds, device)
+            return forward_rate(model, images, batch_size, threads, seconds, device, as_loaded)
 
     wait_for_actors_to_exit()  # the last run's readers and teacher, shutting down, share CPUs
     actor = Forward.options(num_gpus=1 if device == "cuda" else 0).remote()
@@ -329,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_driver, idle_tree = MemorySampler().sample()
         # For comparison only: the same forward pass in this process, which has glibc's
         # default allocator settings.
-        plain_fwd = forward_rate(model, images, args.batch_size, threads, args.forward_seconds,
-                                 args.device)
+        driver_fwd = forward_rate(model, images, args.batch_size, threads, args.forward_seconds,
+                                  args.device)
         # Throughput without the sampler (reading smaps costs CPU), then memory with it. The
         # forward pass is timed before and after every run: this machine's speed drifts by up
         # to 30% over minutes, so each run is compared with the forward rate of its own time.
@@ -338,11 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         fwd_args = (model_path, sha, images, args.batch_size, threads, args.forward_seconds,
                     args.device)
         fwd = [actor_forward_rate(*fwd_args)]
+        # The model as loaded (nothing folded, contiguous), next to the first and the last of
+        # the actor network's timings: what inference_model gains over it.
+        loaded = [actor_forward_rate(*fwd_args, as_loaded=True)]
         runs = []
         for name, shards in corpora.items():
             runs.append(stage_run(name, model_path, sha, shards, work / "out", cfg))
             fwd.append(actor_forward_rate(*fwd_args))
             runs[-1]["forward"] = (fwd[-2] + fwd[-1]) / 2
+        loaded.append(actor_forward_rate(*fwd_args, as_loaded=True))
         for r in runs:
             m = stage_run(r["name"], model_path, sha, corpora[r["name"]], work / "out", cfg,
                           MemorySampler(every=0.5))
@@ -351,33 +366,39 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    report(args, fwd, runs, idle_driver, idle_tree, plain_fwd)
+    report(args, fwd, loaded, runs, idle_driver, idle_tree, driver_fwd)
     if args.json is not None:
         from bench.results import merge
 
-        merge(figures(runs, args.throughput_repeat), args.json)
+        merge(figures(runs, args.throughput_repeat, (fwd[0] + fwd[-1]) / sum(loaded)), args.json)
     return 0
 
 
-def figures(runs: list[dict], repeat: int) -> dict[str, float]:
-    """The latest.json figures of the largest corpus (named after its size: 40x by default)."""
+def figures(runs: list[dict], repeat: int, over_loaded: float) -> dict[str, float]:
+    """The latest.json figures of the largest corpus (named after its size: 40x by default),
+    and the actor network's forward over the model's as loaded."""
     small, large = runs[0], runs[-1]
-    return {f"pseudo_label_end_to_end_{repeat}x": large["e2e_rate"] / large["forward"],
+    return {"pseudo_label_teacher_forward_over_plain": over_loaded,
+            f"pseudo_label_end_to_end_{repeat}x": large["e2e_rate"] / large["forward"],
             f"pseudo_label_steady_{repeat}x": large["steady_rate"] / large["forward"],
             f"memory_{repeat}x_over_1x": large["tree_peak"] / small["tree_peak"],
             "bytes_per_pseudo_label_row": large["bytes_per_row"]}
 
 
-def report(args: argparse.Namespace, fwd: list[float], runs: list[dict], idle_driver: int,
-           idle_tree: int, plain_fwd: float) -> None:
+def report(args: argparse.Namespace, fwd: list[float], loaded: list[float], runs: list[dict],
+           idle_driver: int, idle_tree: int, driver_fwd: float) -> None:
     print(f"\npseudo-label benchmark: {MODEL}, 32 px, batch {args.batch_size}, 1 actor x 1 CPU, "
           f"Ray with {args.num_cpus} CPUs")
     print("  teacher forward only (decoded tensors, 1 thread, in a Ray actor with the workers' "
           "environment), before and after each run: "
           + ", ".join(f"{f:,.0f}" for f in fwd) + " images/s")
     print(f"  the same forward pass in the driver, glibc's default allocator settings: "
-          f"{plain_fwd:,.0f} images/s (the actor's before the first run: {fwd[0] / plain_fwd:.2f}"
-          " times that)")
+          f"{driver_fwd:,.0f} images/s (the actor's before the first run: "
+          f"{fwd[0] / driver_fwd:.2f} times that)")
+    print("  the model as loaded (BatchNorm not folded, contiguous), in the actor, next to the "
+          "first and the last of the above: " + ", ".join(f"{f:,.0f}" for f in loaded)
+          + f" images/s: the teacher's network runs {(fwd[0] + fwd[-1]) / sum(loaded):.2f} "
+          "times as fast")
     for r in runs:
         r["startup"] = r["wall"] - r["rows"] / r["steady_rate"]
         print(f"  stage {r['name']:>4}: {r['rows']:>6} images in {r['wall']:6.1f} s | end to end "

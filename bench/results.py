@@ -34,6 +34,10 @@ FIGURES: dict[str, Figure] = {
     "pseudo_label_steady_40x": Figure(
         "pseudo-label stage, 40x digits, first to last shard / teacher's bare forward",
         "", "pseudo_label.py"),
+    "pseudo_label_teacher_forward_over_plain": Figure(
+        "teacher actor's network (BatchNorm folded, channels_last) / the model as loaded "
+        "(contiguous), bare forward, t0 at 32 px, batch 512, 1 thread, images/s",
+        "", "pseudo_label.py"),
     "memory_40x_over_1x": Figure(
         "peak PSS of the whole process tree, labeling 40x digits / 1x", "<= 1.1",
         "pseudo_label.py"),

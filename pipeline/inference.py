@@ -183,6 +183,20 @@ def soft_labels(logits: torch.Tensor, topk: int) -> dict[str, np.ndarray]:
     }
 
 
+def inference_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The network the teacher labels with: eval mode, each BatchNorm folded into the convolution
+    before it (:mod:`models.fold`: one pass over each activation map instead of two), in
+    channels_last on ``device``. Both pay on a CPU too, not only on a GPU's tensor cores:
+    bench/pseudo_label.py measures this network against the model as loaded
+    (``pseudo_label_teacher_forward_over_plain``). The outputs equal the plain model's to
+    float rounding."""
+    from models.fold import fold_batchnorm
+
+    model = model.eval()
+    fold_batchnorm(model)
+    return model.to(device, memory_format=torch.channels_last)
+
+
 class TeacherPredictor:
     """Ray Data actor: the teacher, not noised (eval mode, no augmentation), loaded once."""
 
@@ -200,9 +214,7 @@ class TeacherPredictor:
             raise RuntimeError("the teacher actor was given a GPU but CUDA is not available in it;"
                                " check the node's drivers or set gpus_per_actor=0")
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        if self.device.type == "cuda":  # channels_last + bf16 pay off on tensor cores only
-            model = model.to(self.device, memory_format=torch.channels_last)
-        self.model = model.eval()
+        self.model = inference_model(model, self.device)
 
     def forward(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, R, R) uint8 (resized, cropped) -> soft labels, in batches of ``batch_size``."""
@@ -219,12 +231,13 @@ class TeacherPredictor:
 
     def _forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            if self.device.type == "cuda":  # uint8 over PCIe, normalised on the GPU
-                x = self.normalize(x.to(self.device)).contiguous(memory_format=torch.channels_last)
+            # uint8 to the device (over PCIe: a quarter of float32's bytes), normalised there
+            x = self.normalize(x.to(self.device)).contiguous(memory_format=torch.channels_last)
+            if self.device.type == "cuda":  # bf16 pays off on tensor cores only
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = self.model(x)
                 return soft_labels(logits.float().cpu(), self.k)
-            return soft_labels(self.model(self.normalize(x)), self.k)
+            return soft_labels(self.model(x), self.k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["kind"])

@@ -157,9 +157,11 @@ def test_pseudo_label_figures_are_ratios_of_the_largest_run() -> None:
              "bytes_per_row": 41.0},
             {"e2e_rate": 900.0, "steady_rate": 950.0, "forward": 1000.0, "tree_peak": 2100,
              "bytes_per_row": 40.0}]
-    assert figures(runs, 40) == {"pseudo_label_end_to_end_40x": 0.9,
-                                 "pseudo_label_steady_40x": 0.95, "memory_40x_over_1x": 1.05,
-                                 "bytes_per_pseudo_label_row": 40.0}
+    assert figures(runs, 40, 1.5) == {"pseudo_label_end_to_end_40x": 0.9,
+                                      "pseudo_label_steady_40x": 0.95,
+                                      "memory_40x_over_1x": 1.05,
+                                      "bytes_per_pseudo_label_row": 40.0,
+                                      "pseudo_label_teacher_forward_over_plain": 1.5}
 
 
 def test_pseudo_label_steady_window_starts_after_the_first_block() -> None:

@@ -54,6 +54,27 @@ def test_teacher_outputs_do_not_depend_on_batch_mates(teacher_model: Path) -> No
         np.testing.assert_array_equal(whole[name][5:8], alone[name])
 
 
+def test_teacher_labels_with_the_folded_channels_last_network_as_the_plain_model_would(
+        teacher_model: Path) -> None:
+    from torch import nn
+
+    from pipeline.checkpoint import load_model
+
+    pred = TeacherPredictor(str(teacher_model), sha256_file(teacher_model), topk=10,
+                            batch_size=32, use_gpu=False, threads=1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in pred.model.modules())
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in pred.model.parameters() if p.dim() == 4)
+    plain, _ = load_model(teacher_model, sha256_file(teacher_model))
+    x = np.random.default_rng(1).integers(0, 256, size=(32, 3, 32, 32), dtype=np.uint8)
+    got = pred.forward(x)
+    with torch.inference_mode():
+        want = soft_labels(plain.eval()(pred.normalize(torch.from_numpy(x))), 10)
+    np.testing.assert_array_equal(got["label"], want["label"])
+    np.testing.assert_allclose(got["confidence"], want["confidence"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["entropy"], want["entropy"], rtol=1e-4, atol=1e-5)
+
+
 def test_readers_cut_consecutive_shards_into_full_batches_with_end_rows(
         digits_dir: Path) -> None:
     shards = load_dataset(digits_dir).split("unlabeled").shards[:3]
