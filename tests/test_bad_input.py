@@ -644,11 +644,12 @@ def _error_classes() -> list[type[BaseException]]:
     from pipeline.lock import LockError
     from pipeline.manifest import ManifestError
     from pipeline.pseudo_files import PseudoFileError
+    from pipeline.report import ReportError
     from pipeline.runner import RunError
     from pipeline.shards import ShardError
 
     return [ConfigError, DatasetError, ManifestError, RunError, ShardError, CheckpointError,
-            InferenceError, PseudoFileError, WeightsError, LockError, StorageError]
+            InferenceError, PseudoFileError, WeightsError, LockError, StorageError, ReportError]
 
 
 def test_every_module_error_is_one_line_and_exit_2_and_a_lost_worker_exit_1(
