@@ -231,7 +231,7 @@ class TeacherPredictor:
 
     def _forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            # uint8 to the device (over PCIe: a quarter of float32's bytes), normalised there
+            # uint8 to the device (to a GPU: a quarter of float32's bytes), normalised there
             x = self.normalize(x.to(self.device)).contiguous(memory_format=torch.channels_last)
             if self.device.type == "cuda":  # bf16 pays off on tensor cores only
                 with torch.autocast("cuda", dtype=torch.bfloat16):
