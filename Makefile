@@ -49,7 +49,7 @@ BENCH_ENV := PYTHONPATH=$(CURDIR)
 
 bench: $(STAMP)
 	@mkdir -p $(BENCH_LOGS)
-	@for s in "pseudo_label.py" "train_epoch.py" "augment.py" "reduced_decode.py" "prepare.py" "s3.py" "depthwise.py"; do \
+	@for s in "pseudo_label.py" "train_epoch.py" "augment.py" "reduced_decode.py" "prepare.py" "s3.py" "depthwise.py" "fit_startup.py"; do \
 	  echo "bench/$$s ... (report: $(BENCH_LOGS)/$${s%.py}.log)"; \
 	  $(BENCH_ENV) $(BIN)/python bench/$$s --json $(BENCH_JSON) > $(BENCH_LOGS)/$${s%.py}.log 2>&1 \
 	    || { tail -20 $(BENCH_LOGS)/$${s%.py}.log; exit 1; }; \

@@ -96,6 +96,10 @@ FIGURES: dict[str, Figure] = {
         "depthwise.py"),
     "depthwise_train_step_t1": Figure("the same, efficientnet_t1", "", "depthwise.py"),
     "depthwise_train_step_t2": Figure("the same, efficientnet_t2", "", "depthwise.py"),
+    "fit_startup_ray_config_over_ours": Figure(
+        "Ray Train fit of a one-worker function that returns at once, wall s, with Ray's "
+        "TorchConfig / with TorchProcessGroup (torch not imported in the controller)", "",
+        "fit_startup.py"),
     # bench/gpu_check.py on a GPU (bench/latest_gpu.json); with --device cpu --quick the same
     # keys start with cpu_quick_ and only show that the code runs.
     "gpu_teacher_step_bf16_cl_over_fp32": Figure(

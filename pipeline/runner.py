@@ -265,6 +265,8 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.process_group import TorchProcessGroup
+
     cfg = job.config
     # Ray Train keeps its run state and checkpoints under storage/train on the same filesystem
     # as the root: a local folder, or the bucket (every node must be able to reach it).
@@ -292,6 +294,8 @@ def fit(job: Job, storage: Path | S3Path, *, use_gpu: bool) -> Path:
         _ray_entry,
         # A shallow copy: dataclasses.asdict(job) would turn the config into a dict too.
         train_loop_config=dict(job.__dict__),
+        # Not Ray's TorchConfig: that made the controller import torch (see the module).
+        torch_config=TorchProcessGroup(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

@@ -1,5 +1,5 @@
 """bench/: latest.json's merge (read-modify-write, atomic, concurrent writers), the table printer,
-and quick runs of the benchmark scripts that need no Ray."""
+and quick runs of the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -213,3 +213,20 @@ def test_decode_bench_runs_and_finds_identical_pixels() -> None:
     rows = [line for line in r.stdout.splitlines() if line.startswith(("digits", "photo",
                                                                       "noise"))]
     assert len(rows) == 6 and all(line.rstrip().endswith("yes") for line in rows)
+
+
+@pytest.mark.slow
+def test_fit_startup_bench_writes_its_figure_and_sees_torch_only_in_rays_controller(
+        tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    merge({"other": 1.0}, path)
+    r = subprocess.run([sys.executable, "bench/fit_startup.py", "--rounds", "1",
+                        "--json", str(path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = read(path)
+    assert set(data) == {"other", "fit_startup_ray_config_over_ours"} <= {"other", *FIGURES}
+    assert 0.2 < data["fit_startup_ray_config_over_ours"] < 5
+    # each fit's controller found, with torch's libraries under Ray's config only
+    assert re.search(r"round 1: ray .* mapped torch: \[True\]", r.stdout), r.stdout
+    assert re.search(r"round 1: ours .* mapped torch: \[False\]", r.stdout), r.stdout
