@@ -2,7 +2,7 @@
 against ours (``pipeline.process_group.TorchProcessGroup``).
 
     python bench/fit_startup.py                  # about 2 minutes on 2 CPU cores
-    python bench/fit_startup.py --rounds 1 --json bench/latest.json
+    python bench/fit_startup.py --rounds 1 --no-warmup --json /tmp/x.json   # the test's check
 
 Each fit is the cheapest there is: one training worker (one CPU) whose function only returns,
 on a local Ray started here with 2 CPUs (so every second is start-up and teardown: the
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=4,
                    help="fits of each config, alternating (default 4)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the warm-up fit (a quick check of the script, not a measurement)")
     p.add_argument("--json", type=Path, default=None,
                    help="merge the figure into this file (bench/latest.json)")
     args = p.parse_args(argv)
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="ns-fit-bench-") as tmp:
             storage = Path(tmp)
-            warm, seen = fit_seconds("ours", storage, "warmup")
-            print(f"warm-up fit (starts Ray's once-per-cluster actors): {warm:.1f} s", flush=True)
+            if not args.no_warmup:
+                warm, _ = fit_seconds("ours", storage, "warmup")
+                print(f"warm-up fit (starts Ray's once-per-cluster actors): {warm:.1f} s",
+                      flush=True)
             for r in range(args.rounds):
                 order = ("ray", "ours") if r % 2 == 0 else ("ours", "ray")
                 for config in order:

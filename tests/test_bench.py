@@ -220,7 +220,7 @@ def test_fit_startup_bench_writes_its_figure_and_sees_torch_only_in_rays_control
         tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     merge({"other": 1.0}, path)
-    r = subprocess.run([sys.executable, "bench/fit_startup.py", "--rounds", "1",
+    r = subprocess.run([sys.executable, "bench/fit_startup.py", "--rounds", "1", "--no-warmup",
                         "--json", str(path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
