@@ -26,9 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _probe(config: dict) -> None:
-    """The training function: records whether the controller (the raylet's child named
-    TrainController, like this worker's parent's other children) mapped a torch library."""
+def controllers_with_torch() -> list[bool]:
+    """Run in a training worker: for each Ray Train controller of this worker's cluster, whether
+    it has a torch library mapped. A controller is the raylet's child like the worker; scanning
+    only the raylet's children keeps out the controllers of other clusters on the machine."""
     import os
 
     raylet = os.getppid()
@@ -40,7 +41,12 @@ def _probe(config: dict) -> None:
                 found.append("libtorch" in (d / "maps").read_text())
         except (OSError, ValueError, IndexError):
             continue
-    Path(config["out"]).write_text(repr(found))
+    return found
+
+
+def _probe(config: dict) -> None:
+    """The training function: records what :func:`controllers_with_torch` finds."""
+    Path(config["out"]).write_text(repr(controllers_with_torch()))
 
 
 def fit_seconds(config: str, storage: Path, name: str) -> tuple[float, str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -137,7 +136,7 @@ def _shutdown() -> None:
         torch.cuda.empty_cache()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _own_cuda_device() -> Iterator[None]:
     import torch
 

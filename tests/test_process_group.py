@@ -30,17 +30,8 @@ def _probe(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    # The controller is the raylet's child like this worker (scanning only the raylet's
-    # children keeps out a controller of another test process's cluster).
-    raylet = os.getppid()
-    controllers = []
-    for d in Path("/proc").iterdir():
-        try:
-            if (d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    == raylet and b"TrainController" in (d / "cmdline").read_bytes()):
-                controllers.append("libtorch" in (d / "maps").read_text())
-        except (OSError, ValueError, IndexError):
-            continue
+    from bench.fit_startup import controllers_with_torch
+
     total = None
     if dist.is_initialized():
         t = torch.tensor([float(dist.get_rank() + 1)])
@@ -54,7 +45,7 @@ def _probe(config: dict) -> None:
             "master": bool(os.environ.get("MASTER_ADDR")) and bool(os.environ.get("MASTER_PORT")),
             "initialized": dist.is_initialized(),
             "backend": dist.get_backend() if dist.is_initialized() else None,
-            "sum": total, "controllers": controllers,
+            "sum": total, "controllers": controllers_with_torch(),
         }))
 
 
